@@ -1,0 +1,172 @@
+"""The `quantbench` command.
+
+    quantbench run                                   # the demo: smollm2-135m, fp16 vs nf4 vs fp4
+    quantbench run --model meta-llama/Llama-3.2-1B --methods fp16,nf4,fp4,int8 --tasks coqa --limit 100
+    quantbench run --experiment bnb_4bit_nf4        # the course project's names work too
+    quantbench run --all --limit 500                 # every method this machine can run
+    quantbench run --resume results/run003           # finish an interrupted sweep
+    quantbench run --config sweep.yaml               # the same settings from a YAML or TOML file
+    quantbench methods                               # what exists and what runs here
+
+Flags override the sweep file, which overrides the defaults; the result is one RunConfig, written
+into run.json as it was used. Bad input exits with code 2 and one line saying what to do.
+"""
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from quantbench.config import ConfigError, RunConfig, load_sweep_file, make_experiment, parse_tasks, validate
+from quantbench.methods import ALIASES, METHODS, why_not_runnable
+from quantbench.models import ModelError
+
+
+def _positive_int_list(text):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
+
+
+def _limit(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+
+
+def _tokens(text):
+    return None if text == "all" else _limit(text)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="quantbench", description="Which quantization should I use for this model on this GPU?")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a comparison (default: the built-in demo)")
+    r.add_argument("--model", action="append", help="hub id, local safetensors directory, or smollm2-135m (default); repeatable")
+    r.add_argument("--methods", help="comma-separated methods (see `quantbench methods`); default fp16,nf4,fp4")
+    r.add_argument("--experiment", action="append", help="one method by name, the original names included; repeatable")
+    r.add_argument("--all", action="store_true", default=None, help="every method that can run on this machine")
+    r.add_argument("--tasks", help="comma-separated lm-eval tasks, or 'none' (default coqa)")
+    r.add_argument("--limit", type=_limit, help="documents per task")
+    r.add_argument("--data-dir", help="local evaluation data (default $QUANTBENCH_DATA_DIR)")
+    r.add_argument("--out", help="folder for run folders (default results/)")
+    r.add_argument("--resume", help="a run folder to finish")
+    r.add_argument("--config", help="a YAML or TOML sweep file")
+    r.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    r.add_argument("--cache-dir", help="where the demo checkpoint goes (default $QUANTBENCH_CACHE or ~/.cache/quantbench)")
+    r.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code to run")
+    r.add_argument("--eval-batch-size", type=_limit, help="lm-eval batch size (default 16)")
+    r.add_argument("--max-length", type=_limit, help="lm-eval context length (default min(model positions, 2048))")
+    r.add_argument("--max-gen-toks", type=_limit, help="bound on tokens generated per lm-eval request (default 128)")
+    r.add_argument("--ppl-tokens", type=_tokens, help="corpus tokens scored for perplexity, or 'all' (default 16384)")
+    r.add_argument("--ppl-window", type=_limit, help="perplexity window in tokens (default 2048)")
+    r.add_argument("--prompt-tokens", type=_limit, help="prompt length for time to first token (default 128)")
+    r.add_argument("--new-tokens", type=_limit, help="tokens generated when timing decode (default 64)")
+    r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8)")
+    r.add_argument("--repeats", type=_limit, help="timed runs per measurement, after a warm-up (default 3)")
+    sub.add_parser("methods", help="list the quantization methods and whether each can run here")
+    return p
+
+
+FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
+               "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "prompt_tokens", "new_tokens",
+               "batch_sizes", "repeats"]
+
+
+def config_from_args(args):
+    """Defaults <- sweep file <- flags, validated. Raises ConfigError."""
+    values = load_sweep_file(args.config) if args.config else {}
+    for name in FLAG_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    if args.model:
+        values["models"] = [m.strip() for arg in args.model for m in arg.split(",") if m.strip()]
+    if args.tasks is not None:
+        values["tasks"] = parse_tasks(args.tasks)
+    if args.all:
+        values["all_methods"] = True
+    names = [n.strip() for n in (args.methods or "").split(",") if n.strip()] + list(args.experiment or [])
+    if args.methods is not None and not names:
+        raise ConfigError("--methods is empty; name at least one method (see `quantbench methods`)")
+    if names:
+        values["experiments"] = [make_experiment(n) for n in names]
+    values.setdefault("data_dir", os.environ.get("QUANTBENCH_DATA_DIR") or None)
+    config = dataclasses.replace(RunConfig(), **values)
+    if not config.experiments and not config.all_methods:
+        config.experiments = [make_experiment(n) for n in ("fp16", "nf4", "fp4")]
+    validate(config)
+    if config.data_dir is not None:
+        if not Path(config.data_dir).is_dir():
+            raise ConfigError(f"--data-dir {config.data_dir}: no such folder")
+        config.data_dir = str(Path(config.data_dir).resolve())
+    return config
+
+
+def cmd_run(args):
+    from quantbench import sweep
+
+    if args.resume:
+        run = sweep.load_run_for_resume(args.resume)
+        return sweep.execute(Path(run["run_dir"]))
+    config = config_from_args(args)
+    if config.all_methods:
+        device = sweep.resolve_device(config.device)
+        have = {e["name"] for e in config.experiments}
+        config.experiments += [make_experiment(n) for n in METHODS if n not in have and why_not_runnable(n, device) is None]
+    if config.tasks:
+        from quantbench.tasks import known_task_names
+
+        known = known_task_names()
+        unknown = [t for t in config.tasks if t not in known]
+        if unknown:
+            raise ConfigError(f"unknown task(s) {', '.join(unknown)}: not an lm-eval task name "
+                              "(lm-eval's `lm_eval ls tasks` lists them), or 'none'")
+    cache_dir = Path(config.cache_dir or os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = sweep.create_run(config, cache_dir)
+    if args.config:
+        shutil.copy(args.config, run_dir / ("sweep" + Path(args.config).suffix))
+    print(f"Run folder: {run_dir}", flush=True)
+    return sweep.execute(run_dir)
+
+
+def cmd_methods(args):
+    from quantbench.sweep import resolve_device
+
+    device = resolve_device("auto")
+    head = ["method", "family", "bits", "group", "calibration", "GPU only", "install", f"runs here ({device})", "what"]
+    rows = []
+    for name, m in METHODS.items():
+        problem = why_not_runnable(name, device)
+        here = "yes" if problem is None else f"no: {problem[0]}; {problem[1]}"
+        extra = f"quantbench[{m['extra']}]" if m["extra"] else "(core)"
+        rows.append([name, m["family"], str(m["bits"]), str(m["group_size"] or "-"), "yes" if m["calibration"] else "no",
+                     "yes" if m["gpu"] else "no", extra, here, m["about"]])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print("\nThe course project's names: " + ", ".join(f"{a} = {c}" for a, c in ALIASES.items()))
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from quantbench.sweep import RunError
+
+    try:
+        return cmd_run(args) if args.command == "run" else cmd_methods(args)
+    except (ConfigError, RunError, ModelError) as e:
+        print(f"quantbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantbench: stopped by Ctrl-C before any experiment ran", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The run's configuration: one dataclass, filled from a sweep file and then the command line.
+
+A sweep file (YAML or TOML) takes the same things as the flags. Methods are names, or tables that
+name a method and change its settings:
+
+    models: [smollm2-135m]
+    methods:
+      - fp16
+      - bnb_4bit_nf4
+      - {name: nf4-dq-off-bf16, method: nf4, double_quant: false, compute_dtype: bfloat16}
+    tasks: [coqa]
+    limit: 100
+
+Unknown keys and bad values are errors that name the file and line.
+
+    >>> config = load_sweep_file(Path("sweep.yaml"))   # -> dict of RunConfig fields
+"""
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantbench.methods import METHODS, method_settings, resolve_method_name
+
+
+class ConfigError(Exception):
+    """A bad configuration value; the message says where and what to do."""
+
+
+@dataclass
+class RunConfig:
+    models: list = field(default_factory=lambda: ["smollm2-135m"])
+    # Each experiment: {'name': id in results, 'method': canonical method, 'settings': {...}}.
+    experiments: list = field(default_factory=list)
+    tasks: list = field(default_factory=lambda: ["coqa"])
+    limit: int | None = None                 # documents per task (None: all)
+    data_dir: str | None = None              # local evaluation data (../shared/data layout)
+    out: str = "results"
+    cache_dir: str | None = None
+    device: str = "auto"                     # auto, cuda, cpu
+    trust_remote_code: bool = False
+    eval_batch_size: int = 16                # HFLM batch size for lm-eval
+    max_length: int | None = None            # lm-eval context; None: min(model positions, 2048)
+    max_gen_toks: int = 128                  # bound on generated tokens per lm-eval request
+    ppl_window: int = 2048                   # perplexity window (capped at the model's positions)
+    ppl_tokens: int | None = 16384           # corpus tokens scored for perplexity (None: all)
+    prompt_tokens: int = 128                 # TTFT prompt length
+    decode_prompt_tokens: int = 32
+    new_tokens: int = 64                     # decode length
+    batch_sizes: list = field(default_factory=lambda: [1, 8])
+    repeats: int = 3                         # timed runs per measurement, after one warm-up
+    all_methods: bool = False
+
+
+POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens",
+                 "prompt_tokens", "decode_prompt_tokens", "new_tokens", "repeats"]
+DEFAULT_METHODS = ["fp16", "nf4", "fp4"]
+
+
+def make_experiment(entry, where=""):
+    """A method name, or a dict {name?, method, **settings} -> experiment dict; ConfigError if bad."""
+    if isinstance(entry, str):
+        entry = {"method": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}a method is a name or a table with 'method' and its settings, not {entry!r}")
+    entry = dict(entry)
+    raw = entry.pop("method", None) or entry.get("name")
+    if raw is None:
+        raise ConfigError(f"{where}a method table needs 'method: <known method>'")
+    try:
+        method = resolve_method_name(str(raw))
+    except ValueError as e:
+        raise ConfigError(f"{where}{e}") from None
+    name = str(entry.pop("name", None) or method)
+    allowed = method_settings(method)
+    for key, value in entry.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}method '{method}' has no setting '{key}'; its settings: "
+                              + ", ".join(f"{k} (default {v!r})" for k, v in allowed.items()))
+        default = allowed[key]
+        if default is not None and not isinstance(value, type(default)) and \
+                not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{where}setting '{key}' of '{method}' must be {type(default).__name__}, got {value!r}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ConfigError(f"{where}experiment name '{name}' may hold only letters, digits, '.', '_' and '-'")
+    return {"name": name, "method": method, "settings": entry}
+
+
+def validate(config):
+    """Check values a flag or file can get wrong; raise ConfigError with the fix."""
+    for key in POSITIVE_INTS:
+        value = getattr(config, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive whole number, got {value!r}")
+    if not config.batch_sizes or any(not isinstance(b, int) or b <= 0 for b in config.batch_sizes):
+        raise ConfigError(f"--batch-sizes must be positive whole numbers, got {config.batch_sizes!r}")
+    if config.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"--device must be auto, cuda or cpu, got {config.device!r}")
+    if config.new_tokens < 2:
+        raise ConfigError("--new-tokens must be at least 2 (decode speed excludes the first token)")
+    names = [e["name"] for e in config.experiments]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"experiment names must be unique; repeated: {', '.join(dupes)} "
+                          "(give a method table its own 'name')")
+    if not config.models:
+        raise ConfigError("no model given")
+
+
+def _yaml_lines(text):
+    """Top-level key -> line, and per method entry index -> line, from the YAML's node marks."""
+    import yaml
+
+    node = yaml.compose(text)
+    keys, entries = {}, {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            keys[k.value] = k.start_mark.line + 1
+            if k.value == "methods" and isinstance(v, yaml.SequenceNode):
+                entries = {i: item.start_mark.line + 1 for i, item in enumerate(v.value)}
+    return keys, entries
+
+
+def _toml_lines(text):
+    keys = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=", line)
+        if m and m.group(1) not in keys:
+            keys[m.group(1)] = i
+        m = re.match(r"\s*\[\[?\s*([A-Za-z_][A-Za-z0-9_-]*)", line)
+        if m and m.group(1) not in keys:
+            keys[m.group(1)] = i
+    return keys, {}
+
+
+FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
+             "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
+             "ppl_tokens", "prompt_tokens", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
+             "all"}
+
+
+def load_sweep_file(path):
+    """Parse and validate a YAML or TOML sweep file -> dict of RunConfig fields it sets."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+            lines, entry_lines = _toml_lines(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+            lines, entry_lines = _yaml_lines(text)
+    except Exception as e:  # both parsers say where the syntax broke
+        raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]} {getattr(e, 'problem_mark', '')}".strip()) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+
+    def at(key):
+        return f"{path}:{lines.get(key, '?')}: "
+
+    out = {}
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        if k not in FILE_KEYS:
+            raise ConfigError(f"{at(key)}unknown key '{key}'; known keys: {', '.join(sorted(FILE_KEYS))}")
+        if k in ("model", "models"):
+            out["models"] = [value] if isinstance(value, str) else list(value)
+        elif k in ("methods", "experiment"):
+            items = value if isinstance(value, list) else [value]
+            out["experiments"] = [make_experiment(v, f"{path}:{entry_lines.get(i, lines.get(key, '?'))}: ")
+                                  for i, v in enumerate(items)]
+        elif k == "tasks":
+            out["tasks"] = parse_tasks(value if isinstance(value, str) else ",".join(map(str, value)))
+        elif k == "batch_sizes":
+            out["batch_sizes"] = value if isinstance(value, list) else [value]
+        elif k == "all":
+            out["all_methods"] = bool(value)
+        else:
+            out[k] = value
+    try:
+        validate(dataclasses.replace(RunConfig(), **out))
+    except ConfigError as e:
+        bad = next((k for k in data if str(e).startswith(f"--{k.replace('_', '-')}")), None)
+        raise ConfigError(f"{at(bad) if bad else str(path) + ': '}{e}") from None
+    return out
+
+
+def parse_tasks(text):
+    """'coqa,lambada_openai' -> ['coqa', 'lambada_openai']; 'none' -> []."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return [] if names in ([], ["none"]) else names

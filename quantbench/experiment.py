@@ -1,0 +1,145 @@
+"""One experiment (one model in one quantized form), run in its own process by the sweep.
+
+    python -m quantbench.experiment results/run001 nf4
+
+Reads the run's `run.json`, loads the model once with the method's loader, and measures, in order:
+weight memory, a sanity generation, perplexity, the lm-eval tasks, and speed. After every phase
+the result so far is written to `<experiment>.json` (status "running"), so a crash keeps what was
+measured; at the end the status becomes "ok", "failed" or "skipped".
+"""
+import os
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from quantbench.results import read_json, write_json
+
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _phase(result, name, started, save):
+    result["phases_s"][name] = round(time.perf_counter() - started, 3)
+    save()
+
+
+def measure(run, exp, result, save):
+    """Fill `result` phase by phase; exceptions propagate with what was measured kept in `result`."""
+    import torch
+
+    from quantbench import cost, quality, tasks
+    from quantbench.methods import METHODS
+
+    config, device = run["config"], run["device"]
+    torch.manual_seed(0)
+    model_info = next(m for m in run["models"] if m["name"] == exp["model"])
+
+    t = time.perf_counter()
+    cost.reset_peak(device)
+    load = METHODS[exp["method"]]["load"]
+    model, backend = load(model_info["path"], device=device, trust_remote_code=config["trust_remote_code"],
+                          **exp["settings"])
+    model.eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_info["path"], trust_remote_code=config["trust_remote_code"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    result["cost"]["load_s"] = round(time.perf_counter() - t, 3)
+    result["cost"]["peak_load_bytes"] = cost.peak_bytes(device)["peak_bytes"]
+    result["backend"] = backend
+    result["cost"].update(cost.weight_bytes(model))
+    _phase(result, "load", t, save)
+
+    t = time.perf_counter()
+    result["sanity"] = quality.sanity_generation(model, tokenizer)
+    _phase(result, "sanity", t, save)
+    cost.reset_peak(device)
+
+    positions = getattr(model.config, "max_position_embeddings", None) or 2048
+    t = time.perf_counter()
+    text, corpus = tasks.perplexity_corpus(config["data_dir"], run["hub_reachable"])
+    window = min(config["ppl_window"], positions)
+    ppl = quality.perplexity(model, tokenizer, text, window=window, max_tokens=config["ppl_tokens"],
+                             batch_size=4 if device == "cuda" else 1)
+    result["quality"]["perplexity"] = ppl.pop("perplexity")
+    result["quality_info"]["perplexity"] = {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **ppl}
+    _phase(result, "perplexity", t, save)
+
+    t = time.perf_counter()
+    runnable = [x for x in run["tasks"] if x.get("status") != "skipped"]
+    for x in run["tasks"]:
+        if x.get("status") == "skipped":
+            result["quality_info"][x["name"]] = {"status": "skipped", "reason": x["reason"], "fix": x["fix"]}
+    if runnable:
+        max_length = config["max_length"] or min(positions, 2048)
+        scores = quality.run_tasks(model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
+                                   limit=config["limit"], batch_size=config["eval_batch_size"],
+                                   max_length=max_length, max_gen_toks=config["max_gen_toks"])
+        for x in runnable:
+            result["quality"][x["name"]] = scores[x["name"]]
+            result["quality_info"][x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"],
+                                                 "n": scores[x["name"]]["n"], "limit": config["limit"],
+                                                 "max_length": max_length, "batch_size": config["eval_batch_size"],
+                                                 "max_gen_toks": config["max_gen_toks"]}
+    result["cost"]["peak_eval_bytes"] = cost.peak_bytes(device)["peak_bytes"]
+    _phase(result, "tasks", t, save)
+
+    t = time.perf_counter()
+    cost.reset_peak(device)
+    stream = tokenizer(text[:200_000], return_tensors="pt").input_ids[0]
+    speed = cost.measure_speed(model, stream, device=device,
+                               pad_token_id=tokenizer.pad_token_id, prompt_tokens=config["prompt_tokens"],
+                               decode_prompt_tokens=config["decode_prompt_tokens"],
+                               new_tokens=config["new_tokens"], batch_sizes=config["batch_sizes"],
+                               repeats=config["repeats"])
+    result["cost"].update(speed)
+    result["cost"].update(cost.peak_bytes(device))
+    _phase(result, "speed", t, save)
+
+
+def main(run_dir, exp_id):
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    exp = next(e for e in run["experiments"] if e["id"] == exp_id)
+    path = run_dir / f"{exp_id}.json"
+    model_info = next(m for m in run["models"] if m["name"] == exp["model"])
+    result = {"experiment": exp_id, "method": exp["method"], "settings": exp["settings"],
+              "model": model_info, "device": run["device"], "status": "running", "error": None,
+              "pid": os.getpid(), "started": now(), "quality": {}, "quality_info": {}, "cost": {},
+              "phases_s": {}}
+    started = time.perf_counter()
+
+    def save():
+        result["duration_s"] = round(time.perf_counter() - started, 3)
+        write_json(path, result)
+
+    save()
+    from quantbench.methods import MissingLibrary
+
+    try:
+        measure(run, exp, result, save)
+        result["status"] = "ok"
+    except MissingLibrary as e:
+        result.update(status="skipped", error=str(e).split(": pip")[0],
+                      fix=str(e).split(": ", 1)[1] if ": " in str(e) else None)
+    except Exception as e:  # every failure is recorded with its cause; the sweep goes on
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            result.update(error=f"out of GPU memory: {str(e).splitlines()[0]}",
+                          fix="lower --eval-batch-size or --batch-sizes, or use a larger GPU")
+        else:
+            result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        result["status"] = "failed"
+        result["traceback_tail"] = traceback.format_exc().splitlines()[-25:]
+    result["finished"] = now()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

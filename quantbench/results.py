@@ -1,0 +1,188 @@
+"""Result files: atomic JSON writes, the environment record, and the summary table.
+
+A run folder holds `run.json` (config as used, environment, experiments, times), one
+`<experiment>.json` per experiment, and `summary.md`, the comparison table built from those files.
+
+    >>> print(summary_markdown(Path("results/run001")))
+"""
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+LIBRARIES = ["torch", "transformers", "accelerate", "bitsandbytes", "lm_eval", "datasets",
+             "safetensors", "gguf", "huggingface_hub"]
+
+
+def write_json(path, data):
+    """Write JSON so that a reader never sees half a file: a temp file in the same folder, renamed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def environment():
+    """Library versions, GPU, driver, CUDA, host: enough to explain a number later."""
+    import torch
+
+    import quantbench
+
+    versions = {"quantbench": quantbench.__version__}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    env = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+           "cpu_count": os.cpu_count(), "libraries": versions, "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update({"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
+                    "gpu_memory_bytes": props.total_memory, "compute_capability": f"{props.major}.{props.minor}",
+                    "cuda_runtime": torch.version.cuda})
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            env["driver"] = None
+    return env
+
+
+def _mib(b):
+    return f"{b / 2**20:.1f}" if isinstance(b, (int, float)) else "-"
+
+
+def _num(x, fmt="{:.3f}"):
+    return fmt.format(x) if isinstance(x, (int, float)) else "-"
+
+
+def load_experiments(run_dir):
+    """The experiment results of a run folder, in the order run.json lists them (missing ones absent)."""
+    run = read_json(Path(run_dir) / "run.json")
+    results = []
+    for exp in run["experiments"]:
+        path = Path(run_dir) / f"{exp['id']}.json"
+        if path.exists():
+            results.append(read_json(path))
+    return run, results
+
+
+def _baseline(results, model_name):
+    for r in results:
+        if r["model"]["name"] == model_name and r["method"] in ("fp16", "bf16") and r["status"] == "ok":
+            return r
+    return None
+
+
+def _task_columns(results):
+    """(task, metric) pairs present in any result, metrics in lm-eval's order, stderr and n left out."""
+    cols = []
+    for r in results:
+        for task, metrics in r.get("quality", {}).items():
+            if task == "perplexity":
+                continue
+            for m in metrics:
+                if m == "n" or m.endswith("_stderr") or (task, m) in cols:
+                    continue
+                cols.append((task, m))
+    return cols
+
+
+def summary_markdown(run_dir):
+    """The comparison table, with quality deltas against the model's fp16/bf16 baseline."""
+    run, results = load_experiments(run_dir)
+    cols = _task_columns(results)
+    batch_sizes = [str(b) for b in run["config"]["batch_sizes"]]
+    several_models = len({r["model"]["name"] for r in results}) > 1
+    head = (["model"] if several_models else []) + ["experiment", "status", "perplexity", "Δ ppl"]
+    head += [f"{t} {m}" for t, m in cols] + [f"Δ {t} {m}" for t, m in cols]
+    head += ["weights MiB", "peak MiB", "load s", f"TTFT ms @{run['config']['prompt_tokens']}"]
+    head += [f"decode tok/s b={b}" for b in batch_sizes] + ["sanity"]
+    rows = []
+    for r in results:
+        base = _baseline(results, r["model"]["name"])
+        q, c = r.get("quality", {}), r.get("cost", {})
+        ppl = q.get("perplexity")
+        base_ppl = base["quality"].get("perplexity") if base else None
+        d_ppl = f"{100 * (ppl / base_ppl - 1):+.1f}%" if ppl and base_ppl and r is not base else "-"
+        row = ([r["model"]["name"]] if several_models else []) + [r["experiment"], r["status"], _num(ppl, "{:.3f}"), d_ppl]
+        for t, m in cols:
+            v, se = q.get(t, {}).get(m), q.get(t, {}).get(f"{m}_stderr")
+            row.append(_num(v, "{:.4f}") + (f" ± {se:.4f}" if isinstance(se, (int, float)) else ""))
+        for t, m in cols:
+            v = q.get(t, {}).get(m)
+            b = base["quality"].get(t, {}).get(m) if base else None
+            row.append(f"{v - b:+.4f}" if isinstance(v, (int, float)) and isinstance(b, (int, float)) and r is not base else "-")
+        row += [_mib(c.get("weight_bytes")), _mib(c.get("peak_bytes")), _num(c.get("load_s"), "{:.1f}"),
+                _num(c.get("ttft_ms"), "{:.1f}")]
+        row += [_num(c.get("decode_tok_s", {}).get(b), "{:.1f}") for b in batch_sizes]
+        s = r.get("sanity")
+        row.append("-" if not s else ("DEGENERATE: " + s["problem"]) if s["degenerate"] else "ok")
+        rows.append(row)
+
+    lines = [f"# quantbench {Path(run_dir).name}", ""]
+    env = run["environment"]
+    device = env.get("gpu") or f"CPU ({env.get('cpu_count')} cores)"
+    lines.append(f"Models: {', '.join(m['name'] for m in run['models'])}; device: {run['device']} ({device}); "
+                 f"started {run['started']}.")
+    for m in run["models"]:
+        if m.get("note"):
+            lines.append(f"Note on {m['name']}: {m['note']}.")
+    lines.append("")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join("---" for _ in head) + "|")
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    lines.append("")
+    lines += _protocol_lines(run, results)
+    problems = [r for r in results if r["status"] != "ok"]
+    if problems:
+        lines += ["", "## Failed and skipped", ""]
+        for r in problems:
+            fix = f" Fix: {r['fix']}" if r.get("fix") else ""
+            lines.append(f"- **{r['experiment']}** {r['status']}: {r['error']}.{fix}")
+    skipped_tasks = {(t, i["reason"], i.get("fix")) for r in results
+                     for t, i in r.get("quality_info", {}).items() if i.get("status") == "skipped"}
+    if skipped_tasks:
+        lines += ["", "## Tasks not run", ""]
+        lines += [f"- {t}: {reason}. Fix: {fix}" for t, reason, fix in sorted(skipped_tasks)]
+    missing = [e["id"] for e in run["experiments"] if e["id"] not in {r["experiment"] for r in results}]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (finish with `quantbench run --resume {run_dir}`)."]
+    return "\n".join(lines) + "\n"
+
+
+def _protocol_lines(run, results):
+    """How the numbers were produced, from the first result that has each part."""
+    out = ["## Protocol", ""]
+    info = next((r["quality_info"]["perplexity"] for r in results
+                 if r.get("quality_info", {}).get("perplexity", {}).get("tokens_scored")), None)
+    if info:
+        out.append(f"- Perplexity: {info['corpus']}; {info['tokens_scored']} tokens scored in {info['windows']} "
+                   f"non-overlapping windows of {info['window']} (of {info['corpus_tokens']} corpus tokens).")
+    tasks = {}
+    for r in results:
+        for t, i in r.get("quality_info", {}).items():
+            if t != "perplexity" and i.get("source"):
+                tasks[t] = i
+    for t, i in tasks.items():
+        out.append(f"- {t}: lm-eval {i.get('lm_eval_task')} from {i['source']}; "
+                   f"n = {i.get('n')} documents; ± is lm-eval's standard error.")
+    c = run["config"]
+    out.append(f"- Speed: greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 token from a "
+               f"{c['prompt_tokens']}-token prompt at batch 1; decode tok/s = batch x ({c['new_tokens']} - 1) / "
+               f"(t({c['new_tokens']} tokens) - t(1 token)) from {c['decode_prompt_tokens']}-token prompts.")
+    out.append("- Weights: bytes of parameters and buffers as stored plus bitsandbytes' quantization state. "
+               "Peak: " + (results[0].get("cost", {}).get("peak_kind", "-") if results else "-")
+               + " during the speed measurement (the quality evaluation's peak is `peak_eval_bytes` in the JSON).")
+    return out

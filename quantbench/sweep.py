@@ -1,0 +1,210 @@
+"""A run: a numbered folder under --out, every experiment in its own process, results kept.
+
+    >>> run_dir = create_run(config)          # results/run001/run.json
+    >>> execute(run_dir)                      # one child process per experiment, summary.md at the end
+
+Each experiment runs as `python -m quantbench.experiment RUN_DIR ID`, so a crash, a CUDA error or
+an out-of-memory in one method cannot take the sweep down or leave memory behind for the next.
+The child writes its own result; if it dies without finishing (killed, segfault), the parent
+records it as failed with the signal or exit code and whatever the child had measured. `--resume`
+runs the experiments whose result is missing or not finished; Ctrl-C stops the current child,
+keeps everything finished and says how to resume.
+"""
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from quantbench.methods import why_not_runnable
+from quantbench.models import model_slug, resolve_model
+from quantbench.results import environment, read_json, summary_markdown, write_json
+from quantbench.tasks import hub_reachable, resolve_task
+
+FINISHED = ("ok", "skipped")
+
+
+class RunError(Exception):
+    """The run cannot start or resume; the message says why and what to do."""
+
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_device(requested):
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    return requested
+
+
+def next_run_dir(out):
+    """results/run001, run002, ...: numbered in order, created here so two runs never share one."""
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"run(\d+)", p.name))]
+    n = max(numbers, default=0) + 1
+    while True:
+        path = out / f"run{n:03d}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def check_writable(out):
+    """Fail early, before any work and without creating anything, if --out cannot hold results."""
+    existing = out.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"cannot write results to {out}: {existing} is a file, not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write results to {out}: no write permission on {existing}; pass another --out")
+
+
+def create_run(config, cache_dir):
+    """Resolve models and tasks, make the run folder and write run.json; returns the folder."""
+    out = Path(config.out)
+    check_writable(out)
+    device = resolve_device(config.device)
+    models = [resolve_model(m, cache_dir=cache_dir) for m in config.models]
+    run_dir = next_run_dir(out)
+    hub = hub_reachable()
+    tasks = [resolve_task(t, data_dir=config.data_dir, hub=hub, task_dir=run_dir / "tasks") for t in config.tasks]
+    experiments = []
+    for m in models:
+        for e in config.experiments:
+            exp_id = e["name"] if len(models) == 1 else f"{model_slug(m['name'])}--{e['name']}"
+            experiments.append({"id": exp_id, "model": m["name"], **e})
+    run = {"quantbench_run": 1, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None,
+           "status": "running", "device": device, "hub_reachable": hub, "config": dataclasses.asdict(config),
+           "environment": environment(), "models": models, "tasks": tasks, "experiments": experiments}
+    write_json(run_dir / "run.json", run)
+    return run_dir
+
+
+def load_run_for_resume(run_dir):
+    """run.json of an earlier run, checked; RunError for a missing, corrupt or foreign folder."""
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if not run_dir.is_dir():
+        raise RunError(f"--resume {run_dir}: no such folder")
+    if not path.exists():
+        raise RunError(f"--resume {run_dir}: no run.json there, so it is not a quantbench run folder")
+    try:
+        run = read_json(path)
+    except ValueError as e:
+        raise RunError(f"--resume {run_dir}: run.json is corrupt ({e}); start a new run instead") from None
+    if not isinstance(run, dict) or run.get("quantbench_run") != 1 or "experiments" not in run:
+        raise RunError(f"--resume {run_dir}: run.json was not written by quantbench; start a new run instead")
+    for m in run["models"]:
+        if not Path(m["path"]).exists():
+            raise RunError(f"--resume {run_dir}: the model checkpoint {m['path']} is gone; run it again from scratch")
+    run["run_dir"] = str(run_dir.resolve())
+    return run
+
+
+def _status_of(run_dir, exp_id):
+    path = run_dir / f"{exp_id}.json"
+    try:
+        return read_json(path).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_exit(code):
+    if code < 0:
+        name = signal.Signals(-code).name
+        why = {"SIGKILL": " (killed: out of host memory, or by hand)", "SIGSEGV": " (segmentation fault in native code)",
+               "SIGABRT": " (aborted in native code)"}.get(name, "")
+        return f"the experiment process died by {name}{why}"
+    return f"the experiment process exited with code {code} before writing its result"
+
+
+def _record_unfinished(run_dir, exp, run, status, error, duration):
+    """The child ended without a final result: keep what it measured, say why it stopped."""
+    path = run_dir / f"{exp['id']}.json"
+    try:
+        result = read_json(path)
+    except (OSError, ValueError):
+        model = next(m for m in run["models"] if m["name"] == exp["model"])
+        result = {"experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
+                  "device": run["device"], "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}}
+    result.update(status=status, error=error, duration_s=round(duration, 3), finished=now(),
+                  fix=f"run again with: quantbench run --resume {run_dir}")
+    write_json(path, result)
+
+
+def _ignore_sigint():
+    """In the child, before Python starts: Ctrl-C is the parent's to handle (it stops the child
+    itself), so an interrupt never lands half-way through an import or a file write there."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _skip_unrunnable(run_dir, exp, run):
+    problem = why_not_runnable(exp["method"], run["device"])
+    if problem is None:
+        return False
+    model = next(m for m in run["models"] if m["name"] == exp["model"])
+    write_json(run_dir / f"{exp['id']}.json", {
+        "experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
+        "device": run["device"], "status": "skipped", "error": problem[0], "fix": problem[1],
+        "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}, "finished": now()})
+    return True
+
+
+def execute(run_dir):
+    """Run every unfinished experiment of the run in its own process; returns the exit code."""
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    todo = [e for e in run["experiments"] if _status_of(run_dir, e["id"]) not in FINISHED]
+    done = len(run["experiments"]) - len(todo)
+    if done:
+        print(f"Resuming {run_dir}: {done} experiment(s) already finished, {len(todo)} to run.", flush=True)
+    run.update(status="running", resumed=now() if done else None)
+    write_json(run_dir / "run.json", run)
+    interrupted, child = False, None
+    try:
+        for i, exp in enumerate(todo, done + 1):
+            label = f"[{i}/{len(run['experiments'])}] {exp['id']} ({exp['method']} on {exp['model']})"
+            if _skip_unrunnable(run_dir, exp, run):
+                print(f"{label}: skipped: {read_json(run_dir / (exp['id'] + '.json'))['error']}", flush=True)
+                continue
+            print(f"{label}: running", flush=True)
+            started = time.perf_counter()
+            child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
+                                     preexec_fn=_ignore_sigint)
+            code = child.wait()
+            child = None
+            if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
+                _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
+            result = read_json(run_dir / f"{exp['id']}.json")
+            extra = f": {result['error']}" if result.get("error") else ""
+            print(f"{label}: {result['status']} in {time.perf_counter() - started:.1f} s{extra}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        if child is not None:
+            child.terminate()
+            child.wait()
+            _record_unfinished(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
+
+    run = read_json(run_dir / "run.json")
+    run.update(status="interrupted" if interrupted else "finished", finished=now())
+    write_json(run_dir / "run.json", run)
+    summary = summary_markdown(run_dir)
+    (run_dir / "summary.md").write_text(summary)
+    print("\n" + summary, flush=True)
+    if interrupted:
+        print(f"Stopped. Finished results are kept; continue with: quantbench run --resume {run_dir}", flush=True)
+        return 130
+    return 0
+

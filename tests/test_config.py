@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+
+from quantbench.config import ConfigError, RunConfig, load_sweep_file, make_experiment, parse_tasks, validate
+
+
+def test_yaml_sweep_file_with_method_settings(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("""\
+models: [smollm2-135m]
+methods:
+  - fp16_baseline
+  - bnb_4bit_nf4
+  - {name: nf4-plain-bf16, method: nf4, double_quant: false, compute_dtype: bfloat16}
+tasks: [coqa, lambada_openai]
+limit: 50
+batch_sizes: [1, 16]
+""")
+    v = load_sweep_file(f)
+    assert [e["name"] for e in v["experiments"]] == ["fp16", "nf4", "nf4-plain-bf16"]
+    assert v["experiments"][2] == {"name": "nf4-plain-bf16", "method": "nf4",
+                                   "settings": {"double_quant": False, "compute_dtype": "bfloat16"}}
+    assert v["tasks"] == ["coqa", "lambada_openai"] and v["limit"] == 50 and v["batch_sizes"] == [1, 16]
+
+
+def test_toml_sweep_file(tmp_path):
+    f = tmp_path / "sweep.toml"
+    f.write_text('model = "smollm2-135m"\nmethods = ["fp16", "int8"]\ntasks = "none"\n')
+    v = load_sweep_file(f)
+    assert v["models"] == ["smollm2-135m"] and v["tasks"] == [] and [e["method"] for e in v["experiments"]] == ["fp16", "int8"]
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("methods: [fp16]\nlimt: 5\n", 2, "unknown key 'limt'"),
+    ("methods: [fp16]\nlimit: 0\n", 2, "positive whole number"),
+    ("methods:\n  - fp16\n  - {method: nf4, dubble_quant: false}\n", 3, "no setting 'dubble_quant'"),
+    ("methods:\n  - fp16\n  - gptq-w9\n", 3, "unknown method 'gptq-w9'"),
+    ("methods:\n  - {method: nf4, double_quant: 'no'}\n", 2, "must be bool"),
+    ("batch_sizes: [1, -8]\n", 1, "batch-sizes"),
+])
+def test_bad_yaml_names_the_line(tmp_path, text, line, words):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_sweep_file(f)
+    assert f"bad.yaml:{line}:" in str(e.value) and words in str(e.value)
+
+
+def test_bad_toml_names_the_line(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('methods = ["fp16"]\n\nrepeat = 3\n')
+    with pytest.raises(ConfigError, match=r"bad.toml:3: unknown key 'repeat'"):
+        load_sweep_file(f)
+
+
+def test_unparsable_file(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("methods: [fp16\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_sweep_file(f)
+
+
+def test_validate_rejects_duplicates_and_bad_values():
+    exps = [make_experiment("nf4"), make_experiment("bnb_4bit_nf4")]
+    with pytest.raises(ConfigError, match="unique"):
+        validate(dataclasses.replace(RunConfig(), experiments=exps))
+    with pytest.raises(ConfigError, match="--limit"):
+        validate(dataclasses.replace(RunConfig(), limit=-3))
+    with pytest.raises(ConfigError, match="--new-tokens"):
+        validate(dataclasses.replace(RunConfig(), new_tokens=1))
+
+
+def test_parse_tasks():
+    assert parse_tasks("none") == [] and parse_tasks("coqa, piqa") == ["coqa", "piqa"]

@@ -1,0 +1,128 @@
+"""Whole runs of the tiny model through the command line: results, isolation, resume, Ctrl-C."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import REPO, TINY_RUN_FLAGS
+
+
+def start(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "quantbench", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def run(*args):
+    p = start(*args)
+    out, _ = p.communicate(timeout=900)
+    return p.returncode, out
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def wait_for(predicate, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def status(path):
+    try:
+        return load(path)
+    except (OSError, ValueError):
+        return None
+
+
+def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shared_data, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"model: {tiny_model_dir}\nmethods: [fp16_baseline, bnb_4bit_nf4, int8]\n"
+                     f"tasks: [coqa]\nlimit: 1\nmax_gen_toks: 8\n")
+    code, out = run("run", "--config", str(sweep), "--data-dir", str(shared_data), "--out", str(tmp_path / "r"),
+                    *TINY_RUN_FLAGS)
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "run001"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["fp16.json", "int8.json", "nf4.json", "run.json",
+                                                          "summary.md", "sweep.yaml", "tasks"]
+    meta = load(run_dir / "run.json")
+    assert meta["status"] == "finished" and meta["device"] == "cpu" and meta["config"]["limit"] == 1
+    assert meta["environment"]["libraries"]["transformers"] and meta["started"] <= meta["finished"]
+    for name in ["fp16", "nf4", "int8"]:
+        r = load(run_dir / f"{name}.json")
+        assert r["status"] == "ok" and r["error"] is None, r
+        assert r["quality"]["perplexity"] > 1
+        assert set(r["quality"]["coqa"]) >= {"em", "f1", "n"} and r["quality"]["coqa"]["n"] == 1
+        assert r["quality_info"]["coqa"]["source"].startswith("local:")
+        c = r["cost"]
+        assert c["weight_bytes"] > 0 and c["peak_bytes"] > 0 and c["load_s"] > 0 and c["ttft_ms"] > 0
+        assert set(c["decode_tok_s"]) == {"1", "2"}
+        assert r["sanity"]["prompt"] and set(r["phases_s"]) == {"load", "sanity", "perplexity", "tasks", "speed"}
+    assert load(run_dir / "nf4.json")["cost"]["weight_bytes"] < load(run_dir / "fp16.json")["cost"]["weight_bytes"]
+    assert load(run_dir / "fp16.json")["backend"]["weight_dtype"] == "float32"  # fp16 on the CPU
+    summary = (run_dir / "summary.md").read_text()
+    assert "| fp16 | ok |" in summary and "| nf4 | ok |" in summary and "coqa f1" in summary
+    assert summary.splitlines()[0] in out  # printed to the terminal too
+
+    # A second run gets the next number and leaves the first alone.
+    code, out = run("run", "--model", str(tiny_model_dir), "--experiment", "fp16_baseline", "--tasks", "none",
+                    "--out", str(tmp_path / "r"), *TINY_RUN_FLAGS)
+    assert code == 0, out
+    assert (tmp_path / "r" / "run002" / "fp16.json").exists()
+    assert load(tmp_path / "r" / "run002" / "fp16.json")["quality_info"]["perplexity"]["corpus"].startswith("pydoc_data")
+
+
+def test_tasks_without_data_are_skipped_with_the_flag_that_supplies_them(tiny_model_dir, tmp_path):
+    code, out = run("run", "--model", str(tiny_model_dir), "--methods", "fp16", "--tasks", "coqa",
+                    "--out", str(tmp_path), *TINY_RUN_FLAGS)
+    assert code == 0, out
+    r = load(tmp_path / "run001" / "fp16.json")
+    assert r["status"] == "ok" and "coqa" not in r["quality"]
+    assert r["quality_info"]["coqa"]["status"] == "skipped" and "--data-dir" in r["quality_info"]["coqa"]["fix"]
+    assert "Tasks not run" in (tmp_path / "run001" / "summary.md").read_text()
+
+
+def test_killed_experiment_keeps_the_others_and_resume_finishes_it(tiny_model_dir, tmp_path):
+    p = start("run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4,fp4", "--tasks", "none",
+              "--out", str(tmp_path), *TINY_RUN_FLAGS)
+    run_dir = tmp_path / "run001"
+    victim = wait_for(lambda: (r := status(run_dir / "nf4.json")) and r.get("status") == "running" and r)
+    os.kill(victim["pid"], signal.SIGKILL)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    fp16_before = (run_dir / "fp16.json").read_text()
+    nf4 = load(run_dir / "nf4.json")
+    assert nf4["status"] == "failed" and "SIGKILL" in nf4["error"] and nf4["duration_s"] > 0
+    assert load(run_dir / "fp4.json")["status"] == "ok"
+    assert "nf4** failed" in (run_dir / "summary.md").read_text()
+
+    code, out = run("run", "--resume", str(run_dir))
+    assert code == 0, out
+    assert "1 to run" in out
+    assert load(run_dir / "nf4.json")["status"] == "ok"
+    assert (run_dir / "fp16.json").read_text() == fp16_before  # finished work untouched
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_what_finished(tiny_model_dir, tmp_path):
+    p = start("run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4,fp4", "--tasks", "none",
+              "--out", str(tmp_path), *TINY_RUN_FLAGS, start_new_session=True)
+    run_dir = tmp_path / "run001"
+    wait_for(lambda: (r := status(run_dir / "nf4.json")) and r.get("status") == "running")
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 130, out
+    assert "Traceback" not in out and "--resume" in out
+    assert load(run_dir / "fp16.json")["status"] == "ok"
+    assert load(run_dir / "nf4.json")["status"] == "interrupted"
+    assert load(run_dir / "run.json")["status"] == "interrupted"
+    assert not (run_dir / "fp4.json").exists()
+    code, out = run("run", "--resume", str(run_dir))
+    assert code == 0, out
+    assert all(load(run_dir / f"{m}.json")["status"] == "ok" for m in ["fp16", "nf4", "fp4"])

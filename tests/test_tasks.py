@@ -1,0 +1,79 @@
+import json
+from pathlib import Path
+
+import yaml
+
+from quantbench import tasks
+
+
+def test_wikitext_rows_follow_the_hub_layout(tmp_path):
+    f = tmp_path / "wiki.test.raw"
+    f.write_text(" \n = Title = \n \n Some text . \n")
+    assert tasks.wikitext_rows(f) == ["", " = Title = \n", "", " Some text . \n"]
+
+
+def test_perplexity_corpus_offline_fallback_is_labelled():
+    text, label = tasks.perplexity_corpus(None, hub=False)
+    assert len(text) > 100_000
+    assert "pydoc_data" in label and "not comparable" in label
+
+
+def test_perplexity_corpus_from_data_dir(shared_data):
+    text, label = tasks.perplexity_corpus(shared_data, hub=False)
+    assert label.startswith("wikitext-2-raw-v1 test (local")
+    assert text.startswith("\n\n = Robert Boulter = \n")  # '' then the title row, joined by blank lines
+
+
+def test_task_without_data_is_skipped_with_the_fix(tmp_path):
+    t = tasks.resolve_task("coqa", data_dir=None, hub=False, task_dir=tmp_path)
+    assert t["status"] == "skipped" and "--data-dir" in t["fix"]
+    t = tasks.resolve_task("hellaswag", data_dir=tmp_path, hub=False, task_dir=tmp_path)
+    assert t["status"] == "skipped" and "hub" in t["fix"]
+    assert tasks.resolve_task("hellaswag", data_dir=None, hub=True, task_dir=tmp_path)["lm_eval_task"] == "hellaswag"
+
+
+def _lm_eval_yaml(name):
+    import lm_eval
+
+    folder = Path(lm_eval.__file__).parent / "tasks"
+    path = {"lambada_openai": folder / "lambada" / "lambada_openai.yaml", "coqa": folder / "coqa" / "default.yaml"}[name]
+    # lm-eval's YAML uses !function tags; read them as their text.
+    loader = type("L", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda l, n: f"!function {l.construct_scalar(n)}")
+    return yaml.load(path.read_text(), Loader=loader), loader
+
+
+def test_local_yaml_repeats_lm_eval_task_definition(shared_data, tmp_path):
+    """Everything that shapes prompt, target and metric is lm-eval's own; only the data source differs."""
+    for name in ["lambada_openai", "coqa"]:
+        hub, loader = _lm_eval_yaml(name)
+        t = tasks.resolve_task(name, data_dir=shared_data, hub=False, task_dir=tmp_path)
+        local = yaml.load((tmp_path / name / f"{name}_local.yaml").read_text(), Loader=loader)
+        assert local["task"] == t["lm_eval_task"] == f"{name}_local"
+        for key in ["output_type", "doc_to_text", "doc_to_target", "metric_list", "generation_kwargs",
+                    "process_results", "metadata"]:
+            assert local.get(key) == hub.get(key), (name, key)
+        assert local["dataset_path"] == "json"
+
+
+def test_coqa_local_prompt_and_target_match_lm_eval(shared_data, tmp_path):
+    from lm_eval.tasks.coqa import utils
+
+    official = json.loads((shared_data / "coqa" / "coqa-dev-1story.json").read_text())["data"][0]
+    tasks.resolve_task("coqa", data_dir=shared_data, hub=False, task_dir=tmp_path)
+    doc = json.loads((tmp_path / "coqa" / "coqa_hub_layout.jsonl").read_text().splitlines()[0])
+
+    # The prompt: story, then every Q/A turn, the last answer left open; built by hand from the file.
+    qs, ans = official["questions"], official["answers"]
+    expected = official["story"] + "\n\n"
+    for i, q in enumerate(qs):
+        expected += f"Q: {q['input_text']}\n\n" + (f"A: {ans[i]['input_text']}\n\n" if i < len(qs) - 1 else "A:")
+    assert utils.doc_to_text(doc) == expected
+    golds = utils.doc_to_target(doc)
+    assert golds[0] == ans[-1]["input_text"]
+    extra = [official["additional_answers"][k][-1]["input_text"] for k in official["additional_answers"]]
+    assert set(golds) == {ans[-1]["input_text"], *extra} or set(a.lower() for a in golds) <= {
+        a.lower() for a in [ans[-1]["input_text"], *extra]}
+    # The metric: a perfect answer scores 1, a wrong one 0.
+    assert utils.process_results(doc, [golds[0]])["f1"] == 1.0
+    assert utils.process_results(doc, ["zebra crossing"])["em"] == 0.0
