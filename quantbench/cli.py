@@ -67,13 +67,17 @@ def build_parser():
     r.add_argument("--new-tokens", type=_limit, help="tokens generated when timing decode (default 64)")
     r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8)")
     r.add_argument("--repeats", type=_limit, help="timed runs per measurement, after a warm-up (default 3)")
+    r.add_argument("--calibration", help="GPTQ/AWQ calibration text file (default WikiText-2 validation from "
+                   "--data-dir, else c4 from the hub)")
+    r.add_argument("--calibration-samples", type=_limit, help="calibration samples (default 128)")
+    r.add_argument("--calibration-tokens", type=_limit, help="tokens per calibration sample (default 512)")
     sub.add_parser("methods", help="list the quantization methods and whether each can run here")
     return p
 
 
 FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
                "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "prompt_tokens", "new_tokens",
-               "batch_sizes", "repeats"]
+               "batch_sizes", "repeats", "calibration", "calibration_samples", "calibration_tokens"]
 
 
 def config_from_args(args):
@@ -99,6 +103,10 @@ def config_from_args(args):
     if not config.experiments and not config.all_methods:
         config.experiments = [make_experiment(n) for n in ("fp16", "nf4", "fp4")]
     validate(config)
+    if config.calibration is not None:
+        if not Path(config.calibration).is_file():
+            raise ConfigError(f"--calibration {config.calibration}: no such file")
+        config.calibration = str(Path(config.calibration).resolve())
     if config.data_dir is not None:
         if not Path(config.data_dir).is_dir():
             raise ConfigError(f"--data-dir {config.data_dir}: no such folder")
@@ -125,7 +133,7 @@ def cmd_run(args):
         if unknown:
             raise ConfigError(f"unknown task(s) {', '.join(unknown)}: not an lm-eval task name "
                               "(lm-eval's `lm_eval ls tasks` lists them), or 'none'")
-    cache_dir = Path(config.cache_dir or os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser()
+    cache_dir = Path(config.cache_dir or os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser().resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     run_dir = sweep.create_run(config, cache_dir)
     if args.config:

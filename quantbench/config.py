@@ -50,10 +50,14 @@ class RunConfig:
     batch_sizes: list = field(default_factory=lambda: [1, 8])
     repeats: int = 3                         # timed runs per measurement, after one warm-up
     all_methods: bool = False
+    calibration: str | None = None           # GPTQ/AWQ calibration text file (None: WikiText-2 valid / c4)
+    calibration_samples: int = 128
+    calibration_tokens: int = 512            # tokens per calibration sample
 
 
 POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens",
-                 "prompt_tokens", "decode_prompt_tokens", "new_tokens", "repeats"]
+                 "prompt_tokens", "decode_prompt_tokens", "new_tokens", "repeats", "calibration_samples",
+                 "calibration_tokens"]
 DEFAULT_METHODS = ["fp16", "nf4", "fp4"]
 
 
@@ -136,7 +140,7 @@ def _toml_lines(text):
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
              "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
              "ppl_tokens", "prompt_tokens", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
-             "all"}
+             "all", "calibration", "calibration_samples", "calibration_tokens"}
 
 
 def load_sweep_file(path):

@@ -20,13 +20,20 @@ import torch
 
 
 def weight_bytes(model):
-    """Bytes held by parameters and buffers as stored, plus bitsandbytes' quantization state (the
-    4-bit blocks' absmax scales and codebooks, or LLM.int8's row scales), which hang off the weights
-    as attributes and that `get_memory_footprint` does not count. Shared tensors count once."""
+    """Bytes of the weights as stored. Counts parameters and buffers; for tensor subclasses
+    (torchao's quantized tensors) the inner tensors they are made of; and the quantization state
+    that hangs off a weight or layer as attributes, which `get_memory_footprint` does not count:
+    bitsandbytes' absmax scales and codebooks or LLM.int8's row scales, HQQ's scales and zeros.
+    Shared tensors count once."""
     seen = set()
 
     def size(t):
-        if t is None or not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
+        if not isinstance(t, torch.Tensor):
+            return 0
+        if hasattr(t, "__tensor_flatten__"):  # a quantized tensor subclass: count what it holds
+            names = t.__tensor_flatten__()[0]
+            return sum(size(getattr(t, n)) for n in names)
+        if t.data_ptr() in seen:
             return 0
         seen.add(t.data_ptr())
         return t.numel() * t.element_size()
@@ -39,6 +46,10 @@ def weight_bytes(model):
             quant_state += size(qs.absmax) + size(qs.code) + size(getattr(qs, "offset", None))
             qs = getattr(qs, "state2", None)
         quant_state += size(getattr(p, "SCB", None))
+    for module in model.modules():
+        meta = getattr(module, "meta", None)  # HQQLinear keeps scale and zero here
+        if isinstance(meta, dict):
+            quant_state += sum(size(v) for v in meta.values())
     return {"weight_bytes": stored + quant_state, "memory_footprint_bytes": model.get_memory_footprint(),
             "quant_state_bytes": quant_state}
 

@@ -7,13 +7,18 @@ weight memory, a sanity generation, perplexity, the lm-eval tasks, and speed. Af
 the result so far is written to `<experiment>.json` (status "running"), so a crash keeps what was
 measured; at the end the status becomes "ok", "failed" or "skipped".
 """
+import hashlib
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quantbench.models import model_slug
 from quantbench.results import read_json, write_json
 
 
@@ -24,6 +29,78 @@ def now():
 def _phase(result, name, started, save):
     result["phases_s"][name] = round(time.perf_counter() - started, 3)
     save()
+
+
+def _model_identity(path):
+    """What makes two checkpoints the same, cheaply: config.json and the weight files' names and sizes."""
+    path = Path(path)
+    files = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
+    return hashlib.sha256(((path / "config.json").read_text() + json.dumps(files)).encode()).hexdigest()
+
+
+def _check_group_size(model_path, method, group_size):
+    """GPTQ/AWQ/HQQ groups must tile each layer's input width; say so before quantizing."""
+    if not group_size:
+        return
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size"):
+        width = config.get(key)
+        if isinstance(width, int) and width % group_size:
+            from quantbench.methods import MethodUnsuitable
+
+            raise MethodUnsuitable(f"group size {group_size} does not divide the model's {key} {width}, so "
+                                   f"{method} cannot quantize its layers; use a group size that divides {width}")
+
+
+def quantized_checkpoint(run, exp, model_info, result, save):
+    """The method's quantized checkpoint in the cache, made once (timed) and reused after that.
+
+    The cache key covers the model, method, settings, calibration set and library versions."""
+    import torch
+
+    from quantbench import cost, tasks
+    from quantbench.methods import METHODS, library_version, method_settings
+
+    config, device = run["config"], run["device"]
+    m = METHODS[exp["method"]]
+    settings = {**method_settings(exp["method"]), **exp["settings"]}
+    _check_group_size(model_info["path"], exp["method"], exp["settings"].get("group_size", m["group_size"]))
+    calibration, calibration_info = None, None
+    if m["calibration"]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_info["path"])
+        calibration, calibration_info = tasks.calibration_texts(
+            tokenizer, source=config["calibration"], data_dir=config["data_dir"], hub=run["hub_reachable"],
+            n_samples=config["calibration_samples"], seq_len=config["calibration_tokens"])
+    versions = {d: library_version(d) for d in ("torch", "transformers", *m["modules"])}
+    key = {"model": _model_identity(model_info["path"]), "method": exp["method"], "settings": settings,
+           "calibration": calibration_info and calibration_info["sha256"], "device": device, "versions": versions}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    dst = Path(run["cache_dir"]) / "quantized" / model_slug(model_info["name"]) / f"{exp['method']}-{digest}"
+    record = dst / "quantbench-quantized.json"
+    if record.exists():
+        info = read_json(record)
+        info["reused_from_cache"] = True
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
+        cost.reset_peak(device)
+        t = time.perf_counter()
+        m["quantize"](model_info["path"], str(tmp), device=device, calibration=calibration,
+                      trust_remote_code=config["trust_remote_code"], **exp["settings"])
+        info = {"quantize_s": round(time.perf_counter() - t, 3), "quantize_peak_bytes": cost.peak_bytes(device)["peak_bytes"],
+                "calibration": calibration_info, "settings": settings, "key": key, "made": now()}
+        write_json(tmp / "quantbench-quantized.json", info)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+        info["reused_from_cache"] = False
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    info["path"] = str(dst)
+    result["quantization"] = info
+    save()
+    return dst
 
 
 def measure(run, exp, result, save):
@@ -37,15 +114,23 @@ def measure(run, exp, result, save):
     torch.manual_seed(0)
     model_info = next(m for m in run["models"] if m["name"] == exp["model"])
 
+    method = METHODS[exp["method"]]
+    if method["quantize"]:
+        t = time.perf_counter()
+        checkpoint = quantized_checkpoint(run, exp, model_info, result, save)
+        _phase(result, "quantize", t, save)
+        settings = {}  # the checkpoint carries them
+    else:
+        checkpoint, settings = model_info["path"], exp["settings"]
     t = time.perf_counter()
     cost.reset_peak(device)
-    load = METHODS[exp["method"]]["load"]
-    model, backend = load(model_info["path"], device=device, trust_remote_code=config["trust_remote_code"],
-                          **exp["settings"])
+    model, backend = method["load"](str(checkpoint), device=device, trust_remote_code=config["trust_remote_code"],
+                                    **settings)
     model.eval()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_info["path"], trust_remote_code=config["trust_remote_code"])
+    backend["device"] = device
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     result["cost"]["load_s"] = round(time.perf_counter() - t, 3)
@@ -118,7 +203,7 @@ def main(run_dir, exp_id):
         write_json(path, result)
 
     save()
-    from quantbench.methods import MissingLibrary
+    from quantbench.methods import MethodUnsuitable, MissingLibrary
 
     try:
         measure(run, exp, result, save)
@@ -126,6 +211,8 @@ def main(run_dir, exp_id):
     except MissingLibrary as e:
         result.update(status="skipped", error=str(e).split(": pip")[0],
                       fix=str(e).split(": ", 1)[1] if ": " in str(e) else None)
+    except MethodUnsuitable as e:
+        result.update(status="skipped", error=str(e), fix="pick another method for this model or card")
     except Exception as e:  # every failure is recorded with its cause; the sweep goes on
         import torch
 

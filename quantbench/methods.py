@@ -16,6 +16,7 @@ clear error at the moment the method runs (and `quantbench methods` can tell ahe
 import importlib.metadata
 import importlib.util
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ def _require(module, extra):
                              f"pip install 'quantbench[{extra}]'")
 
 
-def _version(dist):
+def library_version(dist):
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -80,7 +81,7 @@ def load_bnb_4bit(path, *, device, quant_type="nf4", double_quant=True, compute_
                                                  dtype=_dtype(compute_dtype),
                                                  trust_remote_code=trust_remote_code)
     info = {"weight_dtype": quant_type, "compute_dtype": compute_dtype, "double_quant": double_quant,
-            "library": "bitsandbytes", "library_version": _version("bitsandbytes"),
+            "library": "bitsandbytes", "library_version": library_version("bitsandbytes"),
             "linear_classes": _linear_classes(model)}
     return model, info
 
@@ -95,28 +96,163 @@ def load_bnb_int8(path, *, device, threshold=6.0, trust_remote_code=False):
                                                  dtype=torch.float16,
                                                  trust_remote_code=trust_remote_code)
     info = {"weight_dtype": "int8", "compute_dtype": "float16", "outlier_threshold": threshold,
-            "library": "bitsandbytes", "library_version": _version("bitsandbytes"),
+            "library": "bitsandbytes", "library_version": library_version("bitsandbytes"),
             "linear_classes": _linear_classes(model)}
     return model, info
 
 
+class MethodUnsuitable(Exception):
+    """The method cannot run on this model or card (a shape or capability it lacks); the message says why."""
+
+
+def _save_tokenizer(src, dst):
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+
+
+def quantize_gptq(src, dst, *, device, calibration, bits=4, group_size=128, desc_act=True, sym=True,
+                  damp_percent=0.1, trust_remote_code=False):
+    """GPTQ through transformers' GPTQConfig (optimum drives GPTQModel's quantizer), saved to dst."""
+    _require("gptqmodel", "gptq")
+    _require("optimum", "gptq")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    config = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
+                        dataset=calibration, tokenizer=tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map=device,
+                                                 dtype=torch.float16, trust_remote_code=trust_remote_code)
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+
+
+def quantize_awq(src, dst, *, device, calibration, bits=4, group_size=128, zero_point=True,
+                 trust_remote_code=False):
+    """AWQ through GPTQModel's AWQ quantizer (AutoAWQ is archived), GEMM format, saved to dst."""
+    _require("gptqmodel", "gptq")
+    from gptqmodel import AWQConfig, GPTQModel
+
+    config = AWQConfig(bits=bits, group_size=group_size, sym=not zero_point)  # GEMM format by default
+    model = GPTQModel.load(src, config, device=device, trust_remote_code=trust_remote_code)
+    model.quantize(calibration)
+    model.save(dst)
+    _save_tokenizer(src, dst)
+
+
+def _torchao_config(scheme, group_size):
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
+                                      Int8WeightOnlyConfig, PerRow)
+
+    if scheme == "int8wo":
+        return Int8WeightOnlyConfig()
+    if scheme == "int4wo":
+        # tile_packed_to_4d runs on the tinygemm kernel that ships with torch; the default packing
+        # needs the separate mslk kernel package.
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    if scheme == "fp8":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    raise ValueError(f"unknown torchao scheme {scheme}")
+
+
+def quantize_torchao(src, dst, *, device, calibration=None, scheme="int8wo", group_size=128,
+                     dtype="bfloat16", trust_remote_code=False):
+    """torchao through transformers' TorchAoConfig, saved as safetensors to dst."""
+    _require("torchao", "torchao")
+    if scheme == "int4wo" and device != "cuda":
+        raise MethodUnsuitable("torchao int4 weight-only (tile_packed_to_4d) has a CUDA kernel only")
+    if scheme == "fp8" and (device != "cuda" or torch.cuda.get_device_capability() < (8, 9)):
+        raise MethodUnsuitable("float8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper)")
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=TorchAoConfig(_torchao_config(scheme, group_size)),
+                                                 device_map=device, dtype=_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
+    model.save_pretrained(dst)
+    _save_tokenizer(src, dst)
+
+
+def quantize_hqq(src, dst, *, device, calibration=None, bits=4, group_size=64, compute_dtype="float16",
+                 trust_remote_code=False):
+    """HQQ (calibration-free) through the hqq library's own Hugging Face helper, saved to dst.
+    transformers 5's HqqConfig cannot load (its new loader raises 'HQQ is not available yet')."""
+    _require("hqq", "hqq")
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+    from transformers import AutoModelForCausalLM
+
+    if device == "cpu" and compute_dtype == "float16":
+        compute_dtype = "float32"  # no float16 matmul on the CPU
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=_dtype(compute_dtype), trust_remote_code=trust_remote_code)
+    AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=bits, group_size=group_size),
+                                  compute_dtype=_dtype(compute_dtype), device=device)
+    AutoHQQHFModel.save_quantized(model, dst)
+    _save_tokenizer(src, dst)
+    (Path(dst) / "hqq-compute-dtype.txt").write_text(compute_dtype)
+
+
+def load_saved(path, *, device, trust_remote_code=False):
+    """A quantized checkpoint as users load it: transformers reads its quantization_config and picks
+    the kernel (for GPTQ/AWQ, GPTQModel's best backend for this card)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device, trust_remote_code=trust_remote_code)
+    qc = getattr(model.config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
+    info = {"library": qc.get("quant_method"), "linear_classes": _linear_classes(model),
+            "compute_dtype": str(model.dtype).replace("torch.", "")}
+    for key in ["bits", "group_size", "desc_act", "sym", "zero_point", "backend", "format", "checkpoint_format"]:
+        if key in qc:
+            info[key] = qc[key]
+    if info["library"] == "torchao":
+        w = next(m.weight for m in model.modules() if type(m).__name__ == "Linear" and
+                 hasattr(m.weight, "__tensor_flatten__"))
+        info["torchao_tensor"] = type(w).__name__
+        info["torchao_packing"] = str(getattr(w, "packing_format", getattr(w, "int4_packing_format", None)))
+    for dist in ["gptqmodel", "optimum", "torchao"]:
+        if library_version(dist):
+            info[f"{dist}_version"] = library_version(dist)
+    return model, info
+
+
+def load_hqq(path, *, device, trust_remote_code=False):
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    compute_dtype = (Path(path) / "hqq-compute-dtype.txt").read_text().strip()
+    model = AutoHQQHFModel.from_quantized(str(path), device=device, compute_dtype=_dtype(compute_dtype))
+    layer = next(m for m in model.modules() if type(m).__name__ == "HQQLinear")
+    return model, {"library": "hqq", "library_version": library_version("hqq"), "compute_dtype": compute_dtype,
+                   "linear_classes": _linear_classes(model), "hqq_backend": str(layer.backend)}
+
+
 def _method(load, family, bits, group_size=None, calibration=False, gpu=False, extra=None,
-            module=None, about=""):
-    return {"load": load, "family": family, "bits": bits, "group_size": group_size,
-            "calibration": calibration, "gpu": gpu, "extra": extra, "module": module, "about": about}
+            modules=(), about="", quantize=None):
+    return {"load": load, "quantize": quantize, "family": family, "bits": bits, "group_size": group_size,
+            "calibration": calibration, "gpu": gpu, "extra": extra, "modules": modules, "about": about}
 
 
+BNB = ("bitsandbytes",)
+GPTQ = ("gptqmodel", "optimum")
 # bitsandbytes quantizes in blocks of 64 weights (its fixed 4-bit blocksize); the double-quant
-# variants also quantize those blocks' absmax scales to 8 bits.
+# variants also quantize those blocks' absmax scales to 8 bits. Methods with `quantize` are
+# quantized once into the cache and measured after a reload, as deployed.
 METHODS = {
     "fp16": _method(partial(load_float, dtype="float16"), "baseline", 16, about="unquantized float16 (float32 on the CPU)"),
     "bf16": _method(partial(load_float, dtype="bfloat16"), "baseline", 16, about="unquantized bfloat16"),
-    "nf4": _method(partial(load_bnb_4bit, quant_type="nf4"), "bitsandbytes", 4, 64, extra="bnb", module="bitsandbytes", about="NF4, double quant, fp16 compute"),
-    "fp4": _method(partial(load_bnb_4bit, quant_type="fp4"), "bitsandbytes", 4, 64, extra="bnb", module="bitsandbytes", about="FP4, double quant, fp16 compute"),
-    "nf4-nodq": _method(partial(load_bnb_4bit, quant_type="nf4", double_quant=False), "bitsandbytes", 4, 64, extra="bnb", module="bitsandbytes", about="NF4 without double quant (ablation)"),
-    "nf4-bf16": _method(partial(load_bnb_4bit, quant_type="nf4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", module="bitsandbytes", about="NF4, double quant, bf16 compute (ablation)"),
-    "fp4-bf16": _method(partial(load_bnb_4bit, quant_type="fp4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", module="bitsandbytes", about="FP4, double quant, bf16 compute (ablation)"),
-    "int8": _method(load_bnb_int8, "bitsandbytes", 8, extra="bnb", module="bitsandbytes", about="LLM.int8(), outlier threshold 6.0"),
+    "nf4": _method(partial(load_bnb_4bit, quant_type="nf4"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, fp16 compute"),
+    "fp4": _method(partial(load_bnb_4bit, quant_type="fp4"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, fp16 compute"),
+    "nf4-nodq": _method(partial(load_bnb_4bit, quant_type="nf4", double_quant=False), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4 without double quant (ablation)"),
+    "nf4-bf16": _method(partial(load_bnb_4bit, quant_type="nf4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, bf16 compute (ablation)"),
+    "fp4-bf16": _method(partial(load_bnb_4bit, quant_type="fp4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, bf16 compute (ablation)"),
+    "int8": _method(load_bnb_int8, "bitsandbytes", 8, extra="bnb", modules=BNB, about="LLM.int8(), outlier threshold 6.0"),
+    "gptq-w4g128": _method(load_saved, "gptq", 4, 128, True, True, "gptq", GPTQ, "GPTQ 4-bit, act-order, symmetric, damp 0.1", partial(quantize_gptq, bits=4, group_size=128)),
+    "gptq-w4g32": _method(load_saved, "gptq", 4, 32, True, True, "gptq", GPTQ, "GPTQ 4-bit, group 32, act-order", partial(quantize_gptq, bits=4, group_size=32)),
+    "gptq-w3g128": _method(load_saved, "gptq", 3, 128, True, True, "gptq", GPTQ, "GPTQ 3-bit (torch kernel only)", partial(quantize_gptq, bits=3, group_size=128)),
+    "awq-w4g128": _method(load_saved, "awq", 4, 128, True, True, "gptq", ("gptqmodel",), "AWQ 4-bit, zero point, GEMM format (GPTQModel)", partial(quantize_awq, bits=4, group_size=128)),
+    "torchao-int8wo": _method(load_saved, "torchao", 8, None, extra="torchao", modules=("torchao",), about="int8 weight-only, per row", quantize=partial(quantize_torchao, scheme="int8wo")),
+    "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm)", quantize=partial(quantize_torchao, scheme="int4wo")),
+    "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8")),
+    "hqq-w4g64": _method(load_hqq, "hqq", 4, 64, extra="hqq", modules=("hqq",), about="HQQ 4-bit, group 64, no calibration", quantize=partial(quantize_hqq, bits=4, group_size=64)),
 }
 
 # The course project's experiment names, so its configs and habits still work.
@@ -130,6 +266,10 @@ ALIASES = {
     "bnb_4bit_fp4_bf16": "fp4-bf16",
     "bnb_8bit": "int8",
     "bnb_int8": "int8",
+    "gptq_4bit_g128": "gptq-w4g128",
+    "gptq_4bit_g32": "gptq-w4g32",
+    "gptq_3bit_g128": "gptq-w3g128",
+    "awq_4bit_g128": "awq-w4g128",
 }
 
 
@@ -148,12 +288,12 @@ def method_settings(name):
     """The keyword settings a method's loader accepts, with the recipe's values."""
     import inspect
 
-    load = METHODS[name]["load"]
+    load = METHODS[name]["quantize"] or METHODS[name]["load"]
     func = load.func if isinstance(load, partial) else load
     fixed = load.keywords if isinstance(load, partial) else {}
     settings = {}
     for p in inspect.signature(func).parameters.values():
-        if p.kind == p.KEYWORD_ONLY and p.name not in ("device", "trust_remote_code"):
+        if p.kind == p.KEYWORD_ONLY and p.name not in ("device", "trust_remote_code", "calibration"):
             settings[p.name] = fixed.get(p.name, p.default)
     return settings
 
@@ -161,9 +301,10 @@ def method_settings(name):
 def why_not_runnable(name, device):
     """None if the method can run here on `device`, else (reason, fix)."""
     m = METHODS[name]
-    if m["module"] and importlib.util.find_spec(m["module"]) is None:
-        return (f"the Python package '{m['module']}' is not installed",
-                f"pip install 'quantbench[{m['extra']}]'")
+    missing = [mod for mod in m["modules"] if importlib.util.find_spec(mod) is None]
+    if missing:
+        return (f"the Python package{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"{'are' if len(missing) > 1 else 'is'} not installed", f"pip install 'quantbench[{m['extra']}]'")
     if m["gpu"] and device != "cuda":
         return ("needs a CUDA GPU and this run is on the CPU", "run it on a machine with an NVIDIA GPU")
     return None

@@ -67,6 +67,17 @@ def _num(x, fmt="{:.3f}"):
     return fmt.format(x) if isinstance(x, (int, float)) else "-"
 
 
+def kernel_of(result):
+    """A short name for what ran the matmuls: the quantized layer class, torchao tensor or HQQ backend."""
+    b = result.get("backend") or {}
+    parts = [c for c in b.get("linear_classes", []) if c != "Linear"]
+    if b.get("torchao_tensor"):
+        parts.append(b["torchao_tensor"] + (f" ({b['torchao_packing']})" if b.get("torchao_packing") not in (None, "None") else ""))
+    if b.get("hqq_backend"):
+        parts.append(b["hqq_backend"].replace("HQQBackend.", "HQQ "))
+    return ", ".join(parts) or ("torch Linear" if b else "-")
+
+
 def load_experiments(run_dir):
     """The experiment results of a run folder, in the order run.json lists them (missing ones absent)."""
     run = read_json(Path(run_dir) / "run.json")
@@ -107,8 +118,8 @@ def summary_markdown(run_dir):
     several_models = len({r["model"]["name"] for r in results}) > 1
     head = (["model"] if several_models else []) + ["experiment", "status", "perplexity", "Δ ppl"]
     head += [f"{t} {m}" for t, m in cols] + [f"Δ {t} {m}" for t, m in cols]
-    head += ["weights MiB", "peak MiB", "load s", f"TTFT ms @{run['config']['prompt_tokens']}"]
-    head += [f"decode tok/s b={b}" for b in batch_sizes] + ["sanity"]
+    head += ["weights MiB", "peak MiB", "quantize s", "load s", f"TTFT ms @{run['config']['prompt_tokens']}"]
+    head += [f"decode tok/s b={b}" for b in batch_sizes] + ["kernel", "sanity"]
     rows = []
     for r in results:
         base = _baseline(results, r["model"]["name"])
@@ -124,9 +135,12 @@ def summary_markdown(run_dir):
             v = q.get(t, {}).get(m)
             b = base["quality"].get(t, {}).get(m) if base else None
             row.append(f"{v - b:+.4f}" if isinstance(v, (int, float)) and isinstance(b, (int, float)) and r is not base else "-")
-        row += [_mib(c.get("weight_bytes")), _mib(c.get("peak_bytes")), _num(c.get("load_s"), "{:.1f}"),
+        qz = r.get("quantization") or {}
+        quantize = "-" if not qz else _num(qz.get("quantize_s"), "{:.1f}") + (" (cached)" if qz.get("reused_from_cache") else "")
+        row += [_mib(c.get("weight_bytes")), _mib(c.get("peak_bytes")), quantize, _num(c.get("load_s"), "{:.1f}"),
                 _num(c.get("ttft_ms"), "{:.1f}")]
         row += [_num(c.get("decode_tok_s", {}).get(b), "{:.1f}") for b in batch_sizes]
+        row.append(kernel_of(r) if r["status"] == "ok" else "-")
         s = r.get("sanity")
         row.append("-" if not s else ("DEGENERATE: " + s["problem"]) if s["degenerate"] else "ok")
         rows.append(row)
@@ -182,7 +196,13 @@ def _protocol_lines(run, results):
     out.append(f"- Speed: greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 token from a "
                f"{c['prompt_tokens']}-token prompt at batch 1; decode tok/s = batch x ({c['new_tokens']} - 1) / "
                f"(t({c['new_tokens']} tokens) - t(1 token)) from {c['decode_prompt_tokens']}-token prompts.")
-    out.append("- Weights: bytes of parameters and buffers as stored plus bitsandbytes' quantization state. "
+    cal = next((r["quantization"]["calibration"] for r in results if (r.get("quantization") or {}).get("calibration")), None)
+    if cal:
+        out.append(f"- Calibration (GPTQ/AWQ): {cal['samples']} samples of {cal['tokens_per_sample']} tokens from "
+                   f"{cal['source']}; sha256 {cal['sha256'][:16]}.")
+    out.append("- Quantized checkpoints are made once, cached and measured after a reload; "
+               "quantize s is the one-time quantization ('(cached)': made by an earlier run), load s the reload.")
+    out.append("- Weights: bytes as stored, quantization scales included (bitsandbytes, HQQ; torchao tensors by their parts). "
                "Peak: " + (results[0].get("cost", {}).get("peak_kind", "-") if results else "-")
                + " during the speed measurement (the quality evaluation's peak is `peak_eval_bytes` in the JSON).")
     return out

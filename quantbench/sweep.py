@@ -86,7 +86,7 @@ def create_run(config, cache_dir):
             exp_id = e["name"] if len(models) == 1 else f"{model_slug(m['name'])}--{e['name']}"
             experiments.append({"id": exp_id, "model": m["name"], **e})
     run = {"quantbench_run": 1, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None,
-           "status": "running", "device": device, "hub_reachable": hub, "config": dataclasses.asdict(config),
+           "status": "running", "device": device, "hub_reachable": hub, "cache_dir": str(cache_dir), "config": dataclasses.asdict(config),
            "environment": environment(), "models": models, "tasks": tasks, "experiments": experiments}
     write_json(run_dir / "run.json", run)
     return run_dir

@@ -178,3 +178,34 @@ def perplexity_corpus(data_dir, hub):
     text = "\n\n".join(topics[k] for k in sorted(topics))
     return text, (f"pydoc_data topics of Python {platform.python_version()} (offline fallback: not "
                   "comparable with published WikiText-2 numbers; pass --data-dir for WikiText-2)")
+
+
+def calibration_texts(tokenizer, *, source, data_dir, hub, n_samples, seq_len):
+    """A fixed, recorded calibration set for GPTQ/AWQ: `n_samples` consecutive windows of `seq_len`
+    tokens, decoded back to text, from a text file the user names, else WikiText-2 validation in the
+    data directory, else c4 from the hub. Returns (texts, info) with a sha256 of the set."""
+    import hashlib
+
+    if source not in (None, "auto"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {path} does not exist")
+        text, label = path.read_text(encoding="utf-8"), f"file: {path}"
+    elif data_dir is not None and (Path(data_dir) / "wikitext-2-raw" / "wiki.valid.raw").exists():
+        path = Path(data_dir) / "wikitext-2-raw" / "wiki.valid.raw"
+        text, label = "\n\n".join(wikitext_rows(path)), f"wikitext-2-raw-v1 validation (local: {path})"
+    elif hub:
+        from datasets import load_dataset
+
+        rows = load_dataset("allenai/c4", data_files="en/c4-validation.00000-of-00008.json.gz", split="train")
+        text, label = "\n\n".join(rows["text"][:4000]), "c4 en validation shard 0 (hub: allenai/c4)"
+    else:
+        raise FileNotFoundError("no calibration text: pass --data-dir with wikitext-2-raw/wiki.valid.raw, "
+                                "--calibration FILE, or connect to the hub for c4")
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < n_samples * seq_len:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than {n_samples} x {seq_len}; "
+                         "lower --calibration-samples or --calibration-tokens")
+    texts = [tokenizer.decode(ids[i * seq_len:(i + 1) * seq_len]) for i in range(n_samples)]
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    return texts, {"source": label, "samples": n_samples, "tokens_per_sample": seq_len, "sha256": digest}

@@ -22,7 +22,7 @@ def test_unknown_method_lists_the_known_ones():
 
 def test_every_method_has_its_table_fields_and_settings():
     for name, m in methods.METHODS.items():
-        assert callable(m["load"]) and m["family"] and m["bits"] in (4, 8, 16), name
+        assert callable(m["load"]) and m["family"] and m["bits"] in (3, 4, 8, 16), name
         assert isinstance(methods.method_settings(name), dict)
     assert methods.method_settings("nf4") == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float16"}
     assert methods.method_settings("nf4-nodq")["double_quant"] is False
@@ -80,3 +80,69 @@ def test_int8_is_really_stored_in_8_bits(tiny_model_dir):
     assert layer.weight.dtype == torch.int8 and layer.weight.SCB is not None
     ids = torch.tensor([[1, 5, 9, 20]])
     assert torch.isfinite(model(ids).logits).all()
+
+
+def _logits(model, ids=torch.tensor([[1, 5, 9, 20, 33, 40, 41, 57]])):
+    with torch.no_grad():
+        return model(ids.to(model.device)).logits.float()
+
+
+def _close_but_not_equal(quantized, baseline):
+    diff = (quantized - baseline).abs().max().item()
+    assert 0 < diff < 0.25 * baseline.abs().max().item(), diff
+
+
+def test_torchao_int8_weight_only_is_stored_in_int8_and_reloads(tiny_model_dir, tmp_path):
+    base = _logits(methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")[0])
+    methods.METHODS["torchao-int8wo"]["quantize"](str(tiny_model_dir), str(tmp_path), device="cpu")
+    model, info = methods.load_saved(str(tmp_path), device="cpu")
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert type(w).__name__ == "Int8Tensor" and w.qdata.dtype == torch.int8 and w.qdata.shape == (128, 64)
+    assert info["library"] == "torchao" and info["torchao_tensor"] == "Int8Tensor"
+    _close_but_not_equal(_logits(model), base)
+
+
+def test_hqq_is_stored_in_4_bits_and_reloads(tiny_model_dir, tmp_path):
+    base = _logits(methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")[0])
+    methods.METHODS["hqq-w4g64"]["quantize"](str(tiny_model_dir), str(tmp_path), device="cpu")
+    model, info = methods.load_hqq(str(tmp_path), device="cpu")
+    layer = model.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == "HQQLinear"
+    assert layer.W_q.dtype == torch.uint8 and layer.W_q.numel() == 64 * 128 // 2  # two 4-bit codes a byte
+    assert layer.meta["nbits"] == 4 and layer.meta["group_size"] == 64
+    assert info["library"] == "hqq" and info["compute_dtype"] == "float32"  # float16 has no CPU matmul
+    _close_but_not_equal(_logits(model), base)
+
+
+def test_gpu_only_torchao_schemes_say_why_on_cpu(tiny_model_dir, tmp_path):
+    with pytest.raises(methods.MethodUnsuitable, match="CUDA"):
+        methods.METHODS["torchao-int4wo"]["quantize"](str(tiny_model_dir), str(tmp_path), device="cpu")
+    with pytest.raises(methods.MethodUnsuitable, match="8.9"):
+        methods.METHODS["torchao-fp8"]["quantize"](str(tiny_model_dir), str(tmp_path), device="cpu")
+
+
+def test_quantized_method_table_fields():
+    m = methods.METHODS["gptq-w4g128"]
+    assert m["calibration"] and m["gpu"] and m["group_size"] == 128 and m["extra"] == "gptq"
+    assert methods.method_settings("gptq-w3g128") == {"bits": 3, "group_size": 128, "desc_act": True, "sym": True,
+                                                      "damp_percent": 0.1}
+    assert methods.resolve_method_name("awq_4bit_g128") == "awq-w4g128"
+    assert not methods.METHODS["hqq-w4g64"]["calibration"] and not methods.METHODS["hqq-w4g64"]["gpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gptq-w4g32", "awq-w4g128", "torchao-int4wo", "torchao-fp8", "hqq-w4g64"])
+def test_gpu_methods_quantize_and_reload(name, tiny_model_dir, tmp_path, shared_data):
+    """On the GPU machine: each method really quantizes the tiny model and the reload runs."""
+    from transformers import AutoTokenizer
+
+    from quantbench import tasks
+
+    if methods.why_not_runnable(name, "cuda"):
+        pytest.skip(str(methods.why_not_runnable(name, "cuda")))
+    texts, _ = tasks.calibration_texts(AutoTokenizer.from_pretrained(tiny_model_dir), source=None,
+                                       data_dir=shared_data, hub=False, n_samples=8, seq_len=64)
+    methods.METHODS[name]["quantize"](str(tiny_model_dir), str(tmp_path), device="cuda", calibration=texts)
+    model, info = methods.METHODS[name]["load"](str(tmp_path), device="cuda")
+    assert torch.isfinite(_logits(model)).all()
+    assert info["linear_classes"]

@@ -126,3 +126,35 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_finished(tiny_model_dir, tmp_path):
     code, out = run("run", "--resume", str(run_dir))
     assert code == 0, out
     assert all(load(run_dir / f"{m}.json")["status"] == "ok" for m in ["fp16", "nf4", "fp4"])
+
+
+def test_quantized_checkpoints_are_cached_and_unfit_group_sizes_skipped(tiny_model_dir, tmp_path):
+    args = ["run", "--model", str(tiny_model_dir), "--tasks", "none", "--out", str(tmp_path / "r"),
+            "--cache-dir", str(tmp_path / "cache"), *TINY_RUN_FLAGS]
+    code, out = run(*args, "--methods", "hqq-w4g64,torchao-int8wo,gptq-w4g128")
+    assert code == 0, out
+    first = load(tmp_path / "r" / "run001" / "hqq-w4g64.json")
+    assert first["status"] == "ok" and first["quantization"]["reused_from_cache"] is False
+    assert first["quantization"]["quantize_s"] > 0 and first["quantization"]["quantize_peak_bytes"] > 0
+    assert first["backend"]["hqq_backend"] and first["cost"]["quant_state_bytes"] > 0
+    assert load(tmp_path / "r" / "run001" / "torchao-int8wo.json")["status"] == "ok"
+    gptq = load(tmp_path / "r" / "run001" / "gptq-w4g128.json")
+    assert gptq["status"] == "skipped"  # gptqmodel is GPU-only here, and 128 does not divide 64 anyway
+
+    code, out = run(*args, "--methods", "hqq-w4g64")
+    assert code == 0, out
+    second = load(tmp_path / "r" / "run002" / "hqq-w4g64.json")
+    assert second["quantization"]["reused_from_cache"] is True
+    assert second["quantization"]["path"] == first["quantization"]["path"]
+    assert second["quality"]["perplexity"] == first["quality"]["perplexity"]
+    assert "(cached)" in (tmp_path / "r" / "run002" / "summary.md").read_text()
+
+
+def test_group_size_that_does_not_tile_the_model_is_skipped_with_the_reason(tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("methods:\n  - {name: hqq-g48, method: hqq-w4g64, group_size: 48}\ntasks: none\n")
+    code, out = run("run", "--config", str(sweep), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                    "--cache-dir", str(tmp_path / "cache"), *TINY_RUN_FLAGS)
+    assert code == 0, out
+    r = load(tmp_path / "r" / "run001" / "hqq-g48.json")
+    assert r["status"] == "skipped" and "group size 48 does not divide" in r["error"]

@@ -77,3 +77,24 @@ def test_coqa_local_prompt_and_target_match_lm_eval(shared_data, tmp_path):
     # The metric: a perfect answer scores 1, a wrong one 0.
     assert utils.process_results(doc, [golds[0]])["f1"] == 1.0
     assert utils.process_results(doc, ["zebra crossing"])["em"] == 0.0
+
+
+def test_calibration_set_is_fixed_and_recorded(tiny_model_dir, shared_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    a, info = tasks.calibration_texts(tok, source=None, data_dir=shared_data, hub=False, n_samples=4, seq_len=32)
+    b, again = tasks.calibration_texts(tok, source=None, data_dir=shared_data, hub=False, n_samples=4, seq_len=32)
+    assert a == b and info == again and len(a) == 4
+    assert info["source"].startswith("wikitext-2-raw-v1 validation") and info["tokens_per_sample"] == 32
+    assert len(info["sha256"]) == 64
+    f = tmp_path / "mine.txt"
+    f.write_text("Calibration text of my own domain. " * 200)
+    c, cinfo = tasks.calibration_texts(tok, source=str(f), data_dir=shared_data, hub=False, n_samples=2, seq_len=16)
+    assert cinfo["source"] == f"file: {f}" and cinfo["sha256"] != info["sha256"]
+    import pytest
+
+    with pytest.raises(ValueError, match="fewer than"):
+        tasks.calibration_texts(tok, source=str(f), data_dir=None, hub=False, n_samples=1000, seq_len=512)
+    with pytest.raises(FileNotFoundError, match="no calibration text"):
+        tasks.calibration_texts(tok, source=None, data_dir=None, hub=False, n_samples=1, seq_len=8)
