@@ -103,11 +103,48 @@ def quantized_checkpoint(run, exp, model_info, result, save):
     return dst
 
 
+def measure_quality(model, tokenizer, text, corpus, run, result, save):
+    """Sanity generation, perplexity on `text`, then the lm-eval tasks, each phase saved."""
+    from quantbench import quality
+
+    config, device = run["config"], run["device"]
+    t = time.perf_counter()
+    result["sanity"] = quality.sanity_generation(model, tokenizer)
+    _phase(result, "sanity", t, save)
+
+    positions = getattr(model.config, "max_position_embeddings", None) or 2048
+    t = time.perf_counter()
+    window = min(config["ppl_window"], positions)
+    ppl = quality.perplexity(model, tokenizer, text, window=window, max_tokens=config["ppl_tokens"],
+                             batch_size=4 if device == "cuda" else 1)
+    result["quality"]["perplexity"] = ppl.pop("perplexity")
+    result["quality_info"]["perplexity"] = {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **ppl}
+    _phase(result, "perplexity", t, save)
+
+    t = time.perf_counter()
+    runnable = [x for x in run["tasks"] if x.get("status") != "skipped"]
+    for x in run["tasks"]:
+        if x.get("status") == "skipped":
+            result["quality_info"][x["name"]] = {"status": "skipped", "reason": x["reason"], "fix": x["fix"]}
+    if runnable:
+        max_length = config["max_length"] or min(positions, 2048)
+        scores = quality.run_tasks(model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
+                                   limit=config["limit"], batch_size=config["eval_batch_size"],
+                                   max_length=max_length, max_gen_toks=config["max_gen_toks"])
+        for x in runnable:
+            result["quality"][x["name"]] = scores[x["name"]]
+            result["quality_info"][x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"],
+                                                 "n": scores[x["name"]]["n"], "limit": config["limit"],
+                                                 "max_length": max_length, "batch_size": config["eval_batch_size"],
+                                                 "max_gen_toks": config["max_gen_toks"]}
+    _phase(result, "tasks", t, save)
+
+
 def measure(run, exp, result, save):
     """Fill `result` phase by phase; exceptions propagate with what was measured kept in `result`."""
     import torch
 
-    from quantbench import cost, quality, tasks
+    from quantbench import cost, tasks
     from quantbench.methods import METHODS
 
     config, device = run["config"], run["device"]
@@ -139,39 +176,15 @@ def measure(run, exp, result, save):
     result["cost"].update(cost.weight_bytes(model))
     _phase(result, "load", t, save)
 
-    t = time.perf_counter()
-    result["sanity"] = quality.sanity_generation(model, tokenizer)
-    _phase(result, "sanity", t, save)
-    cost.reset_peak(device)
-
-    positions = getattr(model.config, "max_position_embeddings", None) or 2048
-    t = time.perf_counter()
     text, corpus = tasks.perplexity_corpus(config["data_dir"], run["hub_reachable"])
-    window = min(config["ppl_window"], positions)
-    ppl = quality.perplexity(model, tokenizer, text, window=window, max_tokens=config["ppl_tokens"],
-                             batch_size=4 if device == "cuda" else 1)
-    result["quality"]["perplexity"] = ppl.pop("perplexity")
-    result["quality_info"]["perplexity"] = {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **ppl}
-    _phase(result, "perplexity", t, save)
-
-    t = time.perf_counter()
-    runnable = [x for x in run["tasks"] if x.get("status") != "skipped"]
-    for x in run["tasks"]:
-        if x.get("status") == "skipped":
-            result["quality_info"][x["name"]] = {"status": "skipped", "reason": x["reason"], "fix": x["fix"]}
-    if runnable:
-        max_length = config["max_length"] or min(positions, 2048)
-        scores = quality.run_tasks(model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
-                                   limit=config["limit"], batch_size=config["eval_batch_size"],
-                                   max_length=max_length, max_gen_toks=config["max_gen_toks"])
-        for x in runnable:
-            result["quality"][x["name"]] = scores[x["name"]]
-            result["quality_info"][x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"],
-                                                 "n": scores[x["name"]]["n"], "limit": config["limit"],
-                                                 "max_length": max_length, "batch_size": config["eval_batch_size"],
-                                                 "max_gen_toks": config["max_gen_toks"]}
+    cost.reset_peak(device)
+    if model_info["kind"] == "arch":
+        for name in ["perplexity", *(x["name"] for x in run["tasks"])]:
+            result["quality_info"][name] = {"status": "skipped", "reason": "random weights (architecture only)",
+                                            "fix": "pass a real checkpoint to --model for quality"}
+    else:
+        measure_quality(model, tokenizer, text, corpus, run, result, save)
     result["cost"]["peak_eval_bytes"] = cost.peak_bytes(device)["peak_bytes"]
-    _phase(result, "tasks", t, save)
 
     t = time.perf_counter()
     cost.reset_peak(device)

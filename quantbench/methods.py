@@ -1,9 +1,11 @@
-"""Quantization methods: one loader function per library route, one line per named recipe.
+"""Quantization methods: one function per library route, one line per named recipe.
 
-A loader takes the path of a float checkpoint and the device, loads the model in its quantized form
-and returns `(model, info)`, where `info` says what actually ran (dtypes, kernel classes, library
-versions) so a slow or odd number can be explained. Adding a method is one function (if its
-library is new) and one line in `METHODS`.
+Two kinds of route. Quantize-on-load (bitsandbytes, the float baselines): a `load` function takes the
+float checkpoint and the device and returns `(model, info)`. Quantize-once (GPTQ, AWQ, torchao, HQQ):
+a `quantize` function writes a quantized checkpoint, which the sweep caches, and a `load` function
+reloads it as users do. `info` says what actually ran (dtypes, kernel classes, library versions) so
+a slow or odd number can be explained. Adding a method is one function (if its library is new) and
+one line in `METHODS`.
 
     >>> from quantbench.methods import METHODS, resolve_method_name
     >>> resolve_method_name("bnb_4bit_nf4")
@@ -15,6 +17,7 @@ clear error at the moment the method runs (and `quantbench methods` can tell ahe
 """
 import importlib.metadata
 import importlib.util
+import json
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +26,10 @@ import torch
 
 class MissingLibrary(Exception):
     """A method's library is not installed; the message names the pip command that fixes it."""
+
+
+class MethodUnsuitable(Exception):
+    """The method cannot run on this model or card (a shape or capability it lacks); the message says why."""
 
 
 def _require(module, extra):
@@ -99,10 +106,6 @@ def load_bnb_int8(path, *, device, threshold=6.0, trust_remote_code=False):
             "library": "bitsandbytes", "library_version": library_version("bitsandbytes"),
             "linear_classes": _linear_classes(model)}
     return model, info
-
-
-class MethodUnsuitable(Exception):
-    """The method cannot run on this model or card (a shape or capability it lacks); the message says why."""
 
 
 def _save_tokenizer(src, dst):
@@ -191,12 +194,14 @@ def quantize_hqq(src, dst, *, device, calibration=None, bits=4, group_size=64, c
     (Path(dst) / "hqq-compute-dtype.txt").write_text(compute_dtype)
 
 
-def load_saved(path, *, device, trust_remote_code=False):
+def load_saved(path, *, device, trust_remote_code=False, quantization_config=None):
     """A quantized checkpoint as users load it: transformers reads its quantization_config and picks
-    the kernel (for GPTQ/AWQ, GPTQModel's best backend for this card)."""
+    the kernel (for GPTQ/AWQ, GPTQModel's best backend for this card). `quantization_config` only
+    overrides loading attributes such as GPTQ's backend."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device, trust_remote_code=trust_remote_code)
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device, trust_remote_code=trust_remote_code, **extra)
     qc = getattr(model.config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
     info = {"library": qc.get("quant_method"), "linear_classes": _linear_classes(model),
@@ -213,6 +218,32 @@ def load_saved(path, *, device, trust_remote_code=False):
         if library_version(dist):
             info[f"{dist}_version"] = library_version(dist)
     return model, info
+
+
+# GPTQModel backends to try, in order, when its automatic choice cannot hold a layer's shape.
+GPTQ_FALLBACK_BACKENDS = ["gptq_triton", "gptq_torch"]
+
+
+def load_gptq(path, *, device, trust_remote_code=False):
+    """A GPTQ checkpoint as users load it: GPTQModel's automatic kernel choice first. GPTQModel 7.6
+    can pick Marlin for act-order weights whose width Marlin's tiles do not fit (SmolLM2's 576) and
+    then fail building the layer; then the next backend is tried and the fallback recorded."""
+    from transformers import GPTQConfig
+
+    try:
+        return load_saved(path, device=device, trust_remote_code=trust_remote_code)
+    except NotImplementedError as e:
+        first_error = f"{type(e).__name__}: {e}"
+    bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
+    for backend in GPTQ_FALLBACK_BACKENDS:
+        try:
+            model, info = load_saved(path, device=device, trust_remote_code=trust_remote_code,
+                                     quantization_config=GPTQConfig(bits=bits, backend=backend))
+        except NotImplementedError:
+            continue
+        info["backend_fallback"] = {"backend": backend, "because": first_error}
+        return model, info
+    raise NotImplementedError(f"no GPTQModel backend could load {path}: {first_error}")
 
 
 def load_hqq(path, *, device, trust_remote_code=False):
@@ -245,9 +276,9 @@ METHODS = {
     "nf4-bf16": _method(partial(load_bnb_4bit, quant_type="nf4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, bf16 compute (ablation)"),
     "fp4-bf16": _method(partial(load_bnb_4bit, quant_type="fp4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, bf16 compute (ablation)"),
     "int8": _method(load_bnb_int8, "bitsandbytes", 8, extra="bnb", modules=BNB, about="LLM.int8(), outlier threshold 6.0"),
-    "gptq-w4g128": _method(load_saved, "gptq", 4, 128, True, True, "gptq", GPTQ, "GPTQ 4-bit, act-order, symmetric, damp 0.1", partial(quantize_gptq, bits=4, group_size=128)),
-    "gptq-w4g32": _method(load_saved, "gptq", 4, 32, True, True, "gptq", GPTQ, "GPTQ 4-bit, group 32, act-order", partial(quantize_gptq, bits=4, group_size=32)),
-    "gptq-w3g128": _method(load_saved, "gptq", 3, 128, True, True, "gptq", GPTQ, "GPTQ 3-bit (torch kernel only)", partial(quantize_gptq, bits=3, group_size=128)),
+    "gptq-w4g128": _method(load_gptq, "gptq", 4, 128, True, True, "gptq", GPTQ, "GPTQ 4-bit, act-order, symmetric, damp 0.1", partial(quantize_gptq, bits=4, group_size=128)),
+    "gptq-w4g32": _method(load_gptq, "gptq", 4, 32, True, True, "gptq", GPTQ, "GPTQ 4-bit, group 32, act-order", partial(quantize_gptq, bits=4, group_size=32)),
+    "gptq-w3g128": _method(load_gptq, "gptq", 3, 128, True, True, "gptq", GPTQ, "GPTQ 3-bit (torch kernel only)", partial(quantize_gptq, bits=3, group_size=128)),
     "awq-w4g128": _method(load_saved, "awq", 4, 128, True, True, "gptq", ("gptqmodel",), "AWQ 4-bit, zero point, GEMM format (GPTQModel)", partial(quantize_awq, bits=4, group_size=128)),
     "torchao-int8wo": _method(load_saved, "torchao", 8, None, extra="torchao", modules=("torchao",), about="int8 weight-only, per row", quantize=partial(quantize_torchao, scheme="int8wo")),
     "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm)", quantize=partial(quantize_torchao, scheme="int4wo")),

@@ -34,6 +34,68 @@ class ModelError(Exception):
     """The model cannot be used; the message says why and what to do."""
 
 
+# `--model arch:<name>`: a random-weight model with a public checkpoint's exact configuration, for
+# speed and memory on real shapes with nothing downloaded. The numbers are those of each hub
+# repository's config.json (named in "source"); quality is not measured on such a model.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+ARCHITECTURES = {
+    "llama-3.2-1b": {"source": "meta-llama/Llama-3.2-1B", "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-3.2-3b": {"source": "meta-llama/Llama-3.2-3B", "model_type": "llama", "vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-3.1-8b": {"source": "meta-llama/Llama-3.1-8B", "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": {**LLAMA3_ROPE, "factor": 8.0}, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "qwen2.5-0.5b": {"source": "Qwen/Qwen2.5-0.5B", "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "qwen2.5-7b": {"source": "Qwen/Qwen2.5-7B", "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "smollm2-135m": {"source": "HuggingFaceTB/SmolLM2-135M (as read from the demo GGUF)", "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+}
+ARCH_NOTE = ("random weights with the exact configuration of {source}: speed and memory only, quality not "
+             "measured; its tokenizer is a byte-level stand-in used for prompts and calibration")
+
+
+def arch_config(name):
+    """The transformers config of an architecture-only model; ModelError for unknown names."""
+    if name not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture 'arch:{name}'; known: " + ", ".join(f"arch:{a}" for a in ARCHITECTURES))
+    from transformers import AutoConfig
+
+    numbers = {k: v for k, v in ARCHITECTURES[name].items() if k not in ("source", "model_type")}
+    return AutoConfig.for_model(ARCHITECTURES[name]["model_type"], **numbers)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens and an end token) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|end|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>")
+
+
+def prepare_arch(name, cache_dir):
+    """Build (once, seeded) and save the random-weight float16 model for `arch:<name>`."""
+    config = arch_config(name)
+    out = cache_dir / f"arch-{name}-fp16"
+    if (out / "quantbench-arch.json").exists():
+        return out
+    print(f"Building arch:{name} with random weights in {out} (once)", flush=True)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".arch-"))
+    model.save_pretrained(tmp)
+    byte_tokenizer().save_pretrained(tmp)
+    (tmp / "quantbench-arch.json").write_text(json.dumps(ARCHITECTURES[name], indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def sha256_of(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -140,6 +202,11 @@ def _download_from_hub(repo_id):
 
 def resolve_model(spec, *, cache_dir):
     """Model spec -> {'name', 'path', 'kind', 'note'?}: a local float checkpoint ready to load."""
+    if spec.startswith("arch:"):
+        name = spec[len("arch:"):]
+        path = prepare_arch(name, cache_dir)
+        return {"name": spec, "path": str(path), "kind": "arch",
+                "note": ARCH_NOTE.format(source=ARCHITECTURES[name]["source"])}
     if spec == DEMO_NAME:
         path = prepare_demo(cache_dir)
         return {"name": DEMO_NAME, "path": str(path), "kind": "demo", "note": DEMO_NOTE,

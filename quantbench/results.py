@@ -73,6 +73,8 @@ def kernel_of(result):
     parts = [c for c in b.get("linear_classes", []) if c != "Linear"]
     if b.get("torchao_tensor"):
         parts.append(b["torchao_tensor"] + (f" ({b['torchao_packing']})" if b.get("torchao_packing") not in (None, "None") else ""))
+    if b.get("backend_fallback"):
+        parts.append(f"fallback {b['backend_fallback']['backend']}")
     if b.get("hqq_backend"):
         parts.append(b["hqq_backend"].replace("HQQBackend.", "HQQ "))
     return ", ".join(parts) or ("torch Linear" if b else "-")

@@ -23,8 +23,8 @@ def shared_data():
     return path
 
 
-def build_tiny_model(path):
-    """A 2-layer Llama (hidden 64) and a 400-token BPE tokenizer trained on Python's pydoc topics."""
+def build_tiny_model(path, hidden=64, intermediate=128):
+    """A 2-layer Llama (hidden 64 unless asked) and a 400-token BPE tokenizer trained on Python's pydoc topics."""
     import torch
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -38,7 +38,7 @@ def build_tiny_model(path):
     tok.train_from_iterator(list(topics.values()), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                         eos_token="</s>", pad_token="</s>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
@@ -52,6 +52,12 @@ def build_tiny_model(path):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_model_dir(tmp_path_factory):
+    """Widths that group size 128 and the GPU kernels' tiles divide (256 and 512), for GPU methods."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-wide-llama"), hidden=256, intermediate=512)
 
 
 # Settings that keep a CPU run of the tiny model to seconds.

@@ -131,8 +131,9 @@ def test_quantized_method_table_fields():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["gptq-w4g32", "awq-w4g128", "torchao-int4wo", "torchao-fp8", "hqq-w4g64"])
-def test_gpu_methods_quantize_and_reload(name, tiny_model_dir, tmp_path, shared_data):
+@pytest.mark.parametrize("name", ["gptq-w4g128", "gptq-w4g32", "gptq-w3g128", "awq-w4g128", "torchao-int8wo",
+                                  "torchao-int4wo", "torchao-fp8", "hqq-w4g64"])
+def test_gpu_methods_quantize_and_reload(name, tiny_wide_model_dir, tmp_path, shared_data):
     """On the GPU machine: each method really quantizes the tiny model and the reload runs."""
     from transformers import AutoTokenizer
 
@@ -140,9 +141,29 @@ def test_gpu_methods_quantize_and_reload(name, tiny_model_dir, tmp_path, shared_
 
     if methods.why_not_runnable(name, "cuda"):
         pytest.skip(str(methods.why_not_runnable(name, "cuda")))
-    texts, _ = tasks.calibration_texts(AutoTokenizer.from_pretrained(tiny_model_dir), source=None,
+    texts, _ = tasks.calibration_texts(AutoTokenizer.from_pretrained(tiny_wide_model_dir), source=None,
                                        data_dir=shared_data, hub=False, n_samples=8, seq_len=64)
-    methods.METHODS[name]["quantize"](str(tiny_model_dir), str(tmp_path), device="cuda", calibration=texts)
+    methods.METHODS[name]["quantize"](str(tiny_wide_model_dir), str(tmp_path), device="cuda", calibration=texts)
     model, info = methods.METHODS[name]["load"](str(tmp_path), device="cuda")
     assert torch.isfinite(_logits(model)).all()
     assert info["linear_classes"]
+
+
+def test_gptq_reload_falls_back_when_the_automatic_kernel_cannot_hold_a_shape(monkeypatch, tmp_path):
+    """GPTQModel 7.6 picks Marlin for SmolLM2's act-order weights and then fails building the layer
+    (seen on an H200); quantbench then loads with the next backend and records why."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"bits": 4}}))
+    tried = []
+
+    def load_saved(path, *, device, trust_remote_code=False, quantization_config=None):
+        tried.append(quantization_config.backend if quantization_config else "auto")
+        if quantization_config is None:
+            raise NotImplementedError("Marlin activation-order weights require an aligned thread tile; got K=576")
+        return "model", {"linear_classes": ["TritonV2QuantLinear"]}
+
+    monkeypatch.setattr(methods, "load_saved", load_saved)
+    model, info = methods.load_gptq(str(tmp_path), device="cuda")
+    assert tried == ["auto", "gptq_triton"]
+    assert info["backend_fallback"]["backend"] == "gptq_triton" and "K=576" in info["backend_fallback"]["because"]

@@ -69,3 +69,60 @@ def test_demo_end_to_end(shared_data, tmp_path):
     assert results["nf4"]["quality"]["perplexity"] > base
     assert results["nf4"]["cost"]["weight_bytes"] < 0.5 * results["fp16"]["cost"]["weight_bytes"]
     assert "dequantized" in (run_dir / "summary.md").read_text()
+
+
+# Parameter counts the model cards publish (Llama 3.2 1B/3B, Llama 3.1 8B, Qwen2.5 0.5B/7B: the
+# safetensors metadata on the hub; SmolLM2-135M: counted from the demo checkpoint).
+PUBLISHED_PARAMETERS = {"llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248,
+                        "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "smollm2-135m": 134_515_008}
+
+
+def test_arch_configs_give_the_published_parameter_counts():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert set(models.ARCHITECTURES) == set(PUBLISHED_PARAMETERS)
+    for name, count in PUBLISHED_PARAMETERS.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(models.arch_config(name))
+        assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+def test_arch_smollm2_matches_the_demo_checkpoint_config():
+    """The hand-written numbers agree with what transformers read from the demo GGUF."""
+    cfg = models.arch_config("smollm2-135m")
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.vocab_size) == (576, 1536, 30, 9, 3, 49152)
+
+
+def test_unknown_arch_is_a_clear_error(tmp_path):
+    with pytest.raises(models.ModelError, match="arch:llama-3.2-1b"):
+        models.resolve_model("arch:gpt-9", cache_dir=tmp_path)
+
+
+def test_byte_tokenizer_round_trips_text():
+    tok = models.byte_tokenizer()
+    ids = tok("Ünïcode and spaces  ok").input_ids
+    assert max(ids) < 257 and tok.decode(ids) == "Ünïcode and spaces  ok"
+
+
+def test_arch_model_run_measures_cost_and_labels_quality_skipped(tmp_path):
+    import json
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "quantbench", "run", "--model", "arch:smollm2-135m", "--methods", "fp16,nf4",
+           "--tasks", "coqa", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"),
+           "--prompt-tokens", "16", "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run_dir = tmp_path / "r" / "run001"
+    for m in ["fp16", "nf4"]:
+        res = json.loads((run_dir / f"{m}.json").read_text())
+        assert res["status"] == "ok" and res["model"]["kind"] == "arch" and "random weights" in res["model"]["note"]
+        assert res["quality"] == {} and res["quality_info"]["perplexity"]["status"] == "skipped"
+        assert res["quality_info"]["coqa"]["reason"].startswith("random weights")
+        assert res["cost"]["decode_tok_s"]["1"] > 0 and res["cost"]["weight_bytes"] > 0
+    fp16 = json.loads((run_dir / "fp16.json").read_text())["cost"]["weight_bytes"]
+    # float32 on the CPU, tied embeddings counted once, plus the rotary embedding's two buffers of
+    # head_dim / 2 = 32 float32 frequencies.
+    assert fp16 == 134_515_008 * 4 + 2 * 32 * 4
