@@ -204,7 +204,8 @@ def load_saved(path, *, device, trust_remote_code=False, quantization_config=Non
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device, trust_remote_code=trust_remote_code, **extra)
     qc = getattr(model.config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
-    info = {"library": qc.get("quant_method"), "linear_classes": _linear_classes(model),
+    method = qc.get("quant_method")
+    info = {"library": str(getattr(method, "value", method)), "linear_classes": _linear_classes(model),
             "compute_dtype": str(model.dtype).replace("torch.", "")}
     for key in ["bits", "group_size", "desc_act", "sym", "zero_point", "backend", "format", "checkpoint_format"]:
         if key in qc:
@@ -276,10 +277,10 @@ METHODS = {
     "nf4-bf16": _method(partial(load_bnb_4bit, quant_type="nf4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, bf16 compute (ablation)"),
     "fp4-bf16": _method(partial(load_bnb_4bit, quant_type="fp4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, bf16 compute (ablation)"),
     "int8": _method(load_bnb_int8, "bitsandbytes", 8, extra="bnb", modules=BNB, about="LLM.int8(), outlier threshold 6.0"),
-    "gptq-w4g128": _method(load_gptq, "gptq", 4, 128, True, True, "gptq", GPTQ, "GPTQ 4-bit, act-order, symmetric, damp 0.1", partial(quantize_gptq, bits=4, group_size=128)),
-    "gptq-w4g32": _method(load_gptq, "gptq", 4, 32, True, True, "gptq", GPTQ, "GPTQ 4-bit, group 32, act-order", partial(quantize_gptq, bits=4, group_size=32)),
-    "gptq-w3g128": _method(load_gptq, "gptq", 3, 128, True, True, "gptq", GPTQ, "GPTQ 3-bit (torch kernel only)", partial(quantize_gptq, bits=3, group_size=128)),
-    "awq-w4g128": _method(load_saved, "awq", 4, 128, True, True, "gptq", ("gptqmodel",), "AWQ 4-bit, zero point, GEMM format (GPTQModel)", partial(quantize_awq, bits=4, group_size=128)),
+    "gptq-w4g128": _method(load_gptq, "gptq", 4, 128, True, False, "gptq", GPTQ, "GPTQ 4-bit, act-order, symmetric, damp 0.1", partial(quantize_gptq, bits=4, group_size=128)),
+    "gptq-w4g32": _method(load_gptq, "gptq", 4, 32, True, False, "gptq", GPTQ, "GPTQ 4-bit, group 32, act-order", partial(quantize_gptq, bits=4, group_size=32)),
+    "gptq-w3g128": _method(load_gptq, "gptq", 3, 128, True, False, "gptq", GPTQ, "GPTQ 3-bit, group 128 (GPTQModel's torch kernel)", partial(quantize_gptq, bits=3, group_size=128)),
+    "awq-w4g128": _method(load_saved, "awq", 4, 128, True, True, "gptq", ("gptqmodel",), "AWQ 4-bit, zero point, GEMM format (GPTQModel; its AWQ quantizer needs CUDA)", partial(quantize_awq, bits=4, group_size=128)),
     "torchao-int8wo": _method(load_saved, "torchao", 8, None, extra="torchao", modules=("torchao",), about="int8 weight-only, per row", quantize=partial(quantize_torchao, scheme="int8wo")),
     "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm)", quantize=partial(quantize_torchao, scheme="int4wo")),
     "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8")),
