@@ -18,7 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from quantbench.config import ConfigError, RunConfig, load_sweep_file, make_experiment, parse_tasks, validate
+from quantbench.config import (DEFAULT_METHODS, ConfigError, RunConfig, load_sweep_file, make_experiment,
+                               parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
 from quantbench.models import ModelError
 
@@ -45,7 +46,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="quantbench", description="Which quantization should I use for this model on this GPU?")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a comparison (default: the built-in demo)")
-    r.add_argument("--model", action="append", help="hub id, local safetensors directory, or smollm2-135m (default); repeatable")
+    r.add_argument("--model", action="append", help="hub id, local safetensors directory, smollm2-135m (default) or arch:<name>; repeatable")
     r.add_argument("--methods", help="comma-separated methods (see `quantbench methods`); default fp16,nf4,fp4")
     r.add_argument("--experiment", action="append", help="one method by name, the original names included; repeatable")
     r.add_argument("--all", action="store_true", default=None, help="every method that can run on this machine")
@@ -56,7 +57,7 @@ def build_parser():
     r.add_argument("--resume", help="a run folder to finish")
     r.add_argument("--config", help="a YAML or TOML sweep file")
     r.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    r.add_argument("--cache-dir", help="where the demo checkpoint goes (default $QUANTBENCH_CACHE or ~/.cache/quantbench)")
+    r.add_argument("--cache-dir", help="demo, arch: and quantized checkpoints (default $QUANTBENCH_CACHE or ~/.cache/quantbench)")
     r.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code to run")
     r.add_argument("--eval-batch-size", type=_limit, help="lm-eval batch size (default 16)")
     r.add_argument("--max-length", type=_limit, help="lm-eval context length (default min(model positions, 2048))")
@@ -101,7 +102,7 @@ def config_from_args(args):
     values.setdefault("data_dir", os.environ.get("QUANTBENCH_DATA_DIR") or None)
     config = dataclasses.replace(RunConfig(), **values)
     if not config.experiments and not config.all_methods:
-        config.experiments = [make_experiment(n) for n in ("fp16", "nf4", "fp4")]
+        config.experiments = [make_experiment(n) for n in DEFAULT_METHODS]
     validate(config)
     if config.calibration is not None:
         if not Path(config.calibration).is_file():
@@ -118,8 +119,8 @@ def cmd_run(args):
     from quantbench import sweep
 
     if args.resume:
-        run = sweep.load_run_for_resume(args.resume)
-        return sweep.execute(Path(run["run_dir"]))
+        sweep.check_resumable(args.resume)
+        return sweep.execute(Path(args.resume))
     config = config_from_args(args)
     if config.all_methods:
         device = sweep.resolve_device(config.device)

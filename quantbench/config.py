@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantbench.methods import METHODS, method_settings, resolve_method_name
+from quantbench.methods import method_settings, resolve_method_name
 
 
 class ConfigError(Exception):

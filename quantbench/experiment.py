@@ -87,8 +87,12 @@ def quantized_checkpoint(run, exp, model_info, result, save):
         tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
         cost.reset_peak(device)
         t = time.perf_counter()
-        m["quantize"](model_info["path"], str(tmp), device=device, calibration=calibration,
-                      trust_remote_code=config["trust_remote_code"], **exp["settings"])
+        try:
+            m["quantize"](model_info["path"], str(tmp), device=device, calibration=calibration,
+                          trust_remote_code=config["trust_remote_code"], **exp["settings"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left in the cache
+            raise
         info = {"quantize_s": round(time.perf_counter() - t, 3), "quantize_peak_bytes": cost.peak_bytes(device)["peak_bytes"],
                 "calibration": calibration_info, "settings": settings, "key": key, "made": now()}
         write_json(tmp / "quantbench-quantized.json", info)

@@ -92,8 +92,9 @@ def create_run(config, cache_dir):
     return run_dir
 
 
-def load_run_for_resume(run_dir):
-    """run.json of an earlier run, checked; RunError for a missing, corrupt or foreign folder."""
+def check_resumable(run_dir):
+    """Check that run_dir is a quantbench run that can be finished; RunError for a missing, corrupt or
+    foreign folder, or one whose model checkpoint is gone."""
     run_dir = Path(run_dir)
     path = run_dir / "run.json"
     if not run_dir.is_dir():
@@ -109,8 +110,6 @@ def load_run_for_resume(run_dir):
     for m in run["models"]:
         if not Path(m["path"]).exists():
             raise RunError(f"--resume {run_dir}: the model checkpoint {m['path']} is gone; run it again from scratch")
-    run["run_dir"] = str(run_dir.resolve())
-    return run
 
 
 def _status_of(run_dir, exp_id):
@@ -170,7 +169,8 @@ def execute(run_dir):
     done = len(run["experiments"]) - len(todo)
     if done:
         print(f"Resuming {run_dir}: {done} experiment(s) already finished, {len(todo)} to run.", flush=True)
-    run.update(status="running", resumed=now() if done else None)
+    # The folder may have moved since it was made; the experiments read their task files from here.
+    run.update(status="running", resumed=now() if done else None, run_dir=str(run_dir.resolve()))
     write_json(run_dir / "run.json", run)
     interrupted, child = False, None
     try:
