@@ -216,8 +216,9 @@ def load_saved(path, *, device, trust_remote_code=False, quantization_config=Non
         info["torchao_tensor"] = type(w).__name__
         info["torchao_packing"] = str(getattr(w, "packing_format", getattr(w, "int4_packing_format", None)))
     for dist in ["gptqmodel", "optimum", "torchao"]:
-        if library_version(dist):
-            info[f"{dist}_version"] = library_version(dist)
+        version = library_version(dist)
+        if version:
+            info[f"{dist}_version"] = version
     return model, info
 
 
@@ -277,10 +278,10 @@ METHODS = {
     "nf4-bf16": _method(partial(load_bnb_4bit, quant_type="nf4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, bf16 compute (ablation)"),
     "fp4-bf16": _method(partial(load_bnb_4bit, quant_type="fp4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, bf16 compute (ablation)"),
     "int8": _method(load_bnb_int8, "bitsandbytes", 8, extra="bnb", modules=BNB, about="LLM.int8(), outlier threshold 6.0"),
-    "gptq-w4g128": _method(load_gptq, "gptq", 4, 128, True, False, "gptq", GPTQ, "GPTQ 4-bit, act-order, symmetric, damp 0.1", partial(quantize_gptq, bits=4, group_size=128)),
-    "gptq-w4g32": _method(load_gptq, "gptq", 4, 32, True, False, "gptq", GPTQ, "GPTQ 4-bit, group 32, act-order", partial(quantize_gptq, bits=4, group_size=32)),
-    "gptq-w3g128": _method(load_gptq, "gptq", 3, 128, True, False, "gptq", GPTQ, "GPTQ 3-bit, group 128 (GPTQModel's torch kernel)", partial(quantize_gptq, bits=3, group_size=128)),
-    "awq-w4g128": _method(load_saved, "awq", 4, 128, True, True, "gptq", ("gptqmodel",), "AWQ 4-bit, zero point, GEMM format (GPTQModel; its AWQ quantizer needs CUDA)", partial(quantize_awq, bits=4, group_size=128)),
+    "gptq-w4g128": _method(load_gptq, "gptq", 4, 128, calibration=True, extra="gptq", modules=GPTQ, about="GPTQ 4-bit, act-order, symmetric, damp 0.1", quantize=partial(quantize_gptq, bits=4, group_size=128)),
+    "gptq-w4g32": _method(load_gptq, "gptq", 4, 32, calibration=True, extra="gptq", modules=GPTQ, about="GPTQ 4-bit, group 32, act-order", quantize=partial(quantize_gptq, bits=4, group_size=32)),
+    "gptq-w3g128": _method(load_gptq, "gptq", 3, 128, calibration=True, extra="gptq", modules=GPTQ, about="GPTQ 3-bit, group 128 (GPTQModel's torch kernel)", quantize=partial(quantize_gptq, bits=3, group_size=128)),
+    "awq-w4g128": _method(load_saved, "awq", 4, 128, calibration=True, gpu=True, extra="gptq", modules=("gptqmodel",), about="AWQ 4-bit, zero point, GEMM format (GPTQModel; its AWQ quantizer needs CUDA)", quantize=partial(quantize_awq, bits=4, group_size=128)),
     "torchao-int8wo": _method(load_saved, "torchao", 8, None, extra="torchao", modules=("torchao",), about="int8 weight-only, per row", quantize=partial(quantize_torchao, scheme="int8wo")),
     "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm)", quantize=partial(quantize_torchao, scheme="int4wo")),
     "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8")),

@@ -87,10 +87,16 @@ def prepare_arch(name, cache_dir):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".arch-"))
+    return _save_checkpoint(out, model, byte_tokenizer(), "quantbench-arch.json", ARCHITECTURES[name])
+
+
+def _save_checkpoint(out, model, tokenizer, marker, record):
+    """Save model and tokenizer beside `out`, then move them into place, so a half-written checkpoint
+    is never taken for a finished one; the marker file (holding `record`) says it is complete."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     model.save_pretrained(tmp)
-    byte_tokenizer().save_pretrained(tmp)
-    (tmp / "quantbench-arch.json").write_text(json.dumps(ARCHITECTURES[name], indent=1))
+    tokenizer.save_pretrained(tmp)
+    (tmp / marker).write_text(json.dumps(record, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -160,14 +166,8 @@ def prepare_demo(cache_dir):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".demo-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "quantbench-demo.json").write_text(json.dumps(
-        {"source": DEMO_PACKAGE, "gguf": DEMO_GGUF, "gguf_sha256": DEMO_GGUF_SHA256, "note": DEMO_NOTE}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    record = {"source": DEMO_PACKAGE, "gguf": DEMO_GGUF, "gguf_sha256": DEMO_GGUF_SHA256, "note": DEMO_NOTE}
+    return _save_checkpoint(out, model, tokenizer, marker.name, record)
 
 
 def check_checkpoint_dir(path):

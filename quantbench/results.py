@@ -5,7 +5,6 @@ A run folder holds `run.json` (config as used, environment, experiments, times),
 
     >>> print(summary_markdown(Path("results/run001")))
 """
-import importlib.metadata
 import json
 import os
 import platform
@@ -37,13 +36,10 @@ def environment():
     import torch
 
     import quantbench
+    from quantbench.methods import library_version
 
     versions = {"quantbench": quantbench.__version__}
-    for lib in LIBRARIES:
-        try:
-            versions[lib] = importlib.metadata.version(lib.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            versions[lib] = None
+    versions.update({lib: library_version(lib.replace("_", "-")) for lib in LIBRARIES})
     env = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
            "cpu_count": os.cpu_count(), "libraries": versions, "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
