@@ -11,6 +11,7 @@ every clock read, `repeats` runs, the median reported with min and max.
     >>> weight_bytes(model)
     {'weight_bytes': 109777792, 'memory_footprint_bytes': 109777792, 'quant_state_bytes': 2965504}
 """
+import gc
 import resource
 import statistics
 import sys
@@ -60,8 +61,18 @@ def sync(device):
 
 
 def reset_peak(device):
+    """Start a new peak. Garbage is collected first, so that tensors a loader left in reference
+    cycles (freed whenever Python's collector next runs) do not count as the next phase's memory."""
+    gc.collect()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def resident_bytes(device):
+    """Device memory held by live tensors now, after a garbage collection (CUDA only; None on the
+    CPU, where the process's memory cannot be split into tensors and the rest)."""
+    gc.collect()
+    return torch.cuda.memory_allocated() if device == "cuda" else None
 
 
 def peak_bytes(device):

@@ -213,8 +213,7 @@ def load_saved(path, *, device, trust_remote_code=False, quantization_config=Non
     if info["library"] == "torchao":
         w = next(m.weight for m in model.modules() if type(m).__name__ == "Linear" and
                  hasattr(m.weight, "__tensor_flatten__"))
-        info["torchao_tensor"] = type(w).__name__
-        info["torchao_packing"] = str(getattr(w, "packing_format", getattr(w, "int4_packing_format", None)))
+        info["torchao_tensor"] = type(w).__name__  # names the packing too: Int4TilePackedTo4dTensor
     for dist in ["gptqmodel", "optimum", "torchao"]:
         version = library_version(dist)
         if version:

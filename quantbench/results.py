@@ -68,7 +68,7 @@ def kernel_of(result):
     b = result.get("backend") or {}
     parts = [c for c in b.get("linear_classes", []) if c != "Linear"]
     if b.get("torchao_tensor"):
-        parts.append(b["torchao_tensor"] + (f" ({b['torchao_packing']})" if b.get("torchao_packing") not in (None, "None") else ""))
+        parts.append(b["torchao_tensor"])
     if b.get("backend_fallback"):
         parts.append(f"fallback {b['backend_fallback']['backend']}")
     if b.get("hqq_backend"):

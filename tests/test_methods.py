@@ -192,3 +192,13 @@ def test_gptq_runs_on_the_cpu_and_is_really_quantized(name, bits, kernel, tolera
     assert layer.qweight.dtype == torch.int32 and layer.qweight.numel() * 32 == 256 * 512 * bits
     assert info["library"] == "gptq" and info["bits"] == bits and info["desc_act"] is True
     _close_but_not_equal(_logits(model), base, tolerance)
+
+    # The route load_gptq falls back on: a backend named at reload replaces the automatic choice,
+    # and the same packed weights give the same outputs through the other kernel.
+    from transformers import GPTQConfig
+
+    other, other_info = methods.load_saved(str(tmp_path), device="cpu",
+                                           quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"))
+    assert "TorchLinear" in other_info["linear_classes"] and other_info["backend"] == "gptq_torch"
+    error = ((_logits(other) - _logits(model)).norm() / _logits(model).norm()).item()
+    assert error < 1e-2, error
