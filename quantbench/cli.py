@@ -64,6 +64,10 @@ def build_parser():
     r.add_argument("--max-gen-toks", type=_limit, help="bound on tokens generated per lm-eval request (default 128)")
     r.add_argument("--ppl-tokens", type=_tokens, help="corpus tokens scored for perplexity, or 'all' (default 16384)")
     r.add_argument("--ppl-window", type=_limit, help="perplexity window in tokens (default 2048)")
+    r.add_argument("--kld-tokens", type=_limit, help="corpus tokens for the KL divergence from the baseline, "
+                   "0 for none (default 8192: 16 chunks, 4080 tokens scored)")
+    r.add_argument("--kld-ctx", type=_limit, help="KLD chunk length, llama.cpp's n_ctx; the second half of "
+                   "each chunk is scored (default 512)")
     r.add_argument("--prompt-tokens", type=_limit, help="prompt length for time to first token (default 128)")
     r.add_argument("--new-tokens", type=_limit, help="tokens generated when timing decode (default 64)")
     r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8)")
@@ -77,7 +81,7 @@ def build_parser():
 
 
 FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
-               "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "prompt_tokens", "new_tokens",
+               "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "kld_tokens", "kld_ctx", "prompt_tokens", "new_tokens",
                "batch_sizes", "repeats", "calibration", "calibration_samples", "calibration_tokens"]
 
 

@@ -44,6 +44,8 @@ class RunConfig:
     max_gen_toks: int = 128                  # bound on generated tokens per lm-eval request
     ppl_window: int = 2048                   # perplexity window (capped at the model's positions)
     ppl_tokens: int | None = 16384           # corpus tokens scored for perplexity (None: all)
+    kld_tokens: int = 8192                   # corpus tokens for the divergence from the baseline (0: off)
+    kld_ctx: int = 512                       # llama.cpp's n_ctx: chunk length; its second half is scored
     prompt_tokens: int = 128                 # TTFT prompt length
     decode_prompt_tokens: int = 32
     new_tokens: int = 64                     # decode length
@@ -55,7 +57,7 @@ class RunConfig:
     calibration_tokens: int = 512            # tokens per calibration sample
 
 
-POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens",
+POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
                  "prompt_tokens", "decode_prompt_tokens", "new_tokens", "repeats", "calibration_samples",
                  "calibration_tokens"]
 DEFAULT_METHODS = ["fp16", "nf4", "fp4"]
@@ -98,6 +100,12 @@ def validate(config):
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive whole number, got {value!r}")
     if not config.batch_sizes or any(not isinstance(b, int) or b <= 0 for b in config.batch_sizes):
         raise ConfigError(f"--batch-sizes must be positive whole numbers, got {config.batch_sizes!r}")
+    if not isinstance(config.kld_tokens, int) or isinstance(config.kld_tokens, bool) or config.kld_tokens < 0:
+        raise ConfigError(f"--kld-tokens must be a whole number (0 turns the divergence off), got {config.kld_tokens!r}")
+    if config.kld_ctx < 4 or config.kld_ctx % 2:
+        raise ConfigError(f"--kld-ctx must be an even number of at least 4, got {config.kld_ctx!r}")
+    if config.kld_tokens and config.kld_tokens < config.kld_ctx:
+        raise ConfigError(f"--kld-tokens {config.kld_tokens} is less than one chunk of --kld-ctx {config.kld_ctx}")
     if config.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"--device must be auto, cuda or cpu, got {config.device!r}")
     if config.new_tokens < 2:
@@ -139,7 +147,7 @@ def _toml_lines(text):
 
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
              "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
-             "ppl_tokens", "prompt_tokens", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
+             "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_tokens", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
              "all", "calibration", "calibration_samples", "calibration_tokens"}
 
 

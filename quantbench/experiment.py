@@ -125,6 +125,11 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
     result["quality_info"]["perplexity"] = {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **ppl}
     _phase(result, "perplexity", t, save)
 
+    if config.get("kld_tokens"):
+        t = time.perf_counter()
+        measure_kld(model, tokenizer, text, corpus, run, result)
+        _phase(result, "kld", t, save)
+
     t = time.perf_counter()
     runnable = [x for x in run["tasks"] if x.get("status") != "skipped"]
     for x in run["tasks"]:
@@ -142,6 +147,34 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
                                                  "max_length": max_length, "batch_size": config["eval_batch_size"],
                                                  "max_gen_toks": config["max_gen_toks"]}
     _phase(result, "tasks", t, save)
+
+
+def measure_kld(model, tokenizer, text, corpus, run, result):
+    """The KL divergence from the model's baseline. The baseline experiment first writes the reference
+    (its log-probabilities on the scored tokens) into the run folder; every experiment of the model,
+    the baseline included (which must give exactly 0), is then compared with it."""
+    from quantbench import quality
+
+    config, device = run["config"], run["device"]
+    model_info = next(m for m in run["models"] if m["name"] == result["model"]["name"])
+    reference_id = model_info.get("reference_experiment")
+    folder = Path(run["run_dir"]) / "reference" / model_slug(model_info["name"])
+    batch_size = 4 if device == "cuda" else 1
+    if result["experiment"] == reference_id:
+        chunks, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=config["kld_ctx"], max_tokens=config["kld_tokens"])
+        quality.write_reference(model, chunks, folder, adds_bos=adds_bos, batch_size=batch_size,
+                                about={"experiment": reference_id, "corpus": corpus})
+    if not (folder / "reference.json").exists():
+        if reference_id is None:
+            reason, fix = "no fp16 or bf16 baseline in this run", "add fp16 to --methods"
+        else:
+            reason = f"the baseline experiment {reference_id} has not written its reference (it failed or has not run)"
+            fix = f"fix {reference_id}, then `quantbench run --resume {run['run_dir']}` (rerun both)"
+        result["quality_info"]["kld"] = {"status": "skipped", "reason": reason, "fix": fix}
+        return
+    stats, info = quality.compare_to_reference(model, folder, batch_size=batch_size)
+    result["quality"]["kld"] = stats
+    result["quality_info"]["kld"] = {"corpus": corpus, "protocol": "llama.cpp perplexity --kl-divergence", **info}
 
 
 def measure(run, exp, result, save):
@@ -188,7 +221,7 @@ def measure(run, exp, result, save):
     text, corpus = tasks.perplexity_corpus(config["data_dir"], run["hub_reachable"])
     cost.reset_peak(device)
     if model_info["kind"] == "arch":
-        for name in ["perplexity", *(x["name"] for x in run["tasks"])]:
+        for name in ["perplexity", "kld", *(x["name"] for x in run["tasks"])]:
             result["quality_info"][name] = {"status": "skipped", "reason": "random weights (architecture only)",
                                             "fix": "pass a real checkpoint to --model for quality"}
     else:

@@ -287,6 +287,10 @@ METHODS = {
     "hqq-w4g64": _method(load_hqq, "hqq", 4, 64, extra="hqq", modules=("hqq",), about="HQQ 4-bit, group 64, no calibration", quantize=partial(quantize_hqq, bits=4, group_size=64)),
 }
 
+# Methods whose results are the reference: deltas and the KL divergence are measured against a
+# model's first experiment with one of these.
+BASELINE_METHODS = ("fp16", "bf16")
+
 # The course project's experiment names, so its configs and habits still work.
 ALIASES = {
     "fp16_baseline": "fp16",

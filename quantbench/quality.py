@@ -9,6 +9,7 @@ window predicts its tokens 2..window.
     {'perplexity': 15.1, 'tokens_scored': 16376, 'windows': 8, 'window': 2048, 'stride': 2048}
     >>> run_tasks(model, tokenizer, [{'name': 'coqa', 'lm_eval_task': 'coqa_local'}], ...)
 """
+import json
 import math
 
 import torch
@@ -99,3 +100,147 @@ def sanity_generation(model, tokenizer):
     problem = is_degenerate(new, text)
     return {"prompt": SANITY_PROMPT, "output": text, "new_tokens": len(new),
             "degenerate": problem is not None, "problem": problem}
+
+
+# ---- Divergence from the baseline, as llama.cpp's `perplexity --kl-divergence` measures it ----
+#
+# The corpus tokens are cut into consecutive chunks of n_ctx (default 512); the first token of each
+# chunk is replaced by BOS when the tokenizer adds one; only the second half of each chunk is scored
+# (positions n_ctx/2 .. n_ctx-2 predicting the next token), so every scored token has at least
+# n_ctx/2 tokens of context. The baseline's log-probabilities over the whole vocabulary at the
+# scored positions are written once per run (float16, 2 bytes per vocabulary entry per token), with
+# its top-1 token and the log-probability of the true next token (float32). Every other method is
+# compared on exactly those tokens; its log-probabilities are rounded to float16 the same way before
+# the KL divergence is summed, so the baseline against itself gives exactly 0.
+
+REFERENCE_FILES = ("logprobs.npy", "tokens.npz", "reference.json")
+
+
+def kld_chunks(tokenizer, text, *, n_ctx, max_tokens=None):
+    """(chunks [n, n_ctx] of token ids, whether the first token of each is BOS)."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = ids.numel() // n_ctx
+    if n == 0:
+        raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than one KLD chunk of {n_ctx}")
+    chunks = ids[: n * n_ctx].view(n, n_ctx).clone()
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    if adds_bos:
+        chunks[:, 0] = bos
+    return chunks, adds_bos
+
+
+@torch.no_grad()
+def _scored_logprobs(model, chunks, batch_size):
+    """Per batch of chunks: (log-probs [tokens, vocab] float32, top-1 ids, log p(next token))."""
+    first = chunks.shape[1] // 2
+    for start in range(0, len(chunks), batch_size):
+        batch = chunks[start:start + batch_size].to(model.device)
+        logp = torch.log_softmax(model(batch).logits[:, first:-1].float(), dim=-1)
+        target = batch[:, first + 1:]
+        yield (logp.flatten(0, 1), logp.argmax(-1).flatten(),
+               logp.gather(-1, target.unsqueeze(-1)).flatten())
+
+
+def write_reference(model, chunks, folder, *, adds_bos, batch_size=1, about=None):
+    """Write the baseline's scored log-probabilities into `folder` (made atomically); returns its info."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        n_ctx = chunks.shape[1]
+        per_chunk = n_ctx - 1 - n_ctx // 2
+        logprobs, top1, lp_target, row = None, [], [], 0
+        for logp, top, lpt in tqdm(_scored_logprobs(model, chunks, batch_size), desc="kld reference",
+                                   total=-(-len(chunks) // batch_size), leave=False):
+            if logprobs is None:
+                logprobs = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float16,
+                                                     shape=(len(chunks) * per_chunk, logp.shape[-1]))
+            logprobs[row:row + len(logp)] = logp.half().cpu().numpy()
+            row += len(logp)
+            top1.append(top.cpu())
+            lp_target.append(lpt.cpu())
+        logprobs.flush()
+        del logprobs
+        np.savez(tmp / "tokens.npz", chunks=chunks.numpy(), top1=torch.cat(top1).numpy(),
+                 logp_target=torch.cat(lp_target).numpy())
+        info = {"n_ctx": n_ctx, "chunks": len(chunks), "tokens_scored": row, "bos_first": adds_bos,
+                "scored": f"positions {n_ctx // 2}..{n_ctx - 2} of each chunk predict the next token",
+                "storage": "log-probabilities as float16 (2 bytes x vocabulary per scored token)",
+                "bytes": sum((tmp / f).stat().st_size for f in REFERENCE_FILES[:2]), **(about or {})}
+        (tmp / "reference.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def compare_to_reference(model, folder, *, batch_size=1):
+    """The method's divergence from the baseline reference in `folder`, token by token, summarised."""
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(folder)
+    info = json.loads((folder / "reference.json").read_text())
+    base = np.load(folder / "logprobs.npy", mmap_mode="r")
+    saved = np.load(folder / "tokens.npz")
+    chunks = torch.from_numpy(saved["chunks"])
+    kld, same_top, lp_target, row = [], [], [], 0
+    for logp, top, lpt in tqdm(_scored_logprobs(model, chunks, batch_size), desc="kld", leave=False,
+                               total=-(-len(chunks) // batch_size)):
+        n, vocab = logp.shape
+        if vocab != base.shape[1]:
+            raise ValueError(f"the model has {vocab} output tokens but the baseline reference {base.shape[1]}")
+        lp_base = torch.from_numpy(np.array(base[row:row + n])).to(logp.device).float()
+        lp_q = logp.half().float()  # the baseline's rounding, so a model against itself gives 0
+        kld.append((lp_base.exp() * (lp_base - lp_q)).sum(-1).double().cpu())
+        same_top.append((top.cpu().numpy() == saved["top1"][row:row + n]))
+        lp_target.append(lpt.double().cpu())
+        row += n
+    stats = kld_statistics(torch.cat(kld).numpy(), np.concatenate(same_top), torch.cat(lp_target).numpy(),
+                           saved["logp_target"].astype(np.float64))
+    return stats, {k: info[k] for k in ("n_ctx", "chunks", "tokens_scored", "bos_first", "scored", "storage",
+                                        "bytes") if k in info} | {"reference": info.get("experiment")}
+
+
+def kld_statistics(kld, same_top, logp_target, logp_target_base):
+    """llama.cpp's KL-divergence summary from per-token arrays (float64): KLD mean with its standard
+    error, median, 90/95/99/99.9th percentiles (numpy's linear interpolation) and maximum; the share of
+    tokens whose top-1 token agrees with the baseline's; the change in the probability of the true
+    next token (mean and RMS); PPL of both on the scored tokens, their ratio and mean log ratio."""
+    import numpy as np
+
+    kld = np.asarray(kld, dtype=np.float64)
+    n = kld.size
+
+    def se(x):
+        return float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else None
+
+    same = np.asarray(same_top, dtype=np.float64)
+    dp = np.exp(logp_target) - np.exp(logp_target_base)
+    ln_ratio = logp_target_base - logp_target          # ln PPL(Q) - ln PPL(base), per token
+    rms = float(np.sqrt(np.mean(dp ** 2)))
+    ratio = float(np.exp(ln_ratio.mean()))
+    out = {"tokens": n, "kld_mean": float(kld.mean()), "kld_mean_stderr": se(kld)}
+    for name, q in [("median", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("p99_9", 99.9)]:
+        out[f"kld_{name}"] = float(np.percentile(kld, q))
+    out["kld_max"] = float(kld.max())
+    out.update({"same_top_p": float(same.mean()), "same_top_p_stderr": se(same),
+                "delta_p_mean": float(dp.mean()), "delta_p_mean_stderr": se(dp),
+                "delta_p_rms": rms, "delta_p_rms_stderr": (se(dp ** 2) / (2 * rms)) if rms > 0 and n > 1 else None,
+                "ppl": float(np.exp(-np.mean(logp_target))), "ppl_base": float(np.exp(-np.mean(logp_target_base))),
+                "ln_ppl_ratio_mean": float(ln_ratio.mean()), "ln_ppl_ratio_mean_stderr": se(ln_ratio),
+                "ppl_ratio": ratio, "ppl_ratio_stderr": ratio * se(ln_ratio) if n > 1 else None})
+    return out

@@ -88,8 +88,10 @@ def load_experiments(run_dir):
 
 
 def _baseline(results, model_name):
+    from quantbench.methods import BASELINE_METHODS
+
     for r in results:
-        if r["model"]["name"] == model_name and r["method"] in ("fp16", "bf16") and r["status"] == "ok":
+        if r["model"]["name"] == model_name and r["method"] in BASELINE_METHODS and r["status"] == "ok":
             return r
     return None
 
@@ -115,6 +117,9 @@ def summary_markdown(run_dir):
     batch_sizes = [str(b) for b in run["config"]["batch_sizes"]]
     several_models = len({r["model"]["name"] for r in results}) > 1
     head = (["model"] if several_models else []) + ["experiment", "status", "perplexity", "Δ ppl"]
+    has_kld = any("kld" in r.get("quality", {}) for r in results)
+    if has_kld:
+        head += ["KLD mean", "KLD p99", "same top %", "PPL(Q)/PPL(base)"]
     head += [f"{t} {m}" for t, m in cols] + [f"Δ {t} {m}" for t, m in cols]
     head += ["weights MiB", "peak MiB", "quantize s", "load s", f"TTFT ms @{run['config']['prompt_tokens']}"]
     head += [f"decode tok/s b={b}" for b in batch_sizes] + ["kernel", "sanity"]
@@ -126,6 +131,8 @@ def summary_markdown(run_dir):
         base_ppl = base["quality"].get("perplexity") if base else None
         d_ppl = f"{100 * (ppl / base_ppl - 1):+.1f}%" if ppl and base_ppl and r is not base else "-"
         row = ([r["model"]["name"]] if several_models else []) + [r["experiment"], r["status"], _num(ppl, "{:.3f}"), d_ppl]
+        if has_kld:
+            row += _kld_cells(q.get("kld"))
         for t, m in cols:
             v, se = q.get(t, {}).get(m), q.get(t, {}).get(f"{m}_stderr")
             row.append(_num(v, "{:.4f}") + (f" ± {se:.4f}" if isinstance(se, (int, float)) else ""))
@@ -174,6 +181,17 @@ def summary_markdown(run_dir):
     return "\n".join(lines) + "\n"
 
 
+def _kld_cells(k):
+    """KLD mean ± se, its 99th percentile, top-1 agreement in % ± se, PPL ratio ± se."""
+    if not k:
+        return ["-"] * 4
+    def pm(value, se, fmt):
+        return fmt.format(value) + (f" ± {fmt.format(se)}" if isinstance(se, (int, float)) else "")
+    return [pm(k["kld_mean"], k["kld_mean_stderr"], "{:.5f}"), f"{k['kld_p99']:.4f}",
+            pm(100 * k["same_top_p"], 100 * k["same_top_p_stderr"] if k["same_top_p_stderr"] is not None else None, "{:.2f}"),
+            pm(k["ppl_ratio"], k["ppl_ratio_stderr"], "{:.4f}")]
+
+
 def _protocol_lines(run, results):
     """How the numbers were produced, from the first result that has each part."""
     out = ["## Protocol", ""]
@@ -182,6 +200,15 @@ def _protocol_lines(run, results):
     if info:
         out.append(f"- Perplexity: {info['corpus']}; {info['tokens_scored']} tokens scored in {info['windows']} "
                    f"non-overlapping windows of {info['window']} (of {info['corpus_tokens']} corpus tokens).")
+    kld = next((r["quality_info"]["kld"] for r in results if r.get("quality_info", {}).get("kld", {}).get("tokens_scored")), None)
+    if kld:
+        out.append(f"- KLD: llama.cpp's protocol on {kld['corpus']}: {kld['chunks']} chunks of n_ctx = {kld['n_ctx']}, "
+                   f"{kld['scored']}; {kld['tokens_scored']} tokens scored"
+                   f"{', first token of each chunk replaced by BOS' if kld.get('bos_first') else ''}. "
+                   f"KL(baseline || method) over the vocabulary per token, mean ± standard error; same top = "
+                   f"share of tokens whose most likely next token is the baseline's; PPL ratio on the same tokens. "
+                   f"Reference from {kld.get('reference')}: {kld['storage']}, {kld['bytes'] / 2**20:.1f} MiB in "
+                   f"the run folder's reference/.")
     tasks = {}
     for r in results:
         for t, i in r.get("quality_info", {}).items():

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quantbench.methods import why_not_runnable
+from quantbench.methods import BASELINE_METHODS, why_not_runnable
 from quantbench.models import model_slug, resolve_model
 from quantbench.results import environment, read_json, summary_markdown, write_json
 from quantbench.tasks import hub_reachable, resolve_task
@@ -82,9 +82,15 @@ def create_run(config, cache_dir):
     tasks = [resolve_task(t, data_dir=config.data_dir, hub=hub, task_dir=run_dir / "tasks") for t in config.tasks]
     experiments = []
     for m in models:
+        mine = []
         for e in config.experiments:
             exp_id = e["name"] if len(models) == 1 else f"{model_slug(m['name'])}--{e['name']}"
-            experiments.append({"id": exp_id, "model": m["name"], **e})
+            mine.append({"id": exp_id, "model": m["name"], **e})
+        # The model's first fp16/bf16 experiment is the baseline whose next-token distributions the
+        # others are compared with (the KL divergence): it runs first.
+        reference = next((e for e in mine if e["method"] in BASELINE_METHODS), None)
+        m["reference_experiment"] = reference and reference["id"]
+        experiments += sorted(mine, key=lambda e: e is not reference)
     run = {"quantbench_run": 1, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None,
            "status": "running", "device": device, "hub_reachable": hub, "cache_dir": str(cache_dir), "config": dataclasses.asdict(config),
            "environment": environment(), "models": models, "tasks": tasks, "experiments": experiments}

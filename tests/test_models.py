@@ -49,7 +49,7 @@ def test_demo_end_to_end(shared_data, tmp_path):
     cache = os.environ.get("QUANTBENCH_CACHE") or str(tmp_path / "cache")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTBENCH_CACHE": cache}
     cmd = [sys.executable, "-m", "quantbench", "run", "--data-dir", str(shared_data), "--out", str(tmp_path / "r"),
-           "--limit", "1", "--ppl-tokens", "2048", "--ppl-window", "1024", "--prompt-tokens", "32",
+           "--limit", "1", "--ppl-tokens", "2048", "--ppl-window", "1024", "--kld-tokens", "2048", "--prompt-tokens", "32",
            "--new-tokens", "8", "--batch-sizes", "1,4", "--repeats", "1", "--max-gen-toks", "16"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -68,6 +68,10 @@ def test_demo_end_to_end(shared_data, tmp_path):
     assert 5 < base < 60
     assert results["nf4"]["quality"]["perplexity"] > base
     assert results["nf4"]["cost"]["weight_bytes"] < 0.5 * results["fp16"]["cost"]["weight_bytes"]
+    # Divergence from the baseline on 4 chunks of 512 (1020 tokens): 0 for itself, visible for 4-bit.
+    kld = {name: res["quality"]["kld"] for name, res in results.items()}
+    assert kld["fp16"]["kld_mean"] == 0 and kld["fp16"]["tokens"] == 1020
+    assert 0 < kld["nf4"]["kld_mean"] < 1 and kld["nf4"]["same_top_p"] < 1 and kld["fp4"]["kld_mean"] > 0
     assert "dequantized" in (run_dir / "summary.md").read_text()
 
 

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,3 +65,72 @@ def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path):
     assert s["n"] == 6
     assert 0.0 <= s["acc"] <= 1.0 and s["acc_stderr"] >= 0
     assert s["perplexity"] > 1.0
+
+
+def _kld_setup(tiny, tmp_path, n_ctx=32, chunks=4):
+    model, tokenizer = tiny
+    text = tasks.perplexity_corpus(None, hub=False)[0]
+    ids, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=n_ctx, max_tokens=n_ctx * chunks + 5)
+    info = quality.write_reference(model, ids, tmp_path / "ref", adds_bos=adds_bos, batch_size=3,
+                                   about={"experiment": "fp16"})
+    return ids, info
+
+
+def test_kld_of_the_baseline_against_itself_is_exactly_zero(tiny, tmp_path):
+    ids, info = _kld_setup(tiny, tmp_path)
+    assert ids.shape == (4, 32) and info["tokens_scored"] == 4 * (32 - 1 - 16)
+    stats, used = quality.compare_to_reference(tiny[0], tmp_path / "ref", batch_size=2)
+    assert stats["tokens"] == info["tokens_scored"] and used["reference"] == "fp16"
+    assert stats["kld_mean"] == 0.0 and stats["kld_max"] == 0.0 and stats["same_top_p"] == 1.0
+    assert stats["delta_p_mean"] == 0.0 and stats["delta_p_rms"] == 0.0 and stats["ppl_ratio"] == 1.0
+
+
+def test_kld_against_a_perturbed_copy_matches_float64_recomputation(tiny, tmp_path):
+    import copy
+
+    model, _ = tiny
+    ids, info = _kld_setup(tiny, tmp_path)
+    other = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.3 * p.std())
+    stats, _ = quality.compare_to_reference(other, tmp_path / "ref", batch_size=4)
+
+    # Independent: both models' full distributions in float64, the second half of each chunk.
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[:, 16:-1].double(), -1)
+        lq = torch.log_softmax(other(ids).logits[:, 16:-1].double(), -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1).flatten().numpy()
+    target = ids[:, 17:].unsqueeze(-1)
+    nll_p, nll_q = -lp.gather(-1, target).flatten(), -lq.gather(-1, target).flatten()
+    assert stats["kld_mean"] > 1e-4  # the perturbation is visible
+    assert stats["kld_mean"] == pytest.approx(kld.mean(), rel=2e-3, abs=1e-6)
+    # One token's KLD carries the float16 rounding of the stored log-probabilities (about 1e-4 here,
+    # where the tiny model spreads its mass over all 400 tokens); the mean averages it away.
+    assert stats["kld_max"] == pytest.approx(kld.max(), abs=2e-4)
+    assert stats["kld_p99"] == pytest.approx(np.percentile(kld, 99), abs=2e-4)
+    assert stats["same_top_p"] == pytest.approx((lp.argmax(-1) == lq.argmax(-1)).double().mean().item())
+    assert stats["ppl"] == pytest.approx(math.exp(nll_q.mean().item()), rel=1e-5)
+    assert stats["ppl_base"] == pytest.approx(math.exp(nll_p.mean().item()), rel=1e-5)
+    assert stats["delta_p_mean"] == pytest.approx((torch.exp(-nll_q) - torch.exp(-nll_p)).mean().item(), abs=1e-7)
+
+
+def test_kld_statistics_match_numpy_on_known_inputs():
+    rng = np.random.default_rng(0)
+    kld = rng.exponential(0.05, size=1001)
+    same = rng.random(1001) < 0.9
+    lq, lp = np.log(rng.uniform(0.01, 1, 1001)), np.log(rng.uniform(0.01, 1, 1001))
+    s = quality.kld_statistics(kld, same, lq, lp)
+    n = 1001
+    assert s["kld_mean"] == pytest.approx(kld.mean()) and s["kld_max"] == kld.max()
+    assert s["kld_mean_stderr"] == pytest.approx(kld.std(ddof=1) / math.sqrt(n))
+    for name, q in [("median", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("p99_9", 99.9)]:
+        assert s[f"kld_{name}"] == pytest.approx(np.percentile(kld, q))
+    p = same.mean()
+    assert s["same_top_p"] == pytest.approx(p) and s["same_top_p_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+    dp = np.exp(lq) - np.exp(lp)
+    assert s["delta_p_rms"] == pytest.approx(math.sqrt((dp ** 2).mean()))
+    assert s["delta_p_mean_stderr"] == pytest.approx(dp.std(ddof=1) / math.sqrt(n))
+    assert s["ln_ppl_ratio_mean"] == pytest.approx((lp - lq).mean())
+    assert s["ppl_ratio"] == pytest.approx(math.exp(-lq.mean()) / math.exp(-lp.mean()))

@@ -50,7 +50,7 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
                     *TINY_RUN_FLAGS)
     assert code == 0, out
     run_dir = tmp_path / "r" / "run001"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["fp16.json", "int8.json", "nf4.json", "run.json",
+    assert sorted(p.name for p in run_dir.iterdir()) == ["fp16.json", "int8.json", "nf4.json", "reference", "run.json",
                                                           "summary.md", "sweep.yaml", "tasks"]
     meta = load(run_dir / "run.json")
     assert meta["status"] == "finished" and meta["device"] == "cpu" and meta["config"]["limit"] == 1
@@ -64,11 +64,17 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
         c = r["cost"]
         assert c["weight_bytes"] > 0 and c["peak_bytes"] > 0 and c["load_s"] > 0 and c["ttft_ms"] > 0
         assert set(c["decode_tok_s"]) == {"1", "2"}
-        assert r["sanity"]["prompt"] and set(r["phases_s"]) == {"load", "sanity", "perplexity", "tasks", "speed"}
+        assert r["sanity"]["prompt"] and set(r["phases_s"]) == {"load", "sanity", "perplexity", "kld", "tasks", "speed"}
+        assert r["quality"]["kld"]["tokens"] == 4 * (64 - 1 - 32) and r["quality_info"]["kld"]["reference"] == "fp16"
+    kld = {name: load(run_dir / f"{name}.json")["quality"]["kld"] for name in ["fp16", "nf4", "int8"]}
+    assert kld["fp16"]["kld_mean"] == 0 and kld["fp16"]["same_top_p"] == 1  # the baseline against itself
+    # 4-bit moves the distributions far more than LLM.int8, whose KLD here is below the float16
+    # rounding floor of the stored log-probabilities (|mean| ~ 1e-6 on this near-uniform tiny model).
+    assert kld["nf4"]["kld_mean"] > 2e-5 > abs(kld["int8"]["kld_mean"])
     assert load(run_dir / "nf4.json")["cost"]["weight_bytes"] < load(run_dir / "fp16.json")["cost"]["weight_bytes"]
     assert load(run_dir / "fp16.json")["backend"]["weight_dtype"] == "float32"  # fp16 on the CPU
     summary = (run_dir / "summary.md").read_text()
-    assert "| fp16 | ok |" in summary and "| nf4 | ok |" in summary and "coqa f1" in summary
+    assert "| fp16 | ok |" in summary and "| nf4 | ok |" in summary and "coqa f1" in summary and "KLD mean" in summary
     assert summary.splitlines()[0] in out  # printed to the terminal too
 
     # A second run gets the next number and leaves the first alone.
