@@ -14,24 +14,30 @@ import os
 import urllib.request
 from pathlib import Path
 
-# lm-eval 0.4.13's task definitions with the dataset swapped for a local file. Everything that
-# decides the prompt, target and metric is copied from lm_eval/tasks/<task>/*.yaml unchanged.
+# lm-eval 0.4.13's task definitions with the dataset swapped for a local file (PATH, written in
+# at run time). Everything that decides the prompt, target and metric is copied from
+# lm_eval/tasks/<task>/*.yaml unchanged; where the local file's layout differs from the hub
+# dataset's, `convert` rewrites it into the hub layout first. The tests check each task's prompts,
+# choices and targets against lm-eval's own task on the same document in the hub's layout.
+def _yaml(task, split, output_type, body, version="1.0"):
+    return (f"task: {task}_local\ndataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
+            f"    {split}: PATH\noutput_type: {output_type}\n{split}_split: {split}\n{body}"
+            f"metadata:\n  version: {version}\n")
+
+
+ACC = "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+ACC_NORM = ACC + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+EM_F1 = ("metric_list:\n  - metric: em\n    aggregation: mean\n    higher_is_better: true\n"
+         "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")
+
 LOCAL_TASKS = {
     "lambada_openai": {
         "file": "lambada/lambada_test.jsonl",
-        "yaml": """\
-task: lambada_openai_local
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: loglikelihood
-test_split: test
-doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
-doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+        "yaml": _yaml("lambada_openai", "test", "loglikelihood", """\
+doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
 should_decontaminate: true
-doc_to_decontamination_query: "{{{{text}}}}"
+doc_to_decontamination_query: "{{text}}"
 metric_list:
   - metric: perplexity
     aggregation: perplexity
@@ -39,42 +45,158 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
-""",
+"""),
+    },
+    "arc_easy": {
+        "file": "arc/ARC-Easy-Test.jsonl",
+        "yaml": _yaml("arc_easy", "test", "multiple_choice", """\
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices.label.index(answerKey)}}"
+doc_to_choice: "{{choices.text}}"
+should_decontaminate: true
+doc_to_decontamination_query: "Question: {{question}}\\nAnswer:"
+""" + ACC_NORM),
+    },
+    "piqa": {
+        "file": "piqa/valid.jsonl",
+        "yaml": _yaml("piqa", "validation", "multiple_choice", """\
+doc_to_text: "Question: {{goal}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{[sol1, sol2]}}"
+should_decontaminate: true
+doc_to_decontamination_query: goal
+""" + ACC_NORM),
+    },
+    "boolq": {
+        "file": "boolq/val.jsonl",
+        "yaml": _yaml("boolq", "validation", "multiple_choice", """\
+doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"
+doc_to_target: label
+doc_to_choice: ["no", "yes"]
+should_decontaminate: true
+doc_to_decontamination_query: passage
+metric_list:
+  - metric: acc
+""", version="2.0"),
+    },
+    "winogrande": {
+        "file": "winogrande/winogrande.jsonl",
+        "utils_file": "preprocess_winogrande.py",  # the module name lm-eval's YAML refers to
+        "utils": "from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice, doc_to_target, doc_to_text  # noqa: F401\n",
+        "yaml": _yaml("winogrande", "validation", "multiple_choice", """\
+doc_to_text: !function preprocess_winogrande.doc_to_text
+doc_to_target: !function preprocess_winogrande.doc_to_target
+doc_to_choice: !function preprocess_winogrande.doc_to_choice
+should_decontaminate: true
+doc_to_decontamination_query: sentence
+""" + ACC),
     },
     "coqa": {
         "file": "coqa",  # any official-format CoQA json in this folder
-        "yaml": """\
-task: coqa_local
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    validation: {path}
-output_type: generate_until
-validation_split: validation
+        # lm-eval's own CoQA functions, so the local task prompts and scores exactly as the hub task.
+        "utils": "from lm_eval.tasks.coqa.utils import doc_to_target, doc_to_text, process_results  # noqa: F401\n",
+        "yaml": _yaml("coqa", "validation", "generate_until", """\
 doc_to_text: !function utils.doc_to_text
 doc_to_target: !function utils.doc_to_target
 process_results: !function utils.process_results
+should_decontaminate: true
+doc_to_decontamination_query: "{{story}} {{question.input_text|join('\\n')}}"
 generation_kwargs:
   until:
     - "\\nQ:"
-metric_list:
-  - metric: em
-    aggregation: mean
-    higher_is_better: true
-  - metric: f1
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 3.0
-""",
+""" + EM_F1, version="3.0"),
+    },
+    # quantbench's own task (lm-eval has SQuAD 2.0 only): SQuAD v1.1 dev, the prompt of lm-eval's
+    # squadv2, greedy answer up to the first newline, scored with SQuAD's official EM/F1 (the best
+    # over the gold answers), whose answer normalisation CoQA's metric uses too.
+    "squad_v1": {
+        "file": "squad/dev-v1.1.json.zip",
+        "local_only": True,
+        "hub_dataset": "rajpurkar/squad",
+        "utils": "from quantbench.tasks import squad_process_results as process_results  # noqa: F401\n",
+        "yaml": _yaml("squad_v1", "validation", "generate_until", """\
+doc_to_text: "Title: {{title}}\\n\\nBackground: {{context}}\\n\\nQuestion: {{question}}\\n\\nAnswer:"
+doc_to_target: "{{answers.text[0]}}"
+process_results: !function utils.process_results
+generation_kwargs:
+  until:
+    - "\\n"
+  do_sample: false
+""" + EM_F1),
     },
 }
 
-# lm-eval's own CoQA functions, so the local task prompts and scores exactly as the hub task.
-COQA_UTILS = "from lm_eval.tasks.coqa.utils import doc_to_target, doc_to_text, process_results  # noqa: F401\n"
+
+def squad_process_results(doc, results):
+    """SQuAD v1.1's official scoring of one answer: exact match and token F1 after normalisation
+    (lower case, no punctuation, articles or extra spaces), the best over the gold answers."""
+    import transformers.data.metrics.squad_metrics as squad_metrics
+
+    pred = results[0].strip().split("\n")[0]
+    golds = doc["answers"]["text"]
+    return {"em": max(squad_metrics.compute_exact(a, pred) for a in golds),
+            "f1": max(squad_metrics.compute_f1(a, pred) for a in golds)}
+
+
+def _arc_rows(path):
+    """The official nested ARC file -> the hub's allenai/ai2_arc layout."""
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        yield {"id": d["id"], "question": d["question"]["stem"], "answerKey": d["answerKey"],
+               "choices": {"text": [c["text"] for c in d["question"]["choices"]],
+                           "label": [c["label"] for c in d["question"]["choices"]]}}
+
+
+def _piqa_rows(path):
+    """The authors' valid.jsonl and valid-labels.lst -> the hub's rows with an int `label`."""
+    labels = (Path(path).parent / "valid-labels.lst").read_text().split()
+    for line, label in zip(Path(path).read_text().splitlines(), labels, strict=True):
+        d = json.loads(line)
+        yield {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": int(label)}
+
+
+def _boolq_rows(path):
+    """SuperGLUE's BoolQ (label "true"/"false") -> aps/super_glue's rows (label 1/0)."""
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        yield {"question": d["question"], "passage": d["passage"], "idx": d["idx"],
+               "label": {"true": 1, "false": 0}[str(d["label"]).lower()]}
+
+
+def _winogrande_rows(path):
+    """The split form (two contexts, the continuation, gold 0/1) -> allenai/winogrande's rows: the
+    sentence with '_' where the options differ, option1/option2 and answer "1"/"2". lm-eval rebuilds
+    exactly the two contexts and the continuation from these."""
+    import os
+
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        a, b = d["context_options"]
+        prefix = os.path.commonprefix([a, b])
+        yield {"sentence": f"{prefix}_ {d['continuation']}", "option1": a[len(prefix):], "option2": b[len(prefix):],
+               "answer": str(d["gold"] + 1)}
+
+
+def _coqa_rows(path):
+    yield from (coqa_to_hub_layout(s) for s in json.loads(Path(path).read_text())["data"])
+
+
+def _squad_rows(path):
+    """SQuAD v1.1's official dev json (zipped) -> rajpurkar/squad's rows, one per question."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = json.loads(z.read(next(n for n in z.namelist() if n.endswith(".json"))))["data"]
+    for article in data:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                yield {"id": qa["id"], "title": article["title"], "context": para["context"], "question": qa["question"],
+                       "answers": {"text": [a["text"] for a in qa["answers"]],
+                                   "answer_start": [a["answer_start"] for a in qa["answers"]]}}
+
+
+CONVERT = {"arc_easy": _arc_rows, "piqa": _piqa_rows, "boolq": _boolq_rows, "winogrande": _winogrande_rows,
+           "coqa": _coqa_rows, "squad_v1": _squad_rows}
 
 
 def hub_reachable(timeout_s=3.0):
@@ -115,22 +237,37 @@ def _local_data(name, data_dir):
 
 
 def write_local_task(name, data_file, task_dir):
-    """Write the local YAML (and data conversion) for `name` under task_dir; returns its task name."""
+    """Write the local YAML (and the data in the hub's layout) for `name` under task_dir; returns its task name."""
     folder = Path(task_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     path = Path(data_file).resolve()
-    if name == "coqa":
-        stories = json.loads(path.read_text())["data"]
-        path = folder / "coqa_hub_layout.jsonl"
-        path.write_text("".join(json.dumps(coqa_to_hub_layout(s)) + "\n" for s in stories))
-        (folder / "utils.py").write_text(COQA_UTILS)
-    (folder / f"{name}_local.yaml").write_text(LOCAL_TASKS[name]["yaml"].format(path=json.dumps(str(path))))
+    spec = LOCAL_TASKS[name]
+    if name in CONVERT:
+        rows = CONVERT[name](path)
+        path = folder / f"{name}_hub_layout.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if "utils" in spec:
+        (folder / spec.get("utils_file", "utils.py")).write_text(spec["utils"])
+    (folder / f"{name}_local.yaml").write_text(spec["yaml"].replace("PATH", json.dumps(str(path))))
     return f"{name}_local"
 
 
 def resolve_task(name, *, data_dir, hub, task_dir):
     """How `name` will run: lm-eval's hub task, a local copy, or skipped with the reason and fix."""
-    if hub:
+    spec = LOCAL_TASKS.get(name, {})
+    if spec.get("local_only"):  # quantbench's own task: the local file, else the same set from the hub
+        data_file = _local_data(name, data_dir)
+        if data_file is not None:
+            return {"name": name, "lm_eval_task": write_local_task(name, data_file, task_dir), "source": f"local: {data_file}"}
+        if hub:
+            folder = Path(task_dir) / name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "utils.py").write_text(spec["utils"])
+            yaml = spec["yaml"].replace("dataset_path: json", f"dataset_path: {spec['hub_dataset']}")
+            yaml = yaml.replace("dataset_kwargs:\n  data_files:\n    validation: PATH\n", "")
+            (folder / f"{name}_local.yaml").write_text(yaml)
+            return {"name": name, "lm_eval_task": f"{name}_local", "source": f"hub: {spec['hub_dataset']}"}
+    elif hub:
         return {"name": name, "lm_eval_task": name, "source": "hub (lm-eval's own task)"}
     if name in LOCAL_TASKS:
         data_file = _local_data(name, data_dir)

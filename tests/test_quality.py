@@ -134,3 +134,14 @@ def test_kld_statistics_match_numpy_on_known_inputs():
     assert s["delta_p_mean_stderr"] == pytest.approx(dp.std(ddof=1) / math.sqrt(n))
     assert s["ln_ppl_ratio_mean"] == pytest.approx((lp - lq).mean())
     assert s["ppl_ratio"] == pytest.approx(math.exp(-lq.mean()) / math.exp(-lp.mean()))
+
+
+def test_lm_eval_runs_every_local_task_on_tiny_model(tiny, shared_data, tmp_path):
+    model, tokenizer = tiny
+    names = ["arc_easy", "piqa", "boolq", "winogrande", "squad_v1"]
+    resolved = [tasks.resolve_task(n, data_dir=shared_data, hub=False, task_dir=tmp_path) for n in names]
+    scores = quality.run_tasks(model, tokenizer, resolved, task_dir=tmp_path, limit=3, batch_size=4,
+                               max_length=512, max_gen_toks=8)
+    for n in names[:4]:
+        assert scores[n]["n"] == 3 and 0 <= scores[n]["acc"] <= 1 and scores[n]["acc_stderr"] >= 0, scores[n]
+    assert scores["squad_v1"]["n"] == 3 and 0 <= scores["squad_v1"]["f1"] <= 1

@@ -32,11 +32,15 @@ def test_task_without_data_is_skipped_with_the_fix(tmp_path):
     assert tasks.resolve_task("hellaswag", data_dir=None, hub=True, task_dir=tmp_path)["lm_eval_task"] == "hellaswag"
 
 
+LM_EVAL_YAML = {"lambada_openai": "lambada/lambada_openai.yaml", "coqa": "coqa/default.yaml", "arc_easy": "arc/arc_easy.yaml",
+                "piqa": "piqa/piqa.yaml", "boolq": "super_glue/boolq/default.yaml", "winogrande": "winogrande/default.yaml"}
+
+
 def _lm_eval_yaml(name):
     import lm_eval
 
     folder = Path(lm_eval.__file__).parent / "tasks"
-    path = {"lambada_openai": folder / "lambada" / "lambada_openai.yaml", "coqa": folder / "coqa" / "default.yaml"}[name]
+    path = folder / LM_EVAL_YAML[name]
     # lm-eval's YAML uses !function tags; read them as their text.
     loader = type("L", (yaml.SafeLoader,), {})
     loader.add_constructor("!function", lambda l, n: f"!function {l.construct_scalar(n)}")
@@ -45,13 +49,13 @@ def _lm_eval_yaml(name):
 
 def test_local_yaml_repeats_lm_eval_task_definition(shared_data, tmp_path):
     """Everything that shapes prompt, target and metric is lm-eval's own; only the data source differs."""
-    for name in ["lambada_openai", "coqa"]:
+    for name in LM_EVAL_YAML:
         hub, loader = _lm_eval_yaml(name)
         t = tasks.resolve_task(name, data_dir=shared_data, hub=False, task_dir=tmp_path)
         local = yaml.load((tmp_path / name / f"{name}_local.yaml").read_text(), Loader=loader)
         assert local["task"] == t["lm_eval_task"] == f"{name}_local"
-        for key in ["output_type", "doc_to_text", "doc_to_target", "metric_list", "generation_kwargs",
-                    "process_results", "metadata"]:
+        for key in ["output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "generation_kwargs",
+                    "process_results", "should_decontaminate", "doc_to_decontamination_query", "metadata"]:
             assert local.get(key) == hub.get(key), (name, key)
         assert local["dataset_path"] == "json"
 
@@ -98,3 +102,75 @@ def test_calibration_set_is_fixed_and_recorded(tiny_model_dir, shared_data, tmp_
         tasks.calibration_texts(tok, source=str(f), data_dir=None, hub=False, n_samples=1000, seq_len=512)
     with pytest.raises(FileNotFoundError, match="no calibration text"):
         tasks.calibration_texts(tok, source=None, data_dir=None, hub=False, n_samples=1, seq_len=8)
+
+
+def _first_hub_rows(data):
+    """The first document of each set as the hub dataset lm-eval's own task reads serves it, written
+    out by hand from the local file's fields (the hub's column names and types)."""
+    arc = json.loads((data / "arc" / "ARC-Easy-Test.jsonl").read_text().splitlines()[0])
+    piqa = json.loads((data / "piqa" / "valid.jsonl").read_text().splitlines()[0])
+    boolq = json.loads((data / "boolq" / "val.jsonl").read_text().splitlines()[0])
+    return {
+        "arc_easy": {"id": arc["id"], "question": arc["question"]["stem"], "answerKey": arc["answerKey"],
+                     "choices": {"text": [c["text"] for c in arc["question"]["choices"]],
+                                 "label": [c["label"] for c in arc["question"]["choices"]]}},
+        "piqa": {"goal": piqa["goal"], "sol1": piqa["sol1"], "sol2": piqa["sol2"],
+                 "label": int((data / "piqa" / "valid-labels.lst").read_text().split()[0])},
+        "boolq": {"question": boolq["question"], "passage": boolq["passage"], "idx": 0, "label": 0},  # "false" = 0
+        # allenai/winogrande (winogrande_xl, validation), its first row:
+        "winogrande": {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+                       "option1": "Sarah", "option2": "Maria", "answer": "2"},
+    }
+
+
+def test_local_tasks_build_the_same_prompts_as_lm_eval_own_tasks(shared_data, tmp_path, monkeypatch):
+    """For the first document of each set: the local task (local file, converted) and lm-eval's own
+    task definition (given the hub's row) give the same context, choices and target."""
+    import datasets
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    rows = _first_hub_rows(shared_data)
+    names = list(rows)
+    for name in names:
+        tasks.resolve_task(name, data_dir=shared_data, hub=False, task_dir=tmp_path)
+    local = get_task_dict([f"{n}_local" for n in names], TaskManager(include_path=str(tmp_path)))
+
+    def offline_download(self, dataset_kwargs=None, **kwargs):  # lm-eval's own task, fed the hub row
+        self.dataset = datasets.DatasetDict({s: datasets.Dataset.from_list([self._row])
+                                             for s in ("train", "validation", "test")})
+
+    monkeypatch.setattr(ConfigurableTask, "download", offline_download)
+    for name in names:
+        config = load_yaml(Path(lm_eval.__file__).parent / "tasks" / LM_EVAL_YAML[name])
+        config.pop("tag", None)
+        ConfigurableTask._row = rows[name]
+        own = ConfigurableTask(config=config)
+        mine = local[f"{name}_local"]
+        doc, hub_doc = next(iter(mine.eval_docs)), next(iter(own.eval_docs))
+        assert mine.doc_to_text(doc) == own.doc_to_text(hub_doc), name
+        assert mine.doc_to_choice(doc) == own.doc_to_choice(hub_doc), name
+        assert mine.doc_to_target(doc) == own.doc_to_target(hub_doc), name
+    assert own.doc_to_choice(hub_doc)[1] == "Sarah was a much better surgeon than Maria so Maria"
+
+
+def test_squad_task_prompt_and_official_scoring(shared_data, tmp_path):
+    from lm_eval.tasks.squadv2.task import SQuAD2
+
+    t = tasks.resolve_task("squad_v1", data_dir=shared_data, hub=False, task_dir=tmp_path)
+    assert t["lm_eval_task"] == "squad_v1_local" and t["source"].endswith("dev-v1.1.json.zip")
+    lines = (tmp_path / "squad_v1" / "squad_v1_hub_layout.jsonl").read_text().splitlines()
+    assert len(lines) == 10570  # every question of the dev set
+    doc = json.loads(lines[0])
+    assert doc["question"] == "Which NFL team represented the AFC at Super Bowl 50?" and doc["title"] == "Super_Bowl_50"
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    task = get_task_dict(["squad_v1_local"], TaskManager(include_path=str(tmp_path)))["squad_v1_local"]
+    local_doc = next(iter(task.eval_docs))
+    assert task.doc_to_text(local_doc) == SQuAD2.doc_to_text(None, doc)  # lm-eval's SQuAD prompt
+    # SQuAD's normalisation: case, punctuation and articles do not count; the best gold answer wins.
+    assert tasks.squad_process_results(doc, [" the denver broncos.\nQ: next"]) == {"em": 1, "f1": 1.0}
+    partial = tasks.squad_process_results(doc, ["Broncos of Denver"])
+    assert partial["em"] == 0 and 0 < partial["f1"] < 1
