@@ -137,9 +137,11 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
             result["quality_info"][x["name"]] = {"status": "skipped", "reason": x["reason"], "fix": x["fix"]}
     if runnable:
         max_length = config["max_length"] or min(positions, 2048)
-        scores = quality.run_tasks(model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
-                                   limit=config["limit"], batch_size=config["eval_batch_size"],
-                                   max_length=max_length, max_gen_toks=config["max_gen_toks"])
+        scores, per_document = quality.run_tasks(model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
+                                                 limit=config["limit"], batch_size=config["eval_batch_size"],
+                                                 max_length=max_length, max_gen_toks=config["max_gen_toks"])
+        # Each document's score, for paired differences against the baseline in the summary.
+        write_json(Path(run["run_dir"]) / f"{result['experiment']}.docs.json", per_document)
         for x in runnable:
             result["quality"][x["name"]] = scores[x["name"]]
             result["quality_info"][x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"],

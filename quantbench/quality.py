@@ -57,9 +57,12 @@ def _flatten_metrics(task_results):
 def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_length, max_gen_toks):
     """Evaluate the already-loaded model on resolved tasks with lm-eval's simple_evaluate.
 
-    Returns {user task name: {metric: value, metric_stderr: se, 'n': documents}}. lm-eval ignores
-    simple_evaluate's batch_size for a model object, so the batch size is set on HFLM itself, and
-    max_length is explicit so it never falls back to the model's full position count."""
+    Returns (scores, per_document): scores is {user task name: {metric: value, metric_stderr: se,
+    'n': documents}}; per_document is {user task name: {'doc_ids': [...], metric: [value per doc]}}
+    for the metrics lm-eval aggregates by their mean, so that two methods can be compared document
+    by document. lm-eval ignores simple_evaluate's batch_size for a model object, so the batch size
+    is set on HFLM itself, and max_length is explicit so it never falls back to the model's full
+    position count."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -69,13 +72,18 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
         else TaskManager()
     out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in tasks], limit=limit,
                           task_manager=manager, gen_kwargs={"max_gen_toks": max_gen_toks},
-                          log_samples=False, bootstrap_iters=1000, verbosity="WARNING")
-    scores = {}
+                          log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
+    scores, per_document = {}, {}
     for t in tasks:
-        metrics = _flatten_metrics(out["results"][t["lm_eval_task"]])
-        metrics["n"] = out["n-samples"][t["lm_eval_task"]]["effective"]
+        key = t["lm_eval_task"]
+        metrics = _flatten_metrics(out["results"][key])
+        metrics["n"] = out["n-samples"][key]["effective"]
         scores[t["name"]] = metrics
-    return scores
+        means = [m["metric"] for m in out["configs"][key].get("metric_list", []) if m.get("aggregation") == "mean"]
+        samples = sorted((s for s in out["samples"][key] if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
+        per_document[t["name"]] = {"doc_ids": [s["doc_id"] for s in samples],
+                                   **{m: [float(s[m]) for s in samples] for m in means if all(m in s for s in samples)}}
+    return scores, per_document
 
 
 def is_degenerate(token_ids, text):

@@ -96,6 +96,49 @@ def _baseline(results, model_name):
     return None
 
 
+NOISE_Z = 1.96  # a delta within this many standard errors of 0 is marked as noise (95%)
+
+
+def paired_difference(base, other):
+    """other - base on the documents both scored: {doc_id: value} each -> mean difference, its standard
+    error (of the per-document differences), the documents used, and whether it is within noise."""
+    import math
+    import statistics
+
+    common = sorted(set(base) & set(other))
+    if not common:
+        return None
+    d = [other[i] - base[i] for i in common]
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    noise = se is not None and abs(mean) <= NOISE_Z * se
+    return {"delta": mean, "stderr": se, "n": len(common), "within_noise": noise}
+
+
+def _documents(run_dir, result):
+    """The experiment's per-document task scores ({task: {metric: {doc_id: value}}}), or {}."""
+    path = Path(run_dir) / f"{result['experiment']}.docs.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for task, cols in read_json(path).items():
+        ids = cols.pop("doc_ids")
+        out[task] = {m: dict(zip(ids, values)) for m, values in cols.items()}
+    return out
+
+
+def _delta_cell(r, base, t, m, docs, base_docs):
+    """The task delta vs the baseline: paired on the same documents when both have per-document
+    scores (± its standard error, '(noise)' when within NOISE_Z of 0), else the plain difference."""
+    if base is None or r is base:
+        return "-"
+    pair = paired_difference(base_docs.get(t, {}).get(m, {}), docs.get(t, {}).get(m, {}))
+    if pair and pair["stderr"] is not None:
+        return f"{pair['delta']:+.4f} ± {pair['stderr']:.4f}" + (" (noise)" if pair["within_noise"] else "")
+    v, b = r.get("quality", {}).get(t, {}).get(m), base["quality"].get(t, {}).get(m)
+    return f"{v - b:+.4f}" if isinstance(v, (int, float)) and isinstance(b, (int, float)) else "-"
+
+
 def _task_columns(results):
     """(task, metric) pairs present in any result, metrics in lm-eval's order, stderr and n left out."""
     cols = []
@@ -136,10 +179,8 @@ def summary_markdown(run_dir):
         for t, m in cols:
             v, se = q.get(t, {}).get(m), q.get(t, {}).get(f"{m}_stderr")
             row.append(_num(v, "{:.4f}") + (f" ± {se:.4f}" if isinstance(se, (int, float)) else ""))
-        for t, m in cols:
-            v = q.get(t, {}).get(m)
-            b = base["quality"].get(t, {}).get(m) if base else None
-            row.append(f"{v - b:+.4f}" if isinstance(v, (int, float)) and isinstance(b, (int, float)) and r is not base else "-")
+        docs, base_docs = _documents(run_dir, r), (_documents(run_dir, base) if base else {})
+        row += [_delta_cell(r, base, t, m, docs, base_docs) for t, m in cols]
         qz = r.get("quantization") or {}
         quantize = "-" if not qz else _num(qz.get("quantize_s"), "{:.1f}") + (" (cached)" if qz.get("reused_from_cache") else "")
         row += [_mib(c.get("weight_bytes")), _mib(c.get("peak_bytes")), quantize, _num(c.get("load_s"), "{:.1f}"),
@@ -217,6 +258,10 @@ def _protocol_lines(run, results):
     for t, i in tasks.items():
         out.append(f"- {t}: lm-eval {i.get('lm_eval_task')} from {i['source']}; "
                    f"n = {i.get('n')} documents; ± is lm-eval's standard error.")
+    if tasks:
+        out.append(f"- Δ task metric: the paired difference from the baseline on the same documents, ± the standard "
+                   f"error of the per-document differences; '(noise)': within {NOISE_Z} standard errors of 0. "
+                   "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
     out.append(f"- Speed: greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 token from a "
                f"{c['prompt_tokens']}-token prompt at batch 1; decode tok/s = batch x ({c['new_tokens']} - 1) / "

@@ -59,10 +59,13 @@ def test_sanity_generation_records_prompt_and_output(tiny):
 def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path):
     model, tokenizer = tiny
     task = tasks.resolve_task("lambada_openai", data_dir=shared_data, hub=False, task_dir=tmp_path)
-    scores = quality.run_tasks(model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4,
-                               max_length=256, max_gen_toks=16)
+    scores, docs = quality.run_tasks(model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4,
+                                     max_length=256, max_gen_toks=16)
     s = scores["lambada_openai"]
     assert s["n"] == 6
+    # Per-document scores for the mean-aggregated metric (acc), not for perplexity (not a mean).
+    assert docs["lambada_openai"]["doc_ids"] == list(range(6)) and set(docs["lambada_openai"]) == {"doc_ids", "acc"}
+    assert sum(docs["lambada_openai"]["acc"]) / 6 == pytest.approx(s["acc"])
     assert 0.0 <= s["acc"] <= 1.0 and s["acc_stderr"] >= 0
     assert s["perplexity"] > 1.0
 
@@ -140,8 +143,9 @@ def test_lm_eval_runs_every_local_task_on_tiny_model(tiny, shared_data, tmp_path
     model, tokenizer = tiny
     names = ["arc_easy", "piqa", "boolq", "winogrande", "squad_v1"]
     resolved = [tasks.resolve_task(n, data_dir=shared_data, hub=False, task_dir=tmp_path) for n in names]
-    scores = quality.run_tasks(model, tokenizer, resolved, task_dir=tmp_path, limit=3, batch_size=4,
-                               max_length=512, max_gen_toks=8)
+    scores, docs = quality.run_tasks(model, tokenizer, resolved, task_dir=tmp_path, limit=3, batch_size=4,
+                                     max_length=512, max_gen_toks=8)
+    assert set(docs["squad_v1"]) == {"doc_ids", "em", "f1"} and set(docs["arc_easy"]) == {"doc_ids", "acc", "acc_norm"}
     for n in names[:4]:
         assert scores[n]["n"] == 3 and 0 <= scores[n]["acc"] <= 1 and scores[n]["acc_stderr"] >= 0, scores[n]
     assert scores["squad_v1"]["n"] == 3 and 0 <= scores["squad_v1"]["f1"] <= 1

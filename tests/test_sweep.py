@@ -50,7 +50,8 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
                     *TINY_RUN_FLAGS)
     assert code == 0, out
     run_dir = tmp_path / "r" / "run001"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["fp16.json", "int8.json", "nf4.json", "reference", "run.json",
+    assert sorted(p.name for p in run_dir.iterdir()) == ["fp16.docs.json", "fp16.json", "int8.docs.json", "int8.json",
+                                                          "nf4.docs.json", "nf4.json", "reference", "run.json",
                                                           "summary.md", "sweep.yaml", "tasks"]
     meta = load(run_dir / "run.json")
     assert meta["status"] == "finished" and meta["device"] == "cpu" and meta["config"]["limit"] == 1
@@ -76,6 +77,7 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
     summary = (run_dir / "summary.md").read_text()
     assert "| fp16 | ok |" in summary and "| nf4 | ok |" in summary and "coqa f1" in summary and "KLD mean" in summary
     assert summary.splitlines()[0] in out  # printed to the terminal too
+    assert "paired difference from the baseline" in summary
 
     # A second run gets the next number and leaves the first alone.
     code, out = run("run", "--model", str(tiny_model_dir), "--experiment", "fp16_baseline", "--tasks", "none",

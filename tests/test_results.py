@@ -1,0 +1,44 @@
+import math
+
+import numpy as np
+import pytest
+
+from quantbench import results
+
+
+def test_paired_difference_matches_numpy_and_marks_noise():
+    rng = np.random.default_rng(0)
+    base = {i: float(v) for i, v in enumerate(rng.random(500) < 0.6)}
+    worse = {i: float(v) for i, v in enumerate(rng.random(500) < 0.4)}
+    d = np.array([worse[i] - base[i] for i in range(500)])
+    p = results.paired_difference(base, worse)
+    assert p["n"] == 500 and p["delta"] == pytest.approx(d.mean())
+    assert p["stderr"] == pytest.approx(d.std(ddof=1) / math.sqrt(500))
+    assert not p["within_noise"]  # 0.6 vs 0.4 on 500 documents is real
+    # The same scores with three documents flipped: a difference well inside the noise.
+    close = dict(base)
+    for i in range(3):
+        close[i] = 1.0 - close[i]
+    assert results.paired_difference(base, close)["within_noise"]
+    # Only the documents both scored are paired.
+    assert results.paired_difference({0: 1.0, 1: 0.0}, {1: 1.0, 2: 0.0})["n"] == 1
+    assert results.paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_summary_shows_paired_deltas_with_error_bars_and_noise(tmp_path):
+    """From result files alone: deltas paired on documents, ± their standard error, noise marked."""
+    run = {"config": {"batch_sizes": [1], "prompt_tokens": 8, "repeats": 1, "new_tokens": 4, "decode_prompt_tokens": 4},
+           "environment": {"cpu_count": 2}, "device": "cpu", "started": "t", "models": [{"name": "m"}],
+           "experiments": [{"id": e} for e in ["fp16", "nf4", "int8"]]}
+    results.write_json(tmp_path / "run.json", run)
+    acc = {"fp16": [1.0] * 60 + [0.0] * 40, "nf4": [1.0] * 40 + [0.0] * 60, "int8": [1.0] * 59 + [0.0] * 41}
+    for name, values in acc.items():
+        results.write_json(tmp_path / f"{name}.json", {
+            "experiment": name, "method": name, "model": {"name": "m"}, "status": "ok", "error": None,
+            "quality": {"arc_easy": {"acc": sum(values) / 100, "acc_stderr": 0.05, "n": 100}}, "cost": {}})
+        results.write_json(tmp_path / f"{name}.docs.json", {"arc_easy": {"doc_ids": list(range(100)), "acc": values}})
+    rows = {line.split(" | ")[0][2:]: line for line in results.summary_markdown(tmp_path).splitlines()
+            if line.startswith("| ") and " | ok | " in line}
+    d = np.array(acc["nf4"]) - np.array(acc["fp16"])
+    assert f"-0.2000 ± {d.std(ddof=1) / 10:.4f} |" in rows["nf4"]  # 20 documents lost: real
+    assert "-0.0100 ± 0.0100 (noise)" in rows["int8"]              # one document lost: noise
