@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from quantbench.config import (DEFAULT_METHODS, ConfigError, RunConfig, load_sweep_file, make_experiment,
+from quantbench.config import (DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
                                parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
 from quantbench.models import ModelError
@@ -51,6 +51,9 @@ def build_parser():
     r.add_argument("--experiment", action="append", help="one method by name, the original names included; repeatable")
     r.add_argument("--all", action="store_true", default=None, help="every method that can run on this machine")
     r.add_argument("--tasks", help="comma-separated lm-eval tasks, or 'none' (default coqa)")
+    r.add_argument("--suite", choices=list(SUITES), help="a preset: quick = perplexity, KLD, lambada_openai and "
+                   "arc_easy (500 documents each); standard = perplexity, KLD, lambada_openai, arc_easy, piqa, "
+                   "boolq, winogrande and coqa (squad_v1 offline), 1000 documents each; --tasks/--limit override")
     r.add_argument("--limit", type=_limit, help="documents per task")
     r.add_argument("--data-dir", help="local evaluation data (default $QUANTBENCH_DATA_DIR)")
     r.add_argument("--out", help="folder for run folders (default results/)")
@@ -88,6 +91,11 @@ FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_
 def config_from_args(args):
     """Defaults <- sweep file <- flags, validated. Raises ConfigError."""
     values = load_sweep_file(args.config) if args.config else {}
+    suite = args.suite or values.get("suite")
+    if suite in SUITES:  # the suite's tasks and limit, unless the file or a flag names them
+        values["suite"] = suite
+        values.setdefault("tasks", list(SUITES[suite]["tasks"]))
+        values.setdefault("limit", SUITES[suite]["limit"])
     for name in FLAG_FIELDS:
         value = getattr(args, name)
         if value is not None:

@@ -55,6 +55,17 @@ class RunConfig:
     calibration: str | None = None           # GPTQ/AWQ calibration text file (None: WikiText-2 valid / c4)
     calibration_samples: int = 128
     calibration_tokens: int = 512            # tokens per calibration sample
+    suite: str | None = None                 # a preset of tasks and limit (SUITES); None: the tasks above
+
+
+# Presets that answer the question fast. Perplexity and the KL divergence run in every suite (and
+# without one); a suite sets the tasks and the documents per task, which --tasks and --limit
+# override. Offline, CoQA (one story in ../shared/data) is replaced by its stand-in, SQuAD v1.1.
+SUITES = {
+    "quick": {"tasks": ["lambada_openai", "arc_easy"], "limit": 500},
+    "standard": {"tasks": ["lambada_openai", "arc_easy", "piqa", "boolq", "winogrande", "coqa"], "limit": 1000,
+                 "offline": {"coqa": "squad_v1"}},
+}
 
 
 POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
@@ -106,6 +117,8 @@ def validate(config):
         raise ConfigError(f"--kld-ctx must be an even number of at least 4, got {config.kld_ctx!r}")
     if config.kld_tokens and config.kld_tokens < config.kld_ctx:
         raise ConfigError(f"--kld-tokens {config.kld_tokens} is less than one chunk of --kld-ctx {config.kld_ctx}")
+    if config.suite is not None and config.suite not in SUITES:
+        raise ConfigError(f"--suite must be one of {', '.join(SUITES)}, got {config.suite!r}")
     if config.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"--device must be auto, cuda or cpu, got {config.device!r}")
     if config.new_tokens < 2:
@@ -148,7 +161,7 @@ def _toml_lines(text):
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
              "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
              "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_tokens", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
-             "all", "calibration", "calibration_samples", "calibration_tokens"}
+             "all", "calibration", "calibration_samples", "calibration_tokens", "suite", "kld_tokens", "kld_ctx"}
 
 
 def load_sweep_file(path):

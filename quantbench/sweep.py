@@ -20,6 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quantbench.config import SUITES
 from quantbench.methods import BASELINE_METHODS, why_not_runnable
 from quantbench.models import model_slug, resolve_model
 from quantbench.results import environment, read_json, summary_markdown, write_json
@@ -79,7 +80,10 @@ def create_run(config, cache_dir):
     models = [resolve_model(m, cache_dir=cache_dir) for m in config.models]
     run_dir = next_run_dir(out)
     hub = hub_reachable()
-    tasks = [resolve_task(t, data_dir=config.data_dir, hub=hub, task_dir=run_dir / "tasks") for t in config.tasks]
+    names = config.tasks
+    if config.suite and not hub and names == SUITES[config.suite]["tasks"]:  # offline stand-ins: CoQA -> SQuAD v1.1
+        names = [SUITES[config.suite].get("offline", {}).get(t, t) for t in names]
+    tasks = [resolve_task(t, data_dir=config.data_dir, hub=hub, task_dir=run_dir / "tasks") for t in names]
     experiments = []
     for m in models:
         mine = []

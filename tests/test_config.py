@@ -73,3 +73,23 @@ def test_validate_rejects_duplicates_and_bad_values():
 
 def test_parse_tasks():
     assert parse_tasks("none") == [] and parse_tasks("coqa, piqa") == ["coqa", "piqa"]
+
+
+def test_suites_set_tasks_and_limit_unless_flags_do(tmp_path):
+    from quantbench.cli import build_parser, config_from_args
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["run", *argv]))
+
+    quick = config("--suite", "quick")
+    assert quick.suite == "quick" and quick.tasks == ["lambada_openai", "arc_easy"] and quick.limit == 500
+    assert quick.kld_tokens > 0  # perplexity and KLD run in every suite
+    standard = config("--suite", "standard", "--limit", "50")
+    assert standard.tasks[-1] == "coqa" and "winogrande" in standard.tasks and standard.limit == 50
+    assert config("--suite", "standard", "--tasks", "piqa").tasks == ["piqa"]
+    assert config().tasks == ["coqa"] and config().suite is None  # CoQA stays the default without a suite
+    f = tmp_path / "s.yaml"
+    f.write_text("suite: quick\nlimit: 20\n")
+    assert config("--config", str(f)).tasks == ["lambada_openai", "arc_easy"] and config("--config", str(f)).limit == 20
+    with pytest.raises(ConfigError, match="--kld-ctx"):
+        config("--kld-ctx", "511")

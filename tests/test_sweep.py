@@ -166,3 +166,21 @@ def test_group_size_that_does_not_tile_the_model_is_skipped_with_the_reason(tiny
     assert code == 0, out
     r = load(tmp_path / "r" / "run001" / "hqq-g48.json")
     assert r["status"] == "skipped" and "group size 48 does not divide" in r["error"]
+
+
+def test_standard_suite_offline_uses_squad_for_coqa_and_puts_the_baseline_first(tiny_model_dir, shared_data, tmp_path,
+                                                                                 monkeypatch):
+    import dataclasses
+
+    from quantbench import sweep
+    from quantbench.config import SUITES, RunConfig, make_experiment
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = dataclasses.replace(RunConfig(), models=[str(tiny_model_dir)], suite="standard",
+                                 tasks=list(SUITES["standard"]["tasks"]), limit=1000, data_dir=str(shared_data),
+                                 out=str(tmp_path), experiments=[make_experiment(m) for m in ["nf4", "fp16", "int8"]])
+    run = json.loads((sweep.create_run(config, tmp_path / "cache") / "run.json").read_text())
+    assert [t["name"] for t in run["tasks"]] == ["lambada_openai", "arc_easy", "piqa", "boolq", "winogrande", "squad_v1"]
+    assert all(t["source"].startswith("local:") for t in run["tasks"])
+    assert [e["id"] for e in run["experiments"]] == ["fp16", "nf4", "int8"]  # the KLD reference runs first
+    assert run["models"][0]["reference_experiment"] == "fp16"
