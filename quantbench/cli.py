@@ -71,9 +71,10 @@ def build_parser():
                    "0 for none (default 8192: 16 chunks, 4080 tokens scored)")
     r.add_argument("--kld-ctx", type=_limit, help="KLD chunk length, llama.cpp's n_ctx; the second half of "
                    "each chunk is scored (default 512)")
-    r.add_argument("--prompt-tokens", type=_limit, help="prompt length for time to first token (default 128)")
+    r.add_argument("--prompt-lengths", type=_positive_int_list, help="prompt lengths for time to first token and "
+                   "prefill tokens/s (default 128,512,2048)")
     r.add_argument("--new-tokens", type=_limit, help="tokens generated when timing decode (default 64)")
-    r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8)")
+    r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8,32)")
     r.add_argument("--repeats", type=_limit, help="timed runs per measurement, after a warm-up (default 3)")
     r.add_argument("--calibration", help="GPTQ/AWQ calibration text file (default WikiText-2 validation from "
                    "--data-dir, else c4 from the hub)")
@@ -84,7 +85,7 @@ def build_parser():
 
 
 FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
-               "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "kld_tokens", "kld_ctx", "prompt_tokens", "new_tokens",
+               "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "kld_tokens", "kld_ctx", "prompt_lengths", "new_tokens",
                "batch_sizes", "repeats", "calibration", "calibration_samples", "calibration_tokens"]
 
 

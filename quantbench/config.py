@@ -46,10 +46,10 @@ class RunConfig:
     ppl_tokens: int | None = 16384           # corpus tokens scored for perplexity (None: all)
     kld_tokens: int = 8192                   # corpus tokens for the divergence from the baseline (0: off)
     kld_ctx: int = 512                       # llama.cpp's n_ctx: chunk length; its second half is scored
-    prompt_tokens: int = 128                 # TTFT prompt length
+    prompt_lengths: list = field(default_factory=lambda: [128, 512, 2048])  # TTFT / prefill prompt lengths
     decode_prompt_tokens: int = 32
     new_tokens: int = 64                     # decode length
-    batch_sizes: list = field(default_factory=lambda: [1, 8])
+    batch_sizes: list = field(default_factory=lambda: [1, 8, 32])
     repeats: int = 3                         # timed runs per measurement, after one warm-up
     all_methods: bool = False
     calibration: str | None = None           # GPTQ/AWQ calibration text file (None: WikiText-2 valid / c4)
@@ -69,7 +69,7 @@ SUITES = {
 
 
 POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
-                 "prompt_tokens", "decode_prompt_tokens", "new_tokens", "repeats", "calibration_samples",
+                 "decode_prompt_tokens", "new_tokens", "repeats", "calibration_samples",
                  "calibration_tokens"]
 DEFAULT_METHODS = ["fp16", "nf4", "fp4"]
 
@@ -109,8 +109,10 @@ def validate(config):
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive whole number, got {value!r}")
-    if not config.batch_sizes or any(not isinstance(b, int) or b <= 0 for b in config.batch_sizes):
-        raise ConfigError(f"--batch-sizes must be positive whole numbers, got {config.batch_sizes!r}")
+    for key in ("batch_sizes", "prompt_lengths"):
+        values = getattr(config, key)
+        if not values or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive whole numbers, got {values!r}")
     if not isinstance(config.kld_tokens, int) or isinstance(config.kld_tokens, bool) or config.kld_tokens < 0:
         raise ConfigError(f"--kld-tokens must be a whole number (0 turns the divergence off), got {config.kld_tokens!r}")
     if config.kld_ctx < 4 or config.kld_ctx % 2:
@@ -160,8 +162,8 @@ def _toml_lines(text):
 
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
              "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
-             "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_tokens", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
-             "all", "calibration", "calibration_samples", "calibration_tokens", "suite", "kld_tokens", "kld_ctx"}
+             "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_lengths", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
+             "all", "calibration", "calibration_samples", "calibration_tokens", "suite"}
 
 
 def load_sweep_file(path):
@@ -202,8 +204,8 @@ def load_sweep_file(path):
                                   for i, v in enumerate(items)]
         elif k == "tasks":
             out["tasks"] = parse_tasks(value if isinstance(value, str) else ",".join(map(str, value)))
-        elif k == "batch_sizes":
-            out["batch_sizes"] = value if isinstance(value, list) else [value]
+        elif k in ("batch_sizes", "prompt_lengths"):
+            out[k] = value if isinstance(value, list) else [value]
         elif k == "all":
             out["all_methods"] = bool(value)
         else:

@@ -113,22 +113,149 @@ def prompt_batch(token_stream, batch, length):
     return token_stream[:need].view(batch, length)
 
 
+def kv_cache_bytes(config, batch, tokens, element_bytes):
+    """Bytes of the KV cache for `batch` sequences of `tokens`: K and V for every layer and key-value head."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * batch * element_bytes
+
+
+def matmul_flops_per_token(config):
+    """Multiply-add FLOPs of the model's linear layers for one token (2 per weight, lm_head included
+    even when tied to the embedding), counted on an empty copy built from the config."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(config)
+    return 2 * sum(m.weight.numel() for m in empty.modules() if isinstance(m, torch.nn.Linear))
+
+
+def attention_flops(config, prompt_tokens):
+    """FLOPs of causal attention over a prompt (QK^T and PV, half the square): 2 x 2 x layers x P^2/2 x width."""
+    width = (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) * config.num_attention_heads
+    return 2 * config.num_hidden_layers * prompt_tokens * prompt_tokens * width
+
+
+def _out_of_memory(error):
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _point(device, measure):
+    """Run one sweep point; an out-of-memory is recorded as such (and the memory given back)."""
+    try:
+        return measure()
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return {"status": "out of memory", "error": str(e).splitlines()[0][:300]}
+
+
 @torch.no_grad()
-def measure_speed(model, token_stream, *, device, pad_token_id, prompt_tokens, decode_prompt_tokens,
-                  new_tokens, batch_sizes, repeats):
-    """TTFT at prompt_tokens and decode tokens/s at each batch size; medians with their spread."""
-    ids = prompt_batch(token_stream, 1, prompt_tokens).to(model.device)
-    ttft = [t * 1000 for t in _time_generate(model, ids, 1, repeats=repeats, device=device,
-                                             pad_token_id=pad_token_id)]
-    result = {"ttft_ms": statistics.median(ttft), "ttft_prompt_tokens": prompt_tokens,
-              "decode_tok_s": {}, "timing": {"ttft_ms": _spread(ttft), "decode_tok_s": {}},
-              "new_tokens": new_tokens, "decode_prompt_tokens": decode_prompt_tokens, "repeats": repeats}
+def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, decode_prompt_tokens,
+                  new_tokens, batch_sizes, repeats, weight_bytes, rates=None):
+    """The speed sweep, eager `generate`:
+    - prefill: at each prompt length, batch 1: TTFT and prefill tokens/s (prompt / TTFT), and the
+      share of the device's measured matmul rate that the prompt's FLOPs over TTFT reach;
+    - decode: at each batch size: tokens/s, memory split into weights, KV cache and the rest (CUDA),
+      and the achieved bandwidth: bytes read per step (weights as stored + the KV cache at its mean
+      length) x steps per second, with its share of the measured copy bandwidth.
+    Medians of `repeats` runs after a warm-up. A point that runs out of memory is recorded and the
+    sweep goes on; a prompt longer than the model's context is skipped with the reason."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or 2048
+    element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    flops_per_token = matmul_flops_per_token(config)
+    peaks = []
+    result = {"prefill": {}, "decode": {}, "new_tokens": new_tokens, "decode_prompt_tokens": decode_prompt_tokens,
+              "repeats": repeats, "mode": "eager", "kv_element_bytes": element_bytes}
+
+    for p in prompt_lengths:
+        if p + 1 > positions:
+            result["prefill"][str(p)] = {"status": "skipped", "reason": f"longer than the model's {positions} positions"}
+            continue
+
+        def prefill(p=p):
+            ids = prompt_batch(token_stream, 1, p).to(model.device)
+            ttft = [t * 1000 for t in _time_generate(model, ids, 1, repeats=repeats, device=device,
+                                                     pad_token_id=pad_token_id)]
+            point = {"status": "ok", "ttft_ms": statistics.median(ttft), "timing": _spread(ttft)}
+            point["prefill_tok_s"] = p / (point["ttft_ms"] / 1000)
+            if rates and rates.get("matmul_flops"):
+                flops = flops_per_token * p + attention_flops(config, p)
+                point["matmul_share"] = flops / (point["ttft_ms"] / 1000) / rates["matmul_flops"]
+            return point
+        result["prefill"][str(p)] = _point(device, prefill)
+
     for b in batch_sizes:
-        ids = prompt_batch(token_stream, b, decode_prompt_tokens).to(model.device)
-        t_n = _time_generate(model, ids, new_tokens, repeats=repeats, device=device, pad_token_id=pad_token_id)
-        t_1 = _time_generate(model, ids, 1, repeats=repeats, device=device, pad_token_id=pad_token_id)
-        # Pair the i-th runs; the median of per-pair rates is robust to one slow run.
-        rates = [b * (new_tokens - 1) / max(tn - t1, 1e-9) for tn, t1 in zip(t_n, t_1)]
-        result["decode_tok_s"][str(b)] = statistics.median(rates)
-        result["timing"]["decode_tok_s"][str(b)] = _spread(rates)
+        def decode(b=b):
+            if device == "cuda":  # this point's own peak; the sweep's peak is kept in `peaks`
+                peaks.append(torch.cuda.max_memory_allocated())
+            reset_peak(device)
+            ids = prompt_batch(token_stream, b, decode_prompt_tokens).to(model.device)
+            t_n = _time_generate(model, ids, new_tokens, repeats=repeats, device=device, pad_token_id=pad_token_id)
+            t_1 = _time_generate(model, ids, 1, repeats=repeats, device=device, pad_token_id=pad_token_id)
+            # Pair the i-th runs; the median of per-pair rates is robust to one slow run. A pair whose
+            # N-token run was not slower than its 1-token run (noise swamped decode) is no measurement.
+            per_run = [b * (new_tokens - 1) / (tn - t1) for tn, t1 in zip(t_n, t_1) if tn > t1]
+            if not per_run:
+                return {"status": "not measurable", "error": f"generating {new_tokens} tokens took no longer than 1; "
+                                                             "raise --new-tokens or --repeats"}
+            tok_s = statistics.median(per_run)
+            kv = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens, element_bytes)
+            kv_read = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens / 2, element_bytes)
+            point = {"status": "ok", "tok_s": tok_s, "timing": _spread(per_run), "kv_cache_bytes": kv,
+                     "bytes_per_step": weight_bytes + kv_read}
+            point["achieved_bytes_s"] = point["bytes_per_step"] * tok_s / b
+            if rates and rates.get("copy_bytes_s"):
+                point["bandwidth_share"] = point["achieved_bytes_s"] / rates["copy_bytes_s"]
+            if device == "cuda":
+                peak = torch.cuda.max_memory_allocated()
+                point.update({"peak_bytes": peak, "other_bytes": peak - weight_bytes - kv})
+            return point
+        result["decode"][str(b)] = _point(device, decode)
+
+    if device == "cuda":
+        result["peak_bytes"] = max(peaks + [torch.cuda.max_memory_allocated()])
+    # The summary's columns: TTFT at the first prompt length, decode tokens/s per batch size.
+    first = result["prefill"].get(str(prompt_lengths[0]), {})
+    result["ttft_ms"], result["ttft_prompt_tokens"] = first.get("ttft_ms"), prompt_lengths[0]
+    result["decode_tok_s"] = {b: v["tok_s"] for b, v in result["decode"].items() if v.get("status") == "ok"}
     return result
+
+
+def device_rates(device):
+    """The device's measured ceilings, once per run: copy bandwidth (a 1 GiB buffer copied, read +
+    write bytes over time; 256 MiB on the CPU) and dense matmul rate (float16 8192^3 on a GPU,
+    float32 2048^3 on the CPU; 2 n^3 FLOPs over time); medians of 5 after a warm-up."""
+    def timed(fn, n=5):
+        fn()
+        sync(device)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    size = 2**30 if device == "cuda" else 2**28
+    src = torch.empty(size, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src))
+    src = dst = None  # give the buffers back before the matmul
+    n, dtype = (8192, torch.float16) if device == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_s = timed(lambda: a @ b)
+    return {"copy_bytes_s": 2 * size / copy_s, "matmul_flops": 2 * n**3 / mm_s,
+            "method": f"copy: {size // 2**20} MiB buffer, 2 x bytes / time; matmul: {str(dtype).replace('torch.', '')} "
+                      f"{n}x{n}x{n}, 2 n^3 / time; medians of 5 after a warm-up", "device": device}
+
+
+if __name__ == "__main__":  # python -m quantbench.cost cuda: the device's rates as JSON (a child of the sweep)
+    import json
+
+    print(json.dumps(device_rates(sys.argv[1])))

@@ -163,7 +163,9 @@ def measure_kld(model, tokenizer, text, corpus, run, result):
     folder = Path(run["run_dir"]) / "reference" / model_slug(model_info["name"])
     batch_size = 4 if device == "cuda" else 1
     if result["experiment"] == reference_id:
-        chunks, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=config["kld_ctx"], max_tokens=config["kld_tokens"])
+        positions = getattr(model.config, "max_position_embeddings", None) or config["kld_ctx"]
+        n_ctx = min(config["kld_ctx"], positions - positions % 2)  # a chunk must fit the model's context
+        chunks, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=n_ctx, max_tokens=config["kld_tokens"])
         quality.write_reference(model, chunks, folder, adds_bos=adds_bos, batch_size=batch_size,
                                 about={"experiment": reference_id, "corpus": corpus})
     if not (folder / "reference.json").exists():
@@ -233,13 +235,14 @@ def measure(run, exp, result, save):
     t = time.perf_counter()
     cost.reset_peak(device)
     stream = tokenizer(text[:200_000], return_tensors="pt").input_ids[0]
-    speed = cost.measure_speed(model, stream, device=device,
-                               pad_token_id=tokenizer.pad_token_id, prompt_tokens=config["prompt_tokens"],
+    speed = cost.measure_speed(model, stream, device=device, pad_token_id=tokenizer.pad_token_id,
+                               prompt_lengths=config.get("prompt_lengths") or [config["prompt_tokens"]],
                                decode_prompt_tokens=config["decode_prompt_tokens"],
                                new_tokens=config["new_tokens"], batch_sizes=config["batch_sizes"],
-                               repeats=config["repeats"])
-    result["cost"].update(speed)
+                               repeats=config["repeats"], weight_bytes=result["cost"]["weight_bytes"],
+                               rates=run.get("device_rates"))
     result["cost"].update(cost.peak_bytes(device))
+    result["cost"].update(speed)  # on a GPU its peak_bytes is the whole sweep's
     _phase(result, "speed", t, save)
 
 

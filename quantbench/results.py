@@ -144,7 +144,7 @@ def _task_columns(results):
     cols = []
     for r in results:
         for task, metrics in r.get("quality", {}).items():
-            if task == "perplexity":
+            if task in ("perplexity", "kld"):
                 continue
             for m in metrics:
                 if m == "n" or m.endswith("_stderr") or (task, m) in cols:
@@ -164,7 +164,8 @@ def summary_markdown(run_dir):
     if has_kld:
         head += ["KLD mean", "KLD p99", "same top %", "PPL(Q)/PPL(base)"]
     head += [f"{t} {m}" for t, m in cols] + [f"Δ {t} {m}" for t, m in cols]
-    head += ["weights MiB", "peak MiB", "quantize s", "load s", f"TTFT ms @{run['config']['prompt_tokens']}"]
+    first_prompt = (run["config"].get("prompt_lengths") or [run["config"].get("prompt_tokens")])[0]
+    head += ["weights MiB", "peak MiB", "quantize s", "load s", f"TTFT ms @{first_prompt}"]
     head += [f"decode tok/s b={b}" for b in batch_sizes] + ["kernel", "sanity"]
     rows = []
     for r in results:
@@ -185,7 +186,7 @@ def summary_markdown(run_dir):
         quantize = "-" if not qz else _num(qz.get("quantize_s"), "{:.1f}") + (" (cached)" if qz.get("reused_from_cache") else "")
         row += [_mib(c.get("weight_bytes")), _mib(c.get("peak_bytes")), quantize, _num(c.get("load_s"), "{:.1f}"),
                 _num(c.get("ttft_ms"), "{:.1f}")]
-        row += [_num(c.get("decode_tok_s", {}).get(b), "{:.1f}") for b in batch_sizes]
+        row += [_decode_cell(c, b) for b in batch_sizes]
         row.append(kernel_of(r) if r["status"] == "ok" else "-")
         s = r.get("sanity")
         row.append("-" if not s else ("DEGENERATE: " + s["problem"]) if s["degenerate"] else "ok")
@@ -204,6 +205,7 @@ def summary_markdown(run_dir):
     lines.append("|" + "|".join("---" for _ in head) + "|")
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     lines.append("")
+    lines += _sweep_lines(results)
     lines += _protocol_lines(run, results)
     problems = [r for r in results if r["status"] != "ok"]
     if problems:
@@ -220,6 +222,43 @@ def summary_markdown(run_dir):
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (finish with `quantbench run --resume {run_dir}`)."]
     return "\n".join(lines) + "\n"
+
+
+def _decode_cell(c, b):
+    """Decode tokens/s at batch b, with its share of the measured copy bandwidth when known."""
+    point = c.get("decode", {}).get(b, {})
+    if point.get("status") == "out of memory":
+        return "OOM"
+    cell = _num(c.get("decode_tok_s", {}).get(b), "{:.1f}")
+    return cell + (f" ({100 * point['bandwidth_share']:.0f}% BW)" if point.get("bandwidth_share") else "")
+
+
+def _sweep_lines(results):
+    """The speed sweep point by point: decode (batch sizes) and prefill (prompt lengths)."""
+    decode, prefill = [], []
+    for r in results:
+        c = r.get("cost", {})
+        for b, p in c.get("decode", {}).items():
+            if p.get("status") != "ok":
+                decode.append(f"| {r['experiment']} | {c.get('mode', 'eager')} | {b} | {p.get('status')} | - | - | - | - |")
+                continue
+            share = f"{100 * p['bandwidth_share']:.1f}" if p.get("bandwidth_share") else "-"
+            decode.append(f"| {r['experiment']} | {c.get('mode', 'eager')} | {b} | {p['tok_s']:.1f} | "
+                          f"{p['achieved_bytes_s'] / 1e9:.1f} | {share} | {_mib(p['kv_cache_bytes'])} | {_mib(p.get('peak_bytes'))} |")
+        for n, p in c.get("prefill", {}).items():
+            if p.get("status") != "ok":
+                prefill.append(f"| {r['experiment']} | {n} | {p.get('status')}: {p.get('reason', p.get('error', ''))} | - | - |")
+                continue
+            share = f"{100 * p['matmul_share']:.1f}" if p.get("matmul_share") else "-"
+            prefill.append(f"| {r['experiment']} | {n} | {p['ttft_ms']:.1f} | {p['prefill_tok_s']:.0f} | {share} |")
+    out = []
+    if decode:
+        out += ["## Decode sweep", "", "| experiment | mode | batch | tok/s | achieved GB/s | % of copy bandwidth | KV cache MiB | peak MiB |",
+                "|---|---|---|---|---|---|---|---|", *decode, ""]
+    if prefill:
+        out += ["## Prefill sweep (batch 1)", "", "| experiment | prompt tokens | TTFT ms | prefill tok/s | % of matmul rate |",
+                "|---|---|---|---|---|", *prefill, ""]
+    return out
 
 
 def _kld_cells(k):
@@ -263,9 +302,19 @@ def _protocol_lines(run, results):
                    f"error of the per-document differences; '(noise)': within {NOISE_Z} standard errors of 0. "
                    "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
-    out.append(f"- Speed: greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 token from a "
-               f"{c['prompt_tokens']}-token prompt at batch 1; decode tok/s = batch x ({c['new_tokens']} - 1) / "
-               f"(t({c['new_tokens']} tokens) - t(1 token)) from {c['decode_prompt_tokens']}-token prompts.")
+    lengths = ", ".join(str(n) for n in (c.get("prompt_lengths") or [c.get("prompt_tokens")]))
+    out.append(f"- Speed: eager `generate`, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
+               f"token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); decode tok/s = "
+               f"batch x ({c['new_tokens']} - 1) / (t({c['new_tokens']} tokens) - t(1 token)) from "
+               f"{c['decode_prompt_tokens']}-token prompts.")
+    rates = run.get("device_rates") or {}
+    if rates.get("copy_bytes_s"):
+        out.append(f"- Roofline: measured copy bandwidth {rates['copy_bytes_s'] / 1e9:.0f} GB/s and matmul rate "
+                   f"{rates['matmul_flops'] / 1e12:.1f} TFLOP/s ({rates['method']}). Decode reads every weight once a step "
+                   "plus the KV cache: achieved = (weights as stored + KV cache at its mean length) x steps/s; prefill "
+                   "FLOPs = 2 x linear weights x prompt + causal attention, over TTFT.")
+    elif rates.get("error"):
+        out.append(f"- Roofline: the device's rates could not be measured: {rates['error']}")
     cal = next((r["quantization"]["calibration"] for r in results if (r.get("quantization") or {}).get("calibration")), None)
     if cal:
         out.append(f"- Calibration (GPTQ/AWQ): {cal['samples']} samples of {cal['tokens_per_sample']} tokens from "

@@ -171,6 +171,20 @@ def _skip_unrunnable(run_dir, exp, run):
     return True
 
 
+def measure_device_rates(device):
+    """The device's copy bandwidth and matmul rate (the roofline's ceilings), measured once per run in
+    a child process so this one never holds the GPU; an error is recorded instead of the rates."""
+    import json
+
+    print("Measuring the device's copy bandwidth and matmul rate...", flush=True)
+    r = subprocess.run([sys.executable, "-m", "quantbench.cost", device], capture_output=True, text=True,
+                       timeout=600, preexec_fn=_ignore_sigint)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300], "device": device}
+
+
 def execute(run_dir):
     """Run every unfinished experiment of the run in its own process; returns the exit code."""
     run_dir = Path(run_dir)
@@ -184,6 +198,9 @@ def execute(run_dir):
     write_json(run_dir / "run.json", run)
     interrupted, child = False, None
     try:
+        if todo and "device_rates" not in run:
+            run["device_rates"] = measure_device_rates(run["device"])
+            write_json(run_dir / "run.json", run)
         for i, exp in enumerate(todo, done + 1):
             label = f"[{i}/{len(run['experiments'])}] {exp['id']} ({exp['method']} on {exp['model']})"
             if _skip_unrunnable(run_dir, exp, run):

@@ -33,13 +33,48 @@ def test_prompt_batch_is_real_text_without_padding():
     assert cost.prompt_batch(torch.arange(5), 2, 4).shape == (2, 4)  # a short stream is repeated
 
 
-def test_measure_speed_reports_medians_and_spread(tiny_model_dir):
+def test_measure_speed_sweeps_prompt_lengths_and_batch_sizes(tiny_model_dir):
     model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
-    r = cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_tokens=16,
-                           decode_prompt_tokens=8, new_tokens=5, batch_sizes=[1, 3], repeats=3)
-    assert r["ttft_ms"] > 0 and r["timing"]["ttft_ms"]["n"] == 3
-    assert r["timing"]["ttft_ms"]["min"] <= r["ttft_ms"] <= r["timing"]["ttft_ms"]["max"]
+    rates = {"copy_bytes_s": 1e10, "matmul_flops": 1e11}
+    weights = cost.weight_bytes(model)["weight_bytes"]
+    r = cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16, 64, 600],
+                           decode_prompt_tokens=8, new_tokens=5, batch_sizes=[1, 3], repeats=3,
+                           weight_bytes=weights, rates=rates)
+    p16 = r["prefill"]["16"]
+    assert p16["ttft_ms"] > 0 and p16["timing"]["n"] == 3 and p16["timing"]["min"] <= p16["ttft_ms"] <= p16["timing"]["max"]
+    assert p16["prefill_tok_s"] == pytest.approx(16 / (p16["ttft_ms"] / 1000))
+    assert 0 < p16["matmul_share"] and r["prefill"]["64"]["status"] == "ok"
+    assert r["prefill"]["600"]["status"] == "skipped" and "512 positions" in r["prefill"]["600"]["reason"]
+    assert r["ttft_ms"] == p16["ttft_ms"] and r["ttft_prompt_tokens"] == 16
     assert set(r["decode_tok_s"]) == {"1", "3"} and all(v > 0 for v in r["decode_tok_s"].values())
+    d3 = r["decode"]["3"]
+    # K and V, 2 layers, 2 KV heads of 16, 3 sequences of 8 + 5 tokens, float32 on the CPU.
+    assert d3["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 3 * 13 * 4
+    assert d3["bytes_per_step"] == weights + 2 * 2 * 2 * 16 * 3 * 10.5 * 4
+    assert d3["achieved_bytes_s"] == pytest.approx(d3["bytes_per_step"] * d3["tok_s"] / 3)
+    assert d3["bandwidth_share"] == pytest.approx(d3["achieved_bytes_s"] / 1e10)
+
+
+def test_flop_and_kv_counts_match_a_hand_count(tiny_model_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)  # hidden 64, MLP 128, 2 layers, 4 heads, 2 KV heads, vocab 400
+    per_layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * 64 * 128  # q, k and v (2 KV heads of 16), o, gate/up/down
+    assert cost.matmul_flops_per_token(config) == 2 * (2 * per_layer + 64 * config.vocab_size)
+    assert cost.attention_flops(config, 10) == 2 * 2 * 10 * 10 * 64
+
+
+def test_out_of_memory_at_one_point_is_recorded_and_the_sweep_goes_on():
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert cost._point("cpu", oom) == {"status": "out of memory", "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+    with pytest.raises(RuntimeError, match="other"):
+        cost._point("cpu", lambda: (_ for _ in ()).throw(RuntimeError("other")))
+
+
+def test_device_rates_on_the_cpu_are_positive_and_described():
+    r = cost.device_rates("cpu")
+    assert r["copy_bytes_s"] > 1e8 and r["matmul_flops"] > 1e8 and "median" in r["method"]
 
 
 def test_peak_bytes_on_cpu_is_the_process_rss():

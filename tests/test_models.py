@@ -49,7 +49,7 @@ def test_demo_end_to_end(shared_data, tmp_path):
     cache = os.environ.get("QUANTBENCH_CACHE") or str(tmp_path / "cache")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTBENCH_CACHE": cache}
     cmd = [sys.executable, "-m", "quantbench", "run", "--data-dir", str(shared_data), "--out", str(tmp_path / "r"),
-           "--limit", "1", "--ppl-tokens", "2048", "--ppl-window", "1024", "--kld-tokens", "2048", "--prompt-tokens", "32",
+           "--limit", "1", "--ppl-tokens", "2048", "--ppl-window", "1024", "--kld-tokens", "2048", "--prompt-lengths", "32",
            "--new-tokens", "8", "--batch-sizes", "1,4", "--repeats", "1", "--max-gen-toks", "16"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -116,7 +116,7 @@ def test_arch_model_run_measures_cost_and_labels_quality_skipped(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "quantbench", "run", "--model", "arch:smollm2-135m", "--methods", "fp16,nf4",
            "--tasks", "coqa", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"),
-           "--prompt-tokens", "16", "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1", "--device", "cpu"]
+           "--prompt-lengths", "16", "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run_dir = tmp_path / "r" / "run001"
