@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from quantbench.config import (DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
+from quantbench.config import (DECODE_MODE_CHOICES, DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
                                parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
 from quantbench.models import ModelError
@@ -75,6 +75,8 @@ def build_parser():
                    "prefill tokens/s (default 128,512,2048)")
     r.add_argument("--new-tokens", type=_limit, help="tokens generated when timing decode (default 64)")
     r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8,32)")
+    r.add_argument("--decode-mode", choices=DECODE_MODE_CHOICES, help="eager generate, compiled (static KV cache, "
+                   "torch.compile), or both (default auto: both on a GPU, eager on the CPU)")
     r.add_argument("--repeats", type=_limit, help="timed runs per measurement, after a warm-up (default 3)")
     r.add_argument("--calibration", help="GPTQ/AWQ calibration text file (default WikiText-2 validation from "
                    "--data-dir, else c4 from the hub)")
@@ -86,7 +88,7 @@ def build_parser():
 
 FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
                "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "kld_tokens", "kld_ctx", "prompt_lengths", "new_tokens",
-               "batch_sizes", "repeats", "calibration", "calibration_samples", "calibration_tokens"]
+               "batch_sizes", "decode_mode", "repeats", "calibration", "calibration_samples", "calibration_tokens"]
 
 
 def config_from_args(args):

@@ -50,6 +50,7 @@ class RunConfig:
     decode_prompt_tokens: int = 32
     new_tokens: int = 64                     # decode length
     batch_sizes: list = field(default_factory=lambda: [1, 8, 32])
+    decode_mode: str = "auto"                # eager, compiled, both; auto: both on a GPU, eager on the CPU
     repeats: int = 3                         # timed runs per measurement, after one warm-up
     all_methods: bool = False
     calibration: str | None = None           # GPTQ/AWQ calibration text file (None: WikiText-2 valid / c4)
@@ -66,6 +67,16 @@ SUITES = {
     "standard": {"tasks": ["lambada_openai", "arc_easy", "piqa", "boolq", "winogrande", "coqa"], "limit": 1000,
                  "offline": {"coqa": "squad_v1"}},
 }
+
+
+DECODE_MODE_CHOICES = ["auto", "eager", "compiled", "both"]
+
+
+def decode_modes(choice, device):
+    """The decode modes a run measures: 'auto' is both on a GPU and eager on the CPU."""
+    if choice == "auto":
+        return ["eager", "compiled"] if device == "cuda" else ["eager"]
+    return ["eager", "compiled"] if choice == "both" else [choice]
 
 
 POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
@@ -119,6 +130,8 @@ def validate(config):
         raise ConfigError(f"--kld-ctx must be an even number of at least 4, got {config.kld_ctx!r}")
     if config.kld_tokens and config.kld_tokens < config.kld_ctx:
         raise ConfigError(f"--kld-tokens {config.kld_tokens} is less than one chunk of --kld-ctx {config.kld_ctx}")
+    if config.decode_mode not in DECODE_MODE_CHOICES:
+        raise ConfigError(f"--decode-mode must be one of {', '.join(DECODE_MODE_CHOICES)}, got {config.decode_mode!r}")
     if config.suite is not None and config.suite not in SUITES:
         raise ConfigError(f"--suite must be one of {', '.join(SUITES)}, got {config.suite!r}")
     if config.device not in ("auto", "cuda", "cpu"):
@@ -162,7 +175,7 @@ def _toml_lines(text):
 
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
              "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
-             "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_lengths", "decode_prompt_tokens", "new_tokens", "batch_sizes", "repeats",
+             "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_lengths", "decode_prompt_tokens", "new_tokens", "batch_sizes", "decode_mode", "repeats",
              "all", "calibration", "calibration_samples", "calibration_tokens", "suite"}
 
 

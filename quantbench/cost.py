@@ -86,10 +86,16 @@ def peak_bytes(device):
     return {"peak_bytes": rss, "peak_kind": "process max RSS (CPU)"}
 
 
-def _time_generate(model, input_ids, new_tokens, *, repeats, device, pad_token_id):
+# How `generate` runs in each decode mode. compiled: a static KV cache, with which transformers
+# compiles the decoding step (torch.compile, mode "reduce-overhead": CUDA graphs) on an accelerator
+# when the model's quantizer allows it; prefill stays eager.
+DECODE_MODES = {"eager": {}, "compiled": {"cache_implementation": "static"}}
+
+
+def _time_generate(model, input_ids, new_tokens, *, repeats, device, pad_token_id, mode="eager"):
     attention_mask = torch.ones_like(input_ids)
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, pad_token_id=pad_token_id)
+                  do_sample=False, pad_token_id=pad_token_id, **DECODE_MODES[mode])
     model.generate(input_ids, **kwargs)  # warm-up
     times = []
     for _ in range(repeats):
@@ -155,8 +161,8 @@ def _point(device, measure):
 
 @torch.no_grad()
 def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, decode_prompt_tokens,
-                  new_tokens, batch_sizes, repeats, weight_bytes, rates=None):
-    """The speed sweep, eager `generate`:
+                  new_tokens, batch_sizes, repeats, weight_bytes, rates=None, decode_modes=("eager",)):
+    """The speed sweep, `generate` in each of `decode_modes` (eager; compiled: DECODE_MODES):
     - prefill: at each prompt length, batch 1: TTFT and prefill tokens/s (prompt / TTFT), and the
       share of the device's measured matmul rate that the prompt's FLOPs over TTFT reach;
     - decode: at each batch size: tokens/s, memory split into weights, KV cache and the rest (CUDA),
@@ -170,7 +176,9 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
     flops_per_token = matmul_flops_per_token(config)
     peaks = []
     result = {"prefill": {}, "decode": {}, "new_tokens": new_tokens, "decode_prompt_tokens": decode_prompt_tokens,
-              "repeats": repeats, "mode": "eager", "kv_element_bytes": element_bytes}
+              "repeats": repeats, "decode_modes": list(decode_modes), "kv_element_bytes": element_bytes}
+    if "compiled" in decode_modes:
+        result["decode_compiled"] = {}
 
     for p in prompt_lengths:
         if p + 1 > positions:
@@ -189,14 +197,15 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
             return point
         result["prefill"][str(p)] = _point(device, prefill)
 
-    for b in batch_sizes:
-        def decode(b=b):
+    for mode, b in [(m, b) for m in decode_modes for b in batch_sizes]:
+        def decode(b=b, mode=mode):
             if device == "cuda":  # this point's own peak; the sweep's peak is kept in `peaks`
                 peaks.append(torch.cuda.max_memory_allocated())
             reset_peak(device)
             ids = prompt_batch(token_stream, b, decode_prompt_tokens).to(model.device)
-            t_n = _time_generate(model, ids, new_tokens, repeats=repeats, device=device, pad_token_id=pad_token_id)
-            t_1 = _time_generate(model, ids, 1, repeats=repeats, device=device, pad_token_id=pad_token_id)
+            timed = dict(repeats=repeats, device=device, pad_token_id=pad_token_id, mode=mode)
+            t_n = _time_generate(model, ids, new_tokens, **timed)
+            t_1 = _time_generate(model, ids, 1, **timed)
             # Pair the i-th runs; the median of per-pair rates is robust to one slow run. A pair whose
             # N-token run was not slower than its 1-token run (noise swamped decode) is no measurement.
             per_run = [b * (new_tokens - 1) / (tn - t1) for tn, t1 in zip(t_n, t_1) if tn > t1]
@@ -214,16 +223,33 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
             if device == "cuda":
                 peak = torch.cuda.max_memory_allocated()
                 point.update({"peak_bytes": peak, "other_bytes": peak - weight_bytes - kv})
+            if mode == "compiled":
+                point.update(_compiled_state(model, device))
             return point
-        result["decode"][str(b)] = _point(device, decode)
+        result["decode" if mode == "eager" else f"decode_{mode}"][str(b)] = _point(device, decode)
 
     if device == "cuda":
         result["peak_bytes"] = max(peaks + [torch.cuda.max_memory_allocated()])
     # The summary's columns: TTFT at the first prompt length, decode tokens/s per batch size.
     first = result["prefill"].get(str(prompt_lengths[0]), {})
     result["ttft_ms"], result["ttft_prompt_tokens"] = first.get("ttft_ms"), prompt_lengths[0]
-    result["decode_tok_s"] = {b: v["tok_s"] for b, v in result["decode"].items() if v.get("status") == "ok"}
+    main = result["decode"] or result.get("decode_compiled", {})
+    result["decode_tok_s"] = {b: v["tok_s"] for b, v in main.items() if v.get("status") == "ok"}
     return result
+
+
+def _compiled_state(model, device):
+    """Whether transformers compiled the decoding step in the compiled mode, and if not, why."""
+    if hasattr(model, "_compiled_call"):
+        return {"compiled": True}
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        why = f"transformers does not compile this quantization ({type(quantizer).__name__}.is_compileable is False)"
+    elif device != "cuda":
+        why = "transformers compiles the decoding step on accelerators only; static KV cache, eager"
+    else:
+        why = "transformers did not compile the decoding step; static KV cache, eager"
+    return {"compiled": False, "why_not_compiled": why}
 
 
 def device_rates(device):

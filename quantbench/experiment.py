@@ -18,6 +18,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quantbench.config import decode_modes
 from quantbench.models import model_slug
 from quantbench.results import read_json, write_json
 
@@ -240,7 +241,8 @@ def measure(run, exp, result, save):
                                decode_prompt_tokens=config["decode_prompt_tokens"],
                                new_tokens=config["new_tokens"], batch_sizes=config["batch_sizes"],
                                repeats=config["repeats"], weight_bytes=result["cost"]["weight_bytes"],
-                               rates=run.get("device_rates"))
+                               rates=run.get("device_rates"),
+                               decode_modes=decode_modes(config.get("decode_mode", "eager"), device))
     result["cost"].update(cost.peak_bytes(device))
     result["cost"].update(speed)  # on a GPU its peak_bytes is the whole sweep's
     _phase(result, "speed", t, save)

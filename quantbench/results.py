@@ -238,13 +238,15 @@ def _sweep_lines(results):
     decode, prefill = [], []
     for r in results:
         c = r.get("cost", {})
-        for b, p in c.get("decode", {}).items():
-            if p.get("status") != "ok":
-                decode.append(f"| {r['experiment']} | {c.get('mode', 'eager')} | {b} | {p.get('status')} | - | - | - | - |")
-                continue
-            share = f"{100 * p['bandwidth_share']:.1f}" if p.get("bandwidth_share") else "-"
-            decode.append(f"| {r['experiment']} | {c.get('mode', 'eager')} | {b} | {p['tok_s']:.1f} | "
-                          f"{p['achieved_bytes_s'] / 1e9:.1f} | {share} | {_mib(p['kv_cache_bytes'])} | {_mib(p.get('peak_bytes'))} |")
+        for mode, points in [("eager", c.get("decode", {})), ("compiled", c.get("decode_compiled", {}))]:
+            for b, p in points.items():
+                label = mode if p.get("compiled", mode == "eager") else f"static cache, not compiled: {p.get('why_not_compiled')}"
+                if p.get("status") != "ok":
+                    decode.append(f"| {r['experiment']} | {mode} | {b} | {p.get('status')} | - | - | - | - |")
+                    continue
+                share = f"{100 * p['bandwidth_share']:.1f}" if p.get("bandwidth_share") else "-"
+                decode.append(f"| {r['experiment']} | {label} | {b} | {p['tok_s']:.1f} | {p['achieved_bytes_s'] / 1e9:.1f} | "
+                              f"{share} | {_mib(p['kv_cache_bytes'])} | {_mib(p.get('peak_bytes'))} |")
         for n, p in c.get("prefill", {}).items():
             if p.get("status") != "ok":
                 prefill.append(f"| {r['experiment']} | {n} | {p.get('status')}: {p.get('reason', p.get('error', ''))} | - | - |")
@@ -303,7 +305,9 @@ def _protocol_lines(run, results):
                    "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
     lengths = ", ".join(str(n) for n in (c.get("prompt_lengths") or [c.get("prompt_tokens")]))
-    out.append(f"- Speed: eager `generate`, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
+    modes = "eager `generate`" + (" and compiled (static KV cache; see the decode sweep)" if any(
+        r.get("cost", {}).get("decode_compiled") for r in results) else "")
+    out.append(f"- Speed: {modes}, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
                f"token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); decode tok/s = "
                f"batch x ({c['new_tokens']} - 1) / (t({c['new_tokens']} tokens) - t(1 token)) from "
                f"{c['decode_prompt_tokens']}-token prompts.")

@@ -215,6 +215,10 @@ def execute(run_dir):
             if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
                 _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
             result = read_json(run_dir / f"{exp['id']}.json")
+            run = read_json(run_dir / "run.json")  # the time of each phase of each experiment, in one place
+            run.setdefault("phases_s", {})[exp["id"]] = {**result.get("phases_s", {}),
+                                                          "total": round(time.perf_counter() - started, 3)}
+            write_json(run_dir / "run.json", run)
             extra = f": {result['error']}" if result.get("error") else ""
             print(f"{label}: {result['status']} in {time.perf_counter() - started:.1f} s{extra}", flush=True)
     except KeyboardInterrupt:

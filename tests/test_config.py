@@ -93,3 +93,12 @@ def test_suites_set_tasks_and_limit_unless_flags_do(tmp_path):
     assert config("--config", str(f)).tasks == ["lambada_openai", "arc_easy"] and config("--config", str(f)).limit == 20
     with pytest.raises(ConfigError, match="--kld-ctx"):
         config("--kld-ctx", "511")
+
+
+def test_decode_modes_auto_is_both_on_a_gpu_and_eager_on_the_cpu():
+    from quantbench.config import decode_modes
+
+    assert decode_modes("auto", "cuda") == ["eager", "compiled"] and decode_modes("auto", "cpu") == ["eager"]
+    assert decode_modes("both", "cpu") == ["eager", "compiled"] and decode_modes("compiled", "cuda") == ["compiled"]
+    with pytest.raises(ConfigError, match="--decode-mode"):
+        validate(dataclasses.replace(RunConfig(), decode_mode="fast", experiments=[make_experiment("fp16")]))

@@ -87,3 +87,25 @@ def test_peak_bytes_on_gpu_counts_an_allocation():
     cost.reset_peak("cuda")
     x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     assert cost.peak_bytes("cuda")["peak_bytes"] >= x.numel()
+
+
+def test_compiled_mode_uses_a_static_cache_and_says_whether_it_compiled(tiny_model_dir):
+    """On the CPU transformers keeps the decoding step eager even with a static cache: recorded so.
+    (On the GPU machine the same call compiles it; see the gpu test below.)"""
+    model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
+    r = cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16],
+                           decode_prompt_tokens=8, new_tokens=6, batch_sizes=[2], repeats=2,
+                           weight_bytes=1, decode_modes=("eager", "compiled"))
+    point = r["decode_compiled"]["2"]
+    assert point["status"] == "ok" and point["tok_s"] > 0 and r["decode_modes"] == ["eager", "compiled"]
+    assert point["compiled"] is False and "accelerators only" in point["why_not_compiled"]
+    assert r["decode_tok_s"]["2"] == r["decode"]["2"]["tok_s"]  # the summary's columns stay eager
+
+
+@pytest.mark.gpu
+def test_compiled_mode_compiles_the_decoding_step_on_the_gpu(tiny_model_dir):
+    model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cuda")
+    r = cost.measure_speed(model, torch.arange(3, 300), device="cuda", pad_token_id=2, prompt_lengths=[16],
+                           decode_prompt_tokens=8, new_tokens=16, batch_sizes=[1], repeats=3,
+                           weight_bytes=1, decode_modes=("compiled",))
+    assert r["decode_compiled"]["1"]["compiled"] is True and r["decode_tok_s"]["1"] > 0

@@ -56,6 +56,8 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
     meta = load(run_dir / "run.json")
     assert meta["status"] == "finished" and meta["device"] == "cpu" and meta["config"]["limit"] == 1
     assert meta["environment"]["libraries"]["transformers"] and meta["started"] <= meta["finished"]
+    assert set(meta["phases_s"]) == {"fp16", "nf4", "int8"} and meta["phases_s"]["nf4"]["kld"] > 0
+    assert meta["device_rates"]["copy_bytes_s"] > 0 and meta["device_rates"]["matmul_flops"] > 0
     for name in ["fp16", "nf4", "int8"]:
         r = load(run_dir / f"{name}.json")
         assert r["status"] == "ok" and r["error"] is None, r
