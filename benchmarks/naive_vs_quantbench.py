@@ -1,0 +1,93 @@
+"""The same comparison two ways, timed: the naive way and quantbench's way.
+
+Naive, as the course project did it: one method after another in one process, each loaded and
+evaluated with lm-eval's defaults through an HFLM at batch size 1 (no bound on generation beyond
+lm-eval's own default, max_length left to lm-eval). quantbench: `quantbench run` with its defaults
+(batched evaluation, explicit max_length and generation bound, one process per method, plus the
+perplexity, KLD and speed measurements the naive way does not make). The script checks that each
+method's task metric agrees between the two within their error bars and prints both wall times and
+their ratio. Meant for the GPU machine; on a CPU use a small --limit.
+
+    python benchmarks/naive_vs_quantbench.py --methods fp16,nf4,fp4 --task squad_v1 --metric f1 \\
+        --limit 200 --data-dir ../shared/data
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def naive(model_path, methods, task, limit, data_dir, device):
+    """One method after another, lm-eval at batch 1 with its defaults. Returns ({method: metrics}, seconds)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from quantbench import tasks
+    from quantbench.methods import METHODS
+
+    task_dir = Path(tempfile.mkdtemp())
+    t = tasks.resolve_task(task, data_dir=data_dir, hub=tasks.hub_reachable(), task_dir=task_dir)
+    if t.get("status") == "skipped":
+        sys.exit(f"naive_vs_quantbench: {task}: {t['reason']}; {t['fix']}")
+    scores, start = {}, time.perf_counter()
+    for m in methods:
+        model, _ = METHODS[m]["load"](model_path, device=device)
+        lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(model_path), batch_size=1)
+        out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"]], limit=limit,
+                              task_manager=TaskManager(include_path=str(task_dir)), verbosity="WARNING")
+        scores[m] = {k.split(",")[0]: v for k, v in out["results"][t["lm_eval_task"]].items() if "," in k}
+        del model, lm
+    return scores, time.perf_counter() - start
+
+
+def quantbench_way(model, methods, task, limit, data_dir, out):
+    """`quantbench run` with its defaults. Returns ({method: metrics}, seconds, run folder)."""
+    cmd = [sys.executable, "-m", "quantbench", "run", "--model", model, "--methods", ",".join(methods),
+           "--tasks", task, "--limit", str(limit), "--data-dir", str(data_dir), "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - start
+    run_dir = sorted(Path(out).glob("run*"))[-1]
+    return {m: json.loads((run_dir / f"{m}.json").read_text())["quality"].get(task, {}) for m in methods}, seconds, run_dir
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="fp16,nf4,fp4")
+    p.add_argument("--task", default="squad_v1", help="a CoQA-style generation task (coqa online)")
+    p.add_argument("--metric", default="f1")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="folder for quantbench's run (default: a temporary one)")
+    args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",")]
+    out = Path(args.out or tempfile.mkdtemp())
+
+    ours, ours_s, run_dir = quantbench_way(args.model, methods, args.task, args.limit, args.data_dir, out)
+    model_path = json.loads((run_dir / "run.json").read_text())["models"][0]["path"]  # the same checkpoint
+    theirs, theirs_s = naive(model_path, methods, args.task, args.limit, args.data_dir, args.device)
+
+    print(f"\n| method | naive {args.metric} | quantbench {args.metric} | difference | agree (within 2 combined s.e.) |")
+    print("|---|---|---|---|---|")
+    agree = True
+    for m in methods:
+        a, b = theirs[m].get(args.metric), ours[m].get(args.metric)
+        se = math.hypot(theirs[m].get(f"{args.metric}_stderr") or 0, ours[m].get(f"{args.metric}_stderr") or 0)
+        ok = a is not None and b is not None and abs(a - b) <= 2 * se + 1e-12
+        agree &= ok
+        print(f"| {m} | {a:.4f} | {b:.4f} | {b - a:+.4f} ± {se:.4f} | {'yes' if ok else 'NO'} |")
+    print(f"\nnaive: {theirs_s:.1f} s (evaluation only); quantbench: {ours_s:.1f} s (evaluation, perplexity, KLD, "
+          f"speed); ratio {theirs_s / ours_s:.2f}x. quantbench's run: {run_dir}")
+    sys.exit(0 if agree else 1)
+
+
+if __name__ == "__main__":
+    main()
