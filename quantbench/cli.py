@@ -83,6 +83,9 @@ def build_parser():
     r.add_argument("--calibration-samples", type=_limit, help="calibration samples (default 128)")
     r.add_argument("--calibration-tokens", type=_limit, help="tokens per calibration sample (default 512)")
     sub.add_parser("methods", help="list the quantization methods and whether each can run here")
+    rep = sub.add_parser("report", help="report.md and a self-contained report.html from one or more run folders")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", help="folder for the report (default: the first run folder)")
     return p
 
 
@@ -178,13 +181,21 @@ def cmd_methods(args):
     return 0
 
 
+def cmd_report(args):
+    from quantbench import report
+
+    md, page = report.build(args.run_dirs, args.out)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from quantbench.sweep import RunError
 
     try:
-        return cmd_run(args) if args.command == "run" else cmd_methods(args)
-    except (ConfigError, RunError, ModelError) as e:
+        return {"run": cmd_run, "methods": cmd_methods, "report": cmd_report}[args.command](args)
+    except (ConfigError, RunError, ModelError, FileNotFoundError) as e:
         print(f"quantbench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -245,6 +245,7 @@ def kld_statistics(kld, same_top, logp_target, logp_target_base):
     for name, q in [("median", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("p99_9", 99.9)]:
         out[f"kld_{name}"] = float(np.percentile(kld, q))
     out["kld_max"] = float(kld.max())
+    out["kld_percentiles"] = [float(v) for v in np.percentile(kld, range(101))]  # the distribution, for plots
     out.update({"same_top_p": float(same.mean()), "same_top_p_stderr": se(same),
                 "delta_p_mean": float(dp.mean()), "delta_p_mean_stderr": se(dp),
                 "delta_p_rms": rms, "delta_p_rms_stderr": (se(dp ** 2) / (2 * rms)) if rms > 0 and n > 1 else None,

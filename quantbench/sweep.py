@@ -233,6 +233,14 @@ def execute(run_dir):
     write_json(run_dir / "run.json", run)
     summary = summary_markdown(run_dir)
     (run_dir / "summary.md").write_text(summary)
+    try:  # the page to decide from; a failure here never costs the results
+        from quantbench import report
+
+        report_md, report_html = report.build([run_dir])
+        summary += f"\nThe page to decide from: {report_html} (and {report_md.name}).\n"
+    except Exception as e:  # noqa: BLE001 - any plotting or file error is reported, the run stands
+        print(f"quantbench: the report could not be written ({type(e).__name__}: {e}); "
+              f"the results are in {run_dir}; retry with `quantbench report {run_dir}`", file=sys.stderr)
     print("\n" + summary, flush=True)
     if interrupted:
         print(f"Stopped. Finished results are kept; continue with: quantbench run --resume {run_dir}", flush=True)

@@ -50,9 +50,11 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
                     *TINY_RUN_FLAGS)
     assert code == 0, out
     run_dir = tmp_path / "r" / "run001"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["fp16.docs.json", "fp16.json", "int8.docs.json", "int8.json",
-                                                          "nf4.docs.json", "nf4.json", "reference", "run.json",
-                                                          "summary.md", "sweep.yaml", "tasks"]
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("report-")) == [
+        "fp16.docs.json", "fp16.json", "int8.docs.json", "int8.json", "nf4.docs.json", "nf4.json", "reference",
+        "report.html", "report.md", "run.json", "summary.md", "sweep.yaml", "tasks"]
+    assert "The smallest method within noise" in (run_dir / "report.md").read_text() or \
+        "No quantized method is within noise" in (run_dir / "report.md").read_text()
     meta = load(run_dir / "run.json")
     assert meta["status"] == "finished" and meta["device"] == "cpu" and meta["config"]["limit"] == 1
     assert meta["environment"]["libraries"]["transformers"] and meta["started"] <= meta["finished"]

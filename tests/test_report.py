@@ -1,0 +1,103 @@
+"""`quantbench report` from fixture result files: failed and skipped experiments, one method alone,
+two runs side by side, and the page opened in a headless browser where one is installed."""
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from quantbench import report
+from quantbench.results import write_json
+
+
+def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "nf4", "int8", "gptq-w4g128", "awq-w4g128")):
+    folder.mkdir(parents=True)
+    write_json(folder / "run.json", {
+        "config": {"batch_sizes": [1, 8], "prompt_lengths": [128, 512], "repeats": 3, "new_tokens": 64,
+                   "decode_prompt_tokens": 32, "tasks": ["arc_easy"], "suite": None, "out": str(folder.parent)},
+        "environment": {"gpu": gpu, "cpu_count": 16, "libraries": {"transformers": transformers}},
+        "device": "cuda", "started": "2026-11-26T00:00:00+00:00", "models": [{"name": "smollm2-135m", "note": "demo weights"}],
+        "experiments": [{"id": m} for m in methods],
+        "device_rates": {"copy_bytes_s": 3.9e12, "matmul_flops": 7e14, "method": "fixture"}})
+    weights = {"fp16": 256, "nf4": 106, "int8": 156}
+    kld = {"fp16": 0.0, "nf4": 0.08, "int8": 0.004}
+    for i, m in enumerate(methods):
+        if m == "gptq-w4g128":
+            write_json(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
+                                              "status": "skipped", "error": "group size 128 does not divide 576",
+                                              "fix": "use a group size that divides 576", "quality": {}, "cost": {}})
+            continue
+        if m == "awq-w4g128":
+            write_json(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
+                                              "status": "failed", "error": "CUDA out of memory", "quality": {}, "cost": {}})
+            continue
+        ones = {"fp16": 60, "nf4": 50, "int8": 59}[m]  # nf4 loses ten documents, int8 one
+        acc = [1.0] * ones + [0.0] * (100 - ones)
+        pct = [kld[m] * q / 50 for q in range(101)]
+        write_json(folder / f"{m}.docs.json", {"arc_easy": {"doc_ids": list(range(100)), "acc": acc}})
+        write_json(folder / f"{m}.json", {
+            "experiment": m, "method": m, "model": {"name": "smollm2-135m"}, "status": "ok", "error": None,
+            "quality": {"perplexity": 19 + 5 * i, "arc_easy": {"acc": sum(acc) / 100, "acc_stderr": 0.049, "n": 100},
+                        "kld": {"kld_mean": kld[m], "kld_mean_stderr": kld[m] / 20, "same_top_p": 1 - kld[m],
+                                "kld_max": 3 * kld[m], "kld_percentiles": pct}},
+            "cost": {"weight_bytes": weights[m] * 2**20, "peak_bytes": (weights[m] + 40) * 2**20,
+                     "decode": {str(b): {"status": "ok", "tok_s": b * (50 - 5 * i), "bytes_per_step": weights[m] * 2**20}
+                                for b in (1, 8)},
+                     "decode_compiled": {"1": {"status": "ok", "tok_s": 400 - 50 * i, "compiled": True}},
+                     "prefill": {"128": {"status": "ok", "ttft_ms": 20 + i}, "512": {"status": "ok", "ttft_ms": 30 + i}}}})
+    return folder
+
+
+def test_report_of_a_run_with_failed_and_skipped_experiments(tmp_path):
+    md, page = report.build([_run(tmp_path / "run001")])
+    text = md.read_text()
+    assert "Which quantization of smollm2-135m on NVIDIA H200?" in text and "> smollm2-135m: demo weights" in text
+    # The recommendation is computed: int8 loses one document's worth (noise), nf4 loses ten (real).
+    assert "The smallest method within noise of fp16 on every task is int8 (156 MiB of weights, 61% of fp16's)." in text
+    assert "Among methods of 4 bits or fewer, nf4 has the lowest KLD (0.0800)" in text
+    # Best of each column in bold: nf4's weights, fp16's decode speed, int8's KLD (the baseline's 0 does not count).
+    nf4 = next(line for line in text.splitlines() if line.startswith("| nf4 |"))
+    int8 = next(line for line in text.splitlines() if line.startswith("| int8 |"))
+    assert "**106.0**" in nf4 and "**0.00400 ± 0.00020**" in int8 and "(noise)" in int8 and "(noise)" not in nf4
+    assert "**gptq-w4g128** (run001) skipped: group size 128 does not divide 576 Fix: use a group size" in text
+    assert "**awq-w4g128** (run001) failed: CUDA out of memory" in text
+    for name in ["quality-vs-memory", "decode-vs-batch", "kld-distribution", "ttft-vs-prompt"]:
+        assert f"(report-{name}.png)" in text and (md.parent / f"report-{name}.png").stat().st_size > 5000
+    html = page.read_text()
+    assert html.count('src="data:image/png;base64,') == 4  # plots embedded
+    assert not re.search(r'(src|href)="(https?:)?//', html) and "<script" not in html  # nothing to fetch
+
+
+def test_report_of_a_single_method(tmp_path):
+    md, page = report.build([_run(tmp_path / "run001", methods=("nf4",))])
+    text = md.read_text()
+    assert "| nf4 |" in text and "Smallest weights: nf4 (106 MiB)." in text
+    assert "within noise" not in text  # no baseline, no such claim
+
+
+def test_two_runs_side_by_side_show_how_they_differ(tmp_path):
+    a = _run(tmp_path / "h200" / "run001")
+    b = _run(tmp_path / "h100" / "run001", gpu="NVIDIA H100 80GB HBM3", transformers="5.19.0")
+    md, page = report.build([a, b], out=tmp_path / "cmp")
+    text = md.read_text()
+    assert md.parent == tmp_path / "cmp" and "| run |" in text
+    assert "| environment.gpu | NVIDIA H200 | NVIDIA H100 80GB HBM3 |" in text
+    assert "| environment.libraries.transformers | 5.17.0 | 5.19.0 |" in text
+    assert "h200/run001" in text and "h100/run001" in text  # same folder names told apart
+
+
+def test_report_command_and_a_bad_folder(tmp_path):
+    from quantbench.cli import main
+
+    assert main(["report", str(_run(tmp_path / "run001"))]) == 0
+    assert (tmp_path / "run001" / "report.html").exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package for the screenshot")
+def test_report_renders_in_a_headless_browser(tmp_path):
+    md, page = report.build([_run(tmp_path / "run001")])
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1300,3000", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 50_000  # a rendered page with its tables and plots, not a blank one
