@@ -211,6 +211,17 @@ def _figure():
     return plt.subplots(figsize=(7, 4.2))
 
 
+def _finish(fig, ax, xlabel, ylabel, title):
+    """Axes of a size sweep (log2 x), labelled, with a legend and grid; the figure as PNG bytes."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3, which="both")
+    return _png(fig)
+
+
 def _marker(r, run_labels):
     return MARKERS[run_labels.index(r["run"]) % len(MARKERS)]
 
@@ -266,14 +277,8 @@ def plot_decode_vs_batch(rows, run_labels, rates):
         if rate and steps:
             bs = sorted(steps)
             ax.plot(bs, [rate * b / steps[b] for b in bs], ":", color=color, lw=1)
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size (sequences)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title("Decode speed; dotted: bandwidth roofline of each method")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3, which="both")
-    return _png(fig)
+    return _finish(fig, ax, "batch size (sequences)", "decode tokens/s", "Decode speed; dotted: bandwidth roofline of each method")
 
 
 def plot_kld_distribution(rows, run_labels):
@@ -310,13 +315,7 @@ def plot_ttft_vs_prompt(rows, run_labels):
         ns = sorted(n for n in r["prefill"] if n)
         ax.plot(ns, [r["prefill"][n]["ttft_ms"] for n in ns], "-", marker=_marker(r, run_labels),
                 color=color_of(r["method"]), label=r["experiment"] if len(run_labels) == 1 else f"{r['run']}/{r['experiment']}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("time to first token (ms)")
-    ax.set_title("Time to first token, batch 1")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3, which="both")
-    return _png(fig)
+    return _finish(fig, ax, "prompt length (tokens)", "time to first token (ms)", "Time to first token, batch 1")
 
 
 def _flatten(d, prefix=""):
