@@ -39,7 +39,8 @@ def _limit(text):
 
 
 def _tokens(text):
-    return None if text == "all" else _limit(text)
+    """A token count, or 'all' (kept as the word until the config is built: None means 'not given')."""
+    return "all" if text == "all" else _limit(text)
 
 
 def build_parser():
@@ -67,8 +68,8 @@ def build_parser():
     r.add_argument("--max-gen-toks", type=_limit, help="bound on tokens generated per lm-eval request (default 128)")
     r.add_argument("--ppl-tokens", type=_tokens, help="corpus tokens scored for perplexity, or 'all' (default 16384)")
     r.add_argument("--ppl-window", type=_limit, help="perplexity window in tokens (default 2048)")
-    r.add_argument("--kld-tokens", type=_limit, help="corpus tokens for the KL divergence from the baseline, "
-                   "0 for none (default 8192: 16 chunks, 4080 tokens scored)")
+    r.add_argument("--kld-tokens", type=_tokens, help="corpus tokens for the KL divergence from the baseline, "
+                   "'all', or 0 for none (default 8192: 16 chunks, 4080 tokens scored)")
     r.add_argument("--kld-ctx", type=_limit, help="KLD chunk length, llama.cpp's n_ctx; the second half of "
                    "each chunk is scored (default 512)")
     r.add_argument("--prompt-lengths", type=_positive_int_list, help="prompt lengths for time to first token and "
@@ -105,7 +106,7 @@ def config_from_args(args):
     for name in FLAG_FIELDS:
         value = getattr(args, name)
         if value is not None:
-            values[name] = value
+            values[name] = None if value == "all" else value  # None: the whole corpus
     if args.model:
         values["models"] = [m.strip() for arg in args.model for m in arg.split(",") if m.strip()]
     if args.tasks is not None:

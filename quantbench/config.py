@@ -44,7 +44,7 @@ class RunConfig:
     max_gen_toks: int = 128                  # bound on generated tokens per lm-eval request
     ppl_window: int = 2048                   # perplexity window (capped at the model's positions)
     ppl_tokens: int | None = 16384           # corpus tokens scored for perplexity (None: all)
-    kld_tokens: int = 8192                   # corpus tokens for the divergence from the baseline (0: off)
+    kld_tokens: int | None = 8192            # corpus tokens for the divergence from the baseline (None: all; 0: off)
     kld_ctx: int = 512                       # llama.cpp's n_ctx: chunk length; its second half is scored
     prompt_lengths: list = field(default_factory=lambda: [128, 512, 2048])  # TTFT / prefill prompt lengths
     decode_prompt_tokens: int = 32
@@ -124,8 +124,9 @@ def validate(config):
         values = getattr(config, key)
         if not values or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):
             raise ConfigError(f"--{key.replace('_', '-')} must be positive whole numbers, got {values!r}")
-    if not isinstance(config.kld_tokens, int) or isinstance(config.kld_tokens, bool) or config.kld_tokens < 0:
-        raise ConfigError(f"--kld-tokens must be a whole number (0 turns the divergence off), got {config.kld_tokens!r}")
+    if config.kld_tokens is not None and (not isinstance(config.kld_tokens, int) or isinstance(config.kld_tokens, bool)
+                                          or config.kld_tokens < 0):
+        raise ConfigError(f"--kld-tokens must be a whole number, 'all', or 0 to turn the divergence off, got {config.kld_tokens!r}")
     if config.kld_ctx < 4 or config.kld_ctx % 2:
         raise ConfigError(f"--kld-ctx must be an even number of at least 4, got {config.kld_ctx!r}")
     if config.kld_tokens and config.kld_tokens < config.kld_ctx:
@@ -221,6 +222,8 @@ def load_sweep_file(path):
             out[k] = value if isinstance(value, list) else [value]
         elif k == "all":
             out["all_methods"] = bool(value)
+        elif k in ("ppl_tokens", "kld_tokens") and value == "all":
+            out[k] = None  # the whole corpus
         else:
             out[k] = value
     try:

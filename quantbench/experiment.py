@@ -126,7 +126,7 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
     result["quality_info"]["perplexity"] = {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **ppl}
     _phase(result, "perplexity", t, save)
 
-    if config.get("kld_tokens"):
+    if config.get("kld_tokens", 0) != 0:  # None is the whole corpus; 0 (or a run from before KLD) is off
         t = time.perf_counter()
         measure_kld(model, tokenizer, text, corpus, run, result)
         _phase(result, "kld", t, save)

@@ -102,3 +102,18 @@ def test_decode_modes_auto_is_both_on_a_gpu_and_eager_on_the_cpu():
     assert decode_modes("both", "cpu") == ["eager", "compiled"] and decode_modes("compiled", "cuda") == ["compiled"]
     with pytest.raises(ConfigError, match="--decode-mode"):
         validate(dataclasses.replace(RunConfig(), decode_mode="fast", experiments=[make_experiment("fp16")]))
+
+
+def test_all_tokens_means_the_whole_corpus():
+    from quantbench.cli import build_parser, config_from_args
+
+    c = config_from_args(build_parser().parse_args(["run", "--ppl-tokens", "all", "--kld-tokens", "all"]))
+    assert c.ppl_tokens is None and c.kld_tokens is None
+    c = config_from_args(build_parser().parse_args(["run", "--kld-tokens", "0"]))
+    assert c.kld_tokens == 0 and c.ppl_tokens == 16384
+
+
+def test_all_tokens_in_a_sweep_file(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("ppl_tokens: all\nkld_tokens: all\n")
+    assert load_sweep_file(f) == {"ppl_tokens": None, "kld_tokens": None}
