@@ -174,7 +174,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
     positions = getattr(config, "max_position_embeddings", None) or 2048
     element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
     flops_per_token = matmul_flops_per_token(config)
-    peaks = []
+    peaks, compile_error = [], None
     result = {"prefill": {}, "decode": {}, "new_tokens": new_tokens, "decode_prompt_tokens": decode_prompt_tokens,
               "repeats": repeats, "decode_modes": list(decode_modes), "kv_element_bytes": element_bytes}
     if "compiled" in decode_modes:
@@ -226,7 +226,18 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
             if mode == "compiled":
                 point.update(_compiled_state(model, device))
             return point
-        result["decode" if mode == "eager" else f"decode_{mode}"][str(b)] = _point(device, decode)
+        key = "decode" if mode == "eager" else f"decode_{mode}"
+        if mode == "compiled" and compile_error:
+            result[key][str(b)] = {"status": "failed", "error": compile_error}
+            continue
+        try:
+            result[key][str(b)] = _point(device, decode)
+        except Exception as e:  # noqa: BLE001 - a kernel torch.compile cannot trace: say so, keep the rest
+            if mode != "compiled":
+                raise
+            compile_error = f"compiled decode failed at batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            result[key][str(b)] = {"status": "failed", "error": compile_error}
+            gc.collect()
 
     if device == "cuda":
         result["peak_bytes"] = max(peaks + [torch.cuda.max_memory_allocated()])

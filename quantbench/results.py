@@ -242,7 +242,8 @@ def _sweep_lines(results):
             for b, p in points.items():
                 label = mode if p.get("compiled", mode == "eager") else f"static cache, not compiled: {p.get('why_not_compiled')}"
                 if p.get("status") != "ok":
-                    decode.append(f"| {r['experiment']} | {mode} | {b} | {p.get('status')} | - | - | - | - |")
+                    why = f": {p['error']}" if p.get("error") else ""
+                    decode.append(f"| {r['experiment']} | {mode} | {b} | {p.get('status')}{why} | - | - | - | - |")
                     continue
                 share = f"{100 * p['bandwidth_share']:.1f}" if p.get("bandwidth_share") else "-"
                 decode.append(f"| {r['experiment']} | {label} | {b} | {p['tok_s']:.1f} | {p['achieved_bytes_s'] / 1e9:.1f} | "

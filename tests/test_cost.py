@@ -109,3 +109,21 @@ def test_compiled_mode_compiles_the_decoding_step_on_the_gpu(tiny_model_dir):
                            decode_prompt_tokens=8, new_tokens=16, batch_sizes=[1], repeats=3,
                            weight_bytes=1, decode_modes=("compiled",))
     assert r["decode_compiled"]["1"]["compiled"] is True and r["decode_tok_s"]["1"] > 0
+
+
+def test_a_compiled_mode_that_fails_is_recorded_and_the_eager_points_stand(tiny_model_dir, monkeypatch):
+    model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        if kwargs.get("cache_implementation") == "static":
+            raise RuntimeError("torch._dynamo hit an untraceable kernel")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    r = cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16],
+                           decode_prompt_tokens=8, new_tokens=4, batch_sizes=[1, 2], repeats=1,
+                           weight_bytes=1, decode_modes=("eager", "compiled"))
+    assert r["decode"]["1"]["status"] == "ok" and r["decode"]["2"]["status"] == "ok"
+    assert r["decode_compiled"]["1"] == r["decode_compiled"]["2"] == {
+        "status": "failed", "error": "compiled decode failed at batch 1: RuntimeError: torch._dynamo hit an untraceable kernel"}
