@@ -76,8 +76,8 @@ def build_parser():
                    "prefill tokens/s (default 128,512,2048)")
     r.add_argument("--new-tokens", type=_limit, help="tokens generated when timing decode (default 64)")
     r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8,32)")
-    r.add_argument("--decode-mode", choices=DECODE_MODE_CHOICES, help="eager generate, compiled (static KV cache, "
-                   "torch.compile), or both (default auto: both on a GPU, eager on the CPU)")
+    r.add_argument("--decode-mode", choices=DECODE_MODE_CHOICES, help="eager generate (default), compiled (static "
+                   "KV cache, torch.compile: one compilation per method and batch size), or both")
     r.add_argument("--repeats", type=_limit, help="timed runs per measurement, after a warm-up (default 3)")
     r.add_argument("--calibration", help="GPTQ/AWQ calibration text file (default WikiText-2 validation from "
                    "--data-dir, else c4 from the hub)")

@@ -242,7 +242,7 @@ def measure(run, exp, result, save):
                                new_tokens=config["new_tokens"], batch_sizes=config["batch_sizes"],
                                repeats=config["repeats"], weight_bytes=result["cost"]["weight_bytes"],
                                rates=run.get("device_rates"),
-                               decode_modes=decode_modes(config.get("decode_mode", "eager"), device))
+                               decode_modes=decode_modes(config.get("decode_mode", "eager")))
     result["cost"].update(cost.peak_bytes(device))
     result["cost"].update(speed)  # on a GPU its peak_bytes is the whole sweep's
     _phase(result, "speed", t, save)
