@@ -95,13 +95,16 @@ def summary_table(rows, several_runs):
     batches = sorted({b for r in ok for b in r["decode"]})
     head = (["run"] if several_runs else []) + ["experiment", "KLD mean", "same top %", "perplexity"]
     head += task_cols + [f"Δ {t}" for t in task_cols] + ["weights MiB", "peak MiB"]
-    head += [f"decode tok/s b={b}" for b in batches] + ["compiled tok/s b=1", "TTFT ms"]
+    compiled = any(r["decode_compiled"].get(1) for r in ok)
+    head += [f"decode tok/s b={b}" for b in batches] + (["compiled tok/s b=1"] if compiled else [])
+    shortest = min((n for r in ok for n in r["prefill"] if n), default=None)
+    head += [f"TTFT ms @{shortest}" if shortest else "TTFT ms"]
 
     def kld(r):
         return r["kld"]["kld_mean"] if r["kld"] else None
 
     def first_ttft(r):
-        return r["prefill"][min(r["prefill"])]["ttft_ms"] if r["prefill"] else None
+        return r["prefill"][min(r["prefill"])]["ttft_ms"] if r["prefill"] else None  # the shortest prompt
 
     # The baseline's KLD is 0 by construction: the best KLD is among the other methods.
     columns = [("KLD mean", lambda r: None if r["is_baseline"] else kld(r), min),
@@ -141,8 +144,9 @@ def summary_table(rows, several_runs):
         for b in batches:
             v = r["decode"].get(b, {}).get("tok_s")
             cells.append("-" if v is None else cell(f"decode tok/s b={b}", v, f"{v:.1f}"))
-        v = r["decode_compiled"].get(1, {}).get("tok_s")
-        cells.append("-" if v is None else cell("compiled tok/s b=1", v, f"{v:.1f}"))
+        if compiled:
+            v = r["decode_compiled"].get(1, {}).get("tok_s")
+            cells.append("-" if v is None else cell("compiled tok/s b=1", v, f"{v:.1f}"))
         v = first_ttft(r)
         cells.append("-" if v is None else cell("TTFT ms", v, f"{v:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")
