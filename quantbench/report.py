@@ -296,7 +296,8 @@ def plot_kld_distribution(rows, run_labels):
     for r in ok:
         p = r["kld"]["kld_percentiles"]
         stats.append({"med": p[50], "q1": p[25], "q3": p[75], "whislo": p[5], "whishi": p[95],
-                      "fliers": [p[99], r["kld"]["kld_max"]], "label": r["experiment"]})
+                      "fliers": [p[99], r["kld"]["kld_max"]],
+                      "label": r["experiment"] if len(run_labels) == 1 else f"{r['run']}/{r['experiment']}"})
     boxes = ax.bxp(stats, showfliers=True, patch_artist=True)
     for patch, r in zip(boxes["boxes"], ok):
         patch.set_facecolor(color_of(r["method"]))
@@ -348,8 +349,9 @@ def build(run_dirs, out=None):
     out = Path(out) if out else Path(runs[0][0])
     out.mkdir(parents=True, exist_ok=True)
     several = len(runs) > 1
-    labels = [d.name if not several or d.name not in [x.name for x, _, _ in runs[:i]] else f"{d.parent.name}/{d.name}"
-              for i, (d, _, _) in enumerate(runs)]
+    names = [d.name for d, _, _ in runs]
+    clash = len(set(names)) < len(names)  # run001 of two output folders: name them by folder too
+    labels = [f"{d.parent.name}/{d.name}" if clash else d.name for d, _, _ in runs]
     rows, rates = [], {}
     for label, (d, run, results) in zip(labels, runs):
         rows += rows_of(label, run, results)
@@ -366,13 +368,14 @@ def build(run_dirs, out=None):
              ("kld-distribution", "KL divergence per token", plot_kld_distribution(rows, labels)),
              ("ttft-vs-prompt", "Time to first token against prompt length", plot_ttft_vs_prompt(rows, labels))]
     problems = [r for r in rows if r["status"] != "ok"]
-    notes = [f"{m['name']}: {m['note']}" for _, run, _ in runs for m in run["models"] if m.get("note")]
+    notes = list(dict.fromkeys(f"{m['name']}: {m['note']}" for _, run, _ in runs for m in run["models"] if m.get("note")))
     diffs = differences(runs) if several else []
-    advice = recommendation(rows)
+    advice = [recommendation(rows)] if not several else [
+        f"{label}: {recommendation([r for r in rows if r['run'] == label])}" for label in labels]  # a paragraph per run
 
     md = [f"# quantbench report: {', '.join(labels)}", "", question, ""]
     md += [f"> {n}" for n in notes] + ([""] if notes else [])
-    md += ["## Recommendation", "", advice, "", "## Comparison", "",
+    md += ["## Recommendation", ""] + [line for paragraph in advice for line in (paragraph, "")] + ["## Comparison", "",
            "Best value of each column in bold. ± is a standard error; Δ is the paired difference from the baseline on "
            "the same documents, '(noise)' when within 1.96 standard errors.", "",
            "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *table, ""]

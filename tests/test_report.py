@@ -84,6 +84,9 @@ def test_two_runs_side_by_side_show_how_they_differ(tmp_path):
     assert "| environment.gpu | NVIDIA H200 | NVIDIA H100 80GB HBM3 |" in text
     assert "| environment.libraries.transformers | 5.17.0 | 5.19.0 |" in text
     assert "h200/run001" in text and "h100/run001" in text  # same folder names told apart
+    assert text.count("> smollm2-135m: demo weights") == 1
+    assert "h200/run001: The smallest method within noise of fp16" in text  # a recommendation per run
+    assert "h100/run001: The smallest method within noise of fp16" in text
 
 
 def test_report_command_and_a_bad_folder(tmp_path):
