@@ -119,11 +119,14 @@ def prompt_batch(token_stream, batch, length):
     return token_stream[:need].view(batch, length)
 
 
+def _head_dim(config):
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_cache_bytes(config, batch, tokens, element_bytes):
     """Bytes of the KV cache for `batch` sequences of `tokens`: K and V for every layer and key-value head."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * batch * element_bytes
+    return 2 * config.num_hidden_layers * kv_heads * _head_dim(config) * tokens * batch * element_bytes
 
 
 def matmul_flops_per_token(config):
@@ -138,20 +141,16 @@ def matmul_flops_per_token(config):
 
 def attention_flops(config, prompt_tokens):
     """FLOPs of causal attention over a prompt (QK^T and PV, half the square): 2 x 2 x layers x P^2/2 x width."""
-    width = (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) * config.num_attention_heads
+    width = _head_dim(config) * config.num_attention_heads
     return 2 * config.num_hidden_layers * prompt_tokens * prompt_tokens * width
-
-
-def _out_of_memory(error):
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def _point(device, measure):
     """Run one sweep point; an out-of-memory is recorded as such (and the memory given back)."""
     try:
         return measure()
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; so are some kernels' own OOM errors
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
             raise
         gc.collect()
         if device == "cuda":

@@ -10,9 +10,7 @@ measured; at the end the status becomes "ok", "failed" or "skipped".
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -20,7 +18,7 @@ from pathlib import Path
 
 from quantbench.config import decode_modes
 from quantbench.models import model_slug
-from quantbench.results import read_json, write_json
+from quantbench.results import atomic_folder, read_json, write_json
 
 
 def now():
@@ -84,21 +82,15 @@ def quantized_checkpoint(run, exp, model_info, result, save):
         info = read_json(record)
         info["reused_from_cache"] = True
     else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
-        cost.reset_peak(device)
-        t = time.perf_counter()
-        try:
+        with atomic_folder(dst) as tmp:  # no half-written checkpoint is ever left in the cache
+            cost.reset_peak(device)
+            t = time.perf_counter()
             m["quantize"](model_info["path"], str(tmp), device=device, calibration=calibration,
                           trust_remote_code=config["trust_remote_code"], **exp["settings"])
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left in the cache
-            raise
-        info = {"quantize_s": round(time.perf_counter() - t, 3), "quantize_peak_bytes": cost.peak_bytes(device)["peak_bytes"],
-                "calibration": calibration_info, "settings": settings, "key": key, "made": now()}
-        write_json(tmp / "quantbench-quantized.json", info)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
+            info = {"quantize_s": round(time.perf_counter() - t, 3),
+                    "quantize_peak_bytes": cost.peak_bytes(device)["peak_bytes"],
+                    "calibration": calibration_info, "settings": settings, "key": key, "made": now()}
+            write_json(tmp / "quantbench-quantized.json", info)
         info["reused_from_cache"] = False
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -128,7 +120,7 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
 
     if config.get("kld_tokens", 0) != 0:  # None is the whole corpus; 0 (or a run from before KLD) is off
         t = time.perf_counter()
-        measure_kld(model, tokenizer, text, corpus, run, result)
+        measure_kld(model, tokenizer, text, corpus, run, result, positions=positions)
         _phase(result, "kld", t, save)
 
     t = time.perf_counter()
@@ -152,7 +144,7 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
     _phase(result, "tasks", t, save)
 
 
-def measure_kld(model, tokenizer, text, corpus, run, result):
+def measure_kld(model, tokenizer, text, corpus, run, result, *, positions):
     """The KL divergence from the model's baseline. The baseline experiment first writes the reference
     (its log-probabilities on the scored tokens) into the run folder; every experiment of the model,
     the baseline included (which must give exactly 0), is then compared with it."""
@@ -164,7 +156,6 @@ def measure_kld(model, tokenizer, text, corpus, run, result):
     folder = Path(run["run_dir"]) / "reference" / model_slug(model_info["name"])
     batch_size = 4 if device == "cuda" else 1
     if result["experiment"] == reference_id:
-        positions = getattr(model.config, "max_position_embeddings", None) or config["kld_ctx"]
         n_ctx = min(config["kld_ctx"], positions - positions % 2)  # a chunk must fit the model's context
         chunks, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=n_ctx, max_tokens=config["kld_tokens"])
         quality.write_reference(model, chunks, folder, adds_bos=adds_bos, batch_size=batch_size,

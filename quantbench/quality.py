@@ -11,10 +11,14 @@ window predicts its tokens 2..window.
 """
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from quantbench.results import atomic_folder
 
 SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
@@ -154,19 +158,9 @@ def _scored_logprobs(model, chunks, batch_size):
 
 def write_reference(model, chunks, folder, *, adds_bos, batch_size=1, about=None):
     """Write the baseline's scored log-probabilities into `folder` (made atomically); returns its info."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
-
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        n_ctx = chunks.shape[1]
-        per_chunk = n_ctx - 1 - n_ctx // 2
+    n_ctx = chunks.shape[1]
+    per_chunk = n_ctx - 1 - n_ctx // 2
+    with atomic_folder(folder) as tmp:
         logprobs, top1, lp_target, row = None, [], [], 0
         for logp, top, lpt in tqdm(_scored_logprobs(model, chunks, batch_size), desc="kld reference",
                                    total=-(-len(chunks) // batch_size), leave=False):
@@ -186,20 +180,11 @@ def write_reference(model, chunks, folder, *, adds_bos, batch_size=1, about=None
                 "storage": "log-probabilities as float16 (2 bytes x vocabulary per scored token)",
                 "bytes": sum((tmp / f).stat().st_size for f in REFERENCE_FILES[:2]), **(about or {})}
         (tmp / "reference.json").write_text(json.dumps(info, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
 def compare_to_reference(model, folder, *, batch_size=1):
     """The method's divergence from the baseline reference in `folder`, token by token, summarised."""
-    from pathlib import Path
-
-    import numpy as np
-
     folder = Path(folder)
     info = json.loads((folder / "reference.json").read_text())
     base = np.load(folder / "logprobs.npy", mmap_mode="r")
@@ -228,8 +213,6 @@ def kld_statistics(kld, same_top, logp_target, logp_target_base):
     error, median, 90/95/99/99.9th percentiles (numpy's linear interpolation) and maximum; the share of
     tokens whose top-1 token agrees with the baseline's; the change in the probability of the true
     next token (mean and RMS); PPL of both on the scored tokens, their ratio and mean log ratio."""
-    import numpy as np
-
     kld = np.asarray(kld, dtype=np.float64)
     n = kld.size
 

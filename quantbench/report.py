@@ -15,8 +15,8 @@ import html
 import io
 from pathlib import Path
 
-from quantbench.methods import BASELINE_METHODS, METHODS
-from quantbench.results import _documents, load_experiments, paired_difference
+from quantbench.methods import METHODS
+from quantbench.results import baseline, documents, load_experiments, paired_difference
 
 # One colour per method, fixed by the method's place in METHODS (matplotlib's tab20, then grey).
 TAB20 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -39,14 +39,9 @@ def load_runs(run_dirs):
             raise FileNotFoundError(f"{d} is not a quantbench run folder (no run.json)")
         run, results = load_experiments(d)
         for r in results:
-            r["_docs"] = _documents(d, r)
+            r["_docs"] = documents(d, r)
         runs.append((d, run, results))
     return runs
-
-
-def _baseline(results, model):
-    return next((r for r in results if r["model"]["name"] == model and r["method"] in BASELINE_METHODS
-                 and r["status"] == "ok"), None)
 
 
 def rows_of(label, run, results):
@@ -54,7 +49,7 @@ def rows_of(label, run, results):
     rows = []
     for r in results:
         q, c = r.get("quality", {}), r.get("cost", {})
-        base = _baseline(results, r["model"]["name"])
+        base = baseline(results, r["model"]["name"])
         row = {"run": label, "experiment": r["experiment"], "method": r["method"], "model": r["model"]["name"],
                "status": r["status"], "error": r.get("error"), "fix": r.get("fix"), "is_baseline": r is base,
                "weights_mib": c.get("weight_bytes", 0) / 2**20 if c.get("weight_bytes") else None,

@@ -1,4 +1,4 @@
-"""Result files: atomic JSON writes, the environment record, and the summary table.
+"""Result files: atomic JSON and folder writes, the environment record, and the summary table.
 
 A run folder holds `run.json` (config as used, environment, experiments, times), one
 `<experiment>.json` per experiment, and `summary.md`, the comparison table built from those files.
@@ -8,9 +8,11 @@ A run folder holds `run.json` (config as used, environment, experiments, times),
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 LIBRARIES = ["torch", "transformers", "accelerate", "bitsandbytes", "lm_eval", "datasets",
@@ -25,6 +27,27 @@ def write_json(path, data):
         json.dump(data, f, indent=1, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_folder(dst):
+    """Fill a temporary folder beside `dst`; when the block ends it replaces `dst` in one rename, so a
+    half-written folder (a checkpoint, a reference) is never taken for a finished one. On an error
+    the temporary folder is removed and `dst` is left as it was.
+
+        with atomic_folder(cache / "model") as tmp:
+            model.save_pretrained(tmp)
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 def read_json(path):
@@ -87,7 +110,8 @@ def load_experiments(run_dir):
     return run, results
 
 
-def _baseline(results, model_name):
+def baseline(results, model_name):
+    """The model's first finished fp16/bf16 result: what deltas are measured against (None if none)."""
     from quantbench.methods import BASELINE_METHODS
 
     for r in results:
@@ -115,7 +139,7 @@ def paired_difference(base, other):
     return {"delta": mean, "stderr": se, "n": len(common), "within_noise": noise}
 
 
-def _documents(run_dir, result):
+def documents(run_dir, result):
     """The experiment's per-document task scores ({task: {metric: {doc_id: value}}}), or {}."""
     path = Path(run_dir) / f"{result['experiment']}.docs.json"
     if not path.exists():
@@ -167,9 +191,10 @@ def summary_markdown(run_dir):
     first_prompt = (run["config"].get("prompt_lengths") or [run["config"].get("prompt_tokens")])[0]
     head += ["weights MiB", "peak MiB", "quantize s", "load s", f"TTFT ms @{first_prompt}"]
     head += [f"decode tok/s b={b}" for b in batch_sizes] + ["kernel", "sanity"]
+    docs = {r["experiment"]: documents(run_dir, r) for r in results}  # each file read once
     rows = []
     for r in results:
-        base = _baseline(results, r["model"]["name"])
+        base = baseline(results, r["model"]["name"])
         q, c = r.get("quality", {}), r.get("cost", {})
         ppl = q.get("perplexity")
         base_ppl = base["quality"].get("perplexity") if base else None
@@ -180,8 +205,8 @@ def summary_markdown(run_dir):
         for t, m in cols:
             v, se = q.get(t, {}).get(m), q.get(t, {}).get(f"{m}_stderr")
             row.append(_num(v, "{:.4f}") + (f" ± {se:.4f}" if isinstance(se, (int, float)) else ""))
-        docs, base_docs = _documents(run_dir, r), (_documents(run_dir, base) if base else {})
-        row += [_delta_cell(r, base, t, m, docs, base_docs) for t, m in cols]
+        base_docs = docs[base["experiment"]] if base else {}
+        row += [_delta_cell(r, base, t, m, docs[r["experiment"]], base_docs) for t, m in cols]
         qz = r.get("quantization") or {}
         quantize = "-" if not qz else _num(qz.get("quantize_s"), "{:.1f}") + (" (cached)" if qz.get("reused_from_cache") else "")
         row += [_mib(c.get("weight_bytes")), _mib(c.get("peak_bytes")), quantize, _num(c.get("load_s"), "{:.1f}"),

@@ -215,7 +215,7 @@ def execute(run_dir):
             if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
                 _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
             result = read_json(run_dir / f"{exp['id']}.json")
-            run = read_json(run_dir / "run.json")  # the time of each phase of each experiment, in one place
+            # The time of each phase of each experiment, in one place (only this process writes run.json).
             run.setdefault("phases_s", {})[exp["id"]] = {**result.get("phases_s", {}),
                                                           "total": round(time.perf_counter() - started, 3)}
             write_json(run_dir / "run.json", run)

@@ -11,6 +11,7 @@ results say which one ran.
 """
 import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -237,45 +238,43 @@ def _local_data(name, data_dir):
 
 
 def write_local_task(name, data_file, task_dir):
-    """Write the local YAML (and the data in the hub's layout) for `name` under task_dir; returns its task name."""
+    """Write the YAML for `name` under task_dir, with its data in the hub's layout beside it; with
+    data_file None, pointed at the task's hub dataset instead (quantbench's own tasks, online).
+    Returns the lm-eval task name."""
     folder = Path(task_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    path = Path(data_file).resolve()
     spec = LOCAL_TASKS[name]
-    if name in CONVERT:
-        rows = CONVERT[name](path)
-        path = folder / f"{name}_hub_layout.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if data_file is None:
+        data = re.search(r"dataset_kwargs:\n  data_files:\n    \w+: PATH\n", spec["yaml"]).group(0)
+        yaml = spec["yaml"].replace("dataset_path: json", f"dataset_path: {spec['hub_dataset']}").replace(data, "")
+    else:
+        path = Path(data_file).resolve()
+        if name in CONVERT:
+            rows = CONVERT[name](path)
+            path = folder / f"{name}_hub_layout.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        yaml = spec["yaml"].replace("PATH", json.dumps(str(path)))
     if "utils" in spec:
         (folder / spec.get("utils_file", "utils.py")).write_text(spec["utils"])
-    (folder / f"{name}_local.yaml").write_text(spec["yaml"].replace("PATH", json.dumps(str(path))))
+    (folder / f"{name}_local.yaml").write_text(yaml)
     return f"{name}_local"
 
 
 def resolve_task(name, *, data_dir, hub, task_dir):
-    """How `name` will run: lm-eval's hub task, a local copy, or skipped with the reason and fix."""
-    spec = LOCAL_TASKS.get(name, {})
-    if spec.get("local_only"):  # quantbench's own task: the local file, else the same set from the hub
-        data_file = _local_data(name, data_dir)
-        if data_file is not None:
-            return {"name": name, "lm_eval_task": write_local_task(name, data_file, task_dir), "source": f"local: {data_file}"}
-        if hub:
-            folder = Path(task_dir) / name
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "utils.py").write_text(spec["utils"])
-            yaml = spec["yaml"].replace("dataset_path: json", f"dataset_path: {spec['hub_dataset']}")
-            yaml = yaml.replace("dataset_kwargs:\n  data_files:\n    validation: PATH\n", "")
-            (folder / f"{name}_local.yaml").write_text(yaml)
-            return {"name": name, "lm_eval_task": f"{name}_local", "source": f"hub: {spec['hub_dataset']}"}
-    elif hub:
+    """How `name` will run: lm-eval's hub task, a local copy, or skipped with the reason and fix.
+    quantbench's own tasks (no lm-eval task of that name) prefer the local file, else the hub's set."""
+    spec = LOCAL_TASKS.get(name)
+    own = bool(spec and spec.get("local_only"))
+    if hub and not own:
         return {"name": name, "lm_eval_task": name, "source": "hub (lm-eval's own task)"}
-    if name in LOCAL_TASKS:
-        data_file = _local_data(name, data_dir)
-        if data_file is not None:
-            task = write_local_task(name, data_file, task_dir)
-            return {"name": name, "lm_eval_task": task, "source": f"local: {data_file}"}
-        fix = (f"pass --data-dir (or set QUANTBENCH_DATA_DIR) to a folder holding {LOCAL_TASKS[name]['file']}"
-               if data_dir is None else f"{Path(data_dir) / LOCAL_TASKS[name]['file']} is missing")
+    data_file = _local_data(name, data_dir) if spec else None
+    if data_file is not None:
+        return {"name": name, "lm_eval_task": write_local_task(name, data_file, task_dir), "source": f"local: {data_file}"}
+    if hub:
+        return {"name": name, "lm_eval_task": write_local_task(name, None, task_dir), "source": f"hub: {spec['hub_dataset']}"}
+    if spec:
+        fix = (f"pass --data-dir (or set QUANTBENCH_DATA_DIR) to a folder holding {spec['file']}"
+               if data_dir is None else f"{Path(data_dir) / spec['file']} is missing")
     else:
         fix = ("connect to the Hugging Face hub; quantbench has local copies only of "
                + ", ".join(LOCAL_TASKS))
