@@ -266,6 +266,7 @@ def _sweep_lines(results):
         for mode, points in [("eager", c.get("decode", {})), ("compiled", c.get("decode_compiled", {}))]:
             for b, p in points.items():
                 label = mode if p.get("compiled", mode == "eager") else f"static cache, not compiled: {p.get('why_not_compiled')}"
+                label += " (past transformers' quantizer gate)" if p.get("note") else ""
                 if p.get("status") != "ok":
                     why = f": {p['error']}" if p.get("error") else ""
                     decode.append(f"| {r['experiment']} | {mode} | {b} | {p.get('status')}{why} | - | - | - | - |")

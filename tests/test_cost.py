@@ -111,6 +111,39 @@ def test_compiled_mode_compiles_the_decoding_step_on_the_gpu(tiny_model_dir):
     assert r["decode_compiled"]["1"]["compiled"] is True and r["decode_tok_s"]["1"] > 0
 
 
+def test_compiled_mode_opens_transformers_quantizer_gate_only_while_it_generates(tiny_model_dir, monkeypatch):
+    """bitsandbytes is a quantizer transformers will not compile; compiled mode hides it from the
+    check during its own generate calls and puts it back."""
+    pytest.importorskip("bitsandbytes")
+    model, _ = methods.METHODS["nf4"]["load"](tiny_model_dir, device="cpu")
+    quantizer, seen = model.hf_quantizer, []
+    assert not quantizer.is_compileable
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        seen.append((kwargs.get("cache_implementation"), model.hf_quantizer))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16],
+                       decode_prompt_tokens=8, new_tokens=4, batch_sizes=[1], repeats=1,
+                       weight_bytes=1, decode_modes=("eager", "compiled"))
+    assert {(c, q is None) for c, q in seen} == {(None, False), ("static", True)}
+    assert model.hf_quantizer is quantizer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_compiled_mode_compiles_a_bitsandbytes_model_or_says_why(tiny_model_dir, method):
+    model, _ = methods.METHODS[method]["load"](tiny_model_dir, device="cuda")
+    r = cost.measure_speed(model, torch.arange(3, 300), device="cuda", pad_token_id=2, prompt_lengths=[16],
+                           decode_prompt_tokens=8, new_tokens=16, batch_sizes=[1], repeats=3,
+                           weight_bytes=1, decode_modes=("compiled",))
+    point = r["decode_compiled"]["1"]
+    assert (point["status"] == "ok" and point["compiled"] is True and "not compileable" in point["note"]) or \
+        (point["status"] == "failed" and point["error"].startswith("compiled decode failed")), point
+
+
 def test_a_compiled_mode_that_fails_is_recorded_and_the_eager_points_stand(tiny_model_dir, monkeypatch):
     model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
     real = model.generate
