@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from quantbench.config import (DECODE_MODE_CHOICES, DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
+from quantbench.config import (BACKEND_CHOICES, DECODE_MODE_CHOICES, DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
                                parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
 from quantbench.models import ModelError
@@ -61,6 +61,10 @@ def build_parser():
     r.add_argument("--resume", help="a run folder to finish")
     r.add_argument("--config", help="a YAML or TOML sweep file")
     r.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    r.add_argument("--backend", choices=BACKEND_CHOICES, help="where experiments run: here (local, default), on a Ray "
+                   "cluster (ray: one experiment per GPU), or on Modal's cloud GPUs (modal); results land here either way")
+    r.add_argument("--ray-address", help="an existing Ray cluster (default $RAY_ADDRESS, else a local one is started)")
+    r.add_argument("--gpu", help="Modal's card for --backend modal (default A100; H100, L40S, A10G, T4, ...)")
     r.add_argument("--cache-dir", help="demo, arch: and quantized checkpoints (default $QUANTBENCH_CACHE or ~/.cache/quantbench)")
     r.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code to run")
     r.add_argument("--eval-batch-size", type=_limit, help="lm-eval batch size (default 16)")
@@ -76,8 +80,9 @@ def build_parser():
                    "prefill tokens/s (default 128,512,2048)")
     r.add_argument("--new-tokens", type=_limit, help="tokens generated when timing decode (default 64)")
     r.add_argument("--batch-sizes", type=_positive_int_list, help="decode batch sizes (default 1,8,32)")
-    r.add_argument("--decode-mode", choices=DECODE_MODE_CHOICES, help="eager generate (default), compiled (static "
-                   "KV cache, torch.compile: one compilation per method and batch size), or both")
+    r.add_argument("--decode-mode", choices=DECODE_MODE_CHOICES, help="eager generate (default), compiled (greedy "
+                   "loop with a static KV cache and a torch.compile'd step, CUDA graphs on a GPU: one compilation per "
+                   "method and batch size), or both")
     r.add_argument("--repeats", type=_limit, help="timed runs per measurement, after a warm-up (default 3)")
     r.add_argument("--calibration", help="GPTQ/AWQ calibration text file (default WikiText-2 validation from "
                    "--data-dir, else c4 from the hub)")
@@ -92,7 +97,8 @@ def build_parser():
 
 FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
                "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "kld_tokens", "kld_ctx", "prompt_lengths", "new_tokens",
-               "batch_sizes", "decode_mode", "repeats", "calibration", "calibration_samples", "calibration_tokens"]
+               "batch_sizes", "decode_mode", "repeats", "calibration", "calibration_samples", "calibration_tokens",
+               "backend", "ray_address", "gpu"]
 
 
 def config_from_args(args):
@@ -134,17 +140,53 @@ def config_from_args(args):
     return config
 
 
+def execute(run_dir, backend, *, ray_address=None, gpu=None):
+    """Run the run folder's unfinished experiments here, on Ray or on Modal."""
+    from quantbench import sweep
+
+    if backend == "local":
+        return sweep.execute(run_dir)
+    _need(backend)
+    from quantbench import remote
+
+    if backend == "ray":
+        return remote.execute_ray(run_dir, ray_address)
+    from quantbench.modal_app import DEFAULT_GPU
+
+    return remote.execute_modal(run_dir, gpu or DEFAULT_GPU)
+
+
+def _need(backend):
+    """The backend's library, or a clear error saying how to install it."""
+    import importlib.util
+
+    if importlib.util.find_spec(backend) is None:
+        raise ConfigError(f"--backend {backend} needs the {backend} package: pip install 'quantbench[{backend}]'")
+
+
 def cmd_run(args):
     from quantbench import sweep
 
     if args.resume:
         sweep.check_resumable(args.resume)
-        return sweep.execute(Path(args.resume))
+        config = sweep.read_json(Path(args.resume) / "run.json")["config"]  # how it ran, unless a flag says otherwise
+        backend = args.backend or config.get("backend", "local")
+        return execute(Path(args.resume), backend, ray_address=args.ray_address or config.get("ray_address"),
+                       gpu=args.gpu or config.get("gpu"))
     config = config_from_args(args)
+    device = None
+    if config.backend != "local":  # the experiments see the cluster's device, not this machine's
+        _need(config.backend)
+        from quantbench import remote
+
+        device = remote.cluster_device(config.backend, ray_address=config.ray_address, gpu=config.gpu or "default")
     if config.all_methods:
-        device = sweep.resolve_device(config.device)
         have = {e["name"] for e in config.experiments}
-        config.experiments += [make_experiment(n) for n in METHODS if n not in have and why_not_runnable(n, device) is None]
+        if device is None:
+            device = sweep.resolve_device(config.device)
+            config.experiments += [make_experiment(n) for n in METHODS if n not in have and why_not_runnable(n, device) is None]
+        else:  # a missing library is found (and recorded as skipped) on the worker
+            config.experiments += [make_experiment(n) for n in METHODS if n not in have and (device == "cuda" or not METHODS[n]["gpu"])]
     if config.tasks:
         from quantbench.tasks import known_task_names
 
@@ -155,11 +197,11 @@ def cmd_run(args):
                               "(lm-eval's `lm_eval ls tasks` lists them), or 'none'")
     cache_dir = Path(config.cache_dir or os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser().resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = sweep.create_run(config, cache_dir)
+    run_dir = sweep.create_run(config, cache_dir, device=device)
     if args.config:
         shutil.copy(args.config, run_dir / ("sweep" + Path(args.config).suffix))
     print(f"Run folder: {run_dir}", flush=True)
-    return sweep.execute(run_dir)
+    return execute(run_dir, config.backend, ray_address=config.ray_address, gpu=config.gpu)
 
 
 def cmd_methods(args):

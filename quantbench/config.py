@@ -59,6 +59,9 @@ class RunConfig:
     calibration_samples: int = 128
     calibration_tokens: int = 512            # tokens per calibration sample
     suite: str | None = None                 # a preset of tasks and limit (SUITES); None: the tasks above
+    backend: str = "local"                   # where experiments run: local, ray, modal (BACKEND_CHOICES)
+    ray_address: str | None = None           # an existing Ray cluster (None: $RAY_ADDRESS, else a local one)
+    gpu: str | None = None                   # Modal's card (None: modal_app.DEFAULT_GPU)
 
 
 # Presets that answer the question fast. Perplexity and the KL divergence run in every suite (and
@@ -72,6 +75,7 @@ SUITES = {
 
 
 DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
+BACKEND_CHOICES = ["local", "ray", "modal"]
 
 
 def decode_modes(choice):
@@ -137,6 +141,12 @@ def validate(config):
         raise ConfigError(f"--suite must be one of {', '.join(SUITES)}, got {config.suite!r}")
     if config.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"--device must be auto, cuda or cpu, got {config.device!r}")
+    if config.backend not in BACKEND_CHOICES:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {config.backend!r}")
+    if config.ray_address and config.backend != "ray":
+        raise ConfigError("--ray-address is for --backend ray")
+    if config.gpu and config.backend != "modal":
+        raise ConfigError("--gpu picks Modal's card; it is for --backend modal (locally and on Ray every visible GPU is used)")
     if config.new_tokens < 2:
         raise ConfigError("--new-tokens must be at least 2 (decode speed excludes the first token)")
     names = [e["name"] for e in config.experiments]
@@ -177,7 +187,7 @@ def _toml_lines(text):
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
              "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
              "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_lengths", "decode_prompt_tokens", "new_tokens", "batch_sizes", "decode_mode", "repeats",
-             "all", "calibration", "calibration_samples", "calibration_tokens", "suite"}
+             "all", "calibration", "calibration_samples", "calibration_tokens", "suite", "backend", "ray_address", "gpu"}
 
 
 def load_sweep_file(path):

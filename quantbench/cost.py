@@ -5,13 +5,13 @@ the same number of tokens; one warm-up run before each measurement, the GPU sync
 every clock read, `repeats` runs, the median reported with min and max.
 - TTFT at prompt length P, batch 1: the time of `generate(max_new_tokens=1)`: prefill plus the
   first token, what a user waits before the first token appears.
-- Decode tokens/s at batch B: with a prompt of `decode_prompt_tokens`, time `generate` for N new
-  tokens (t_N) and for 1 (t_1); decode rate = B * (N - 1) / (t_N - t_1), so prefill is excluded.
+- Decode tokens/s at batch B: with a prompt of `decode_prompt_tokens`, time generating N new tokens
+  (t_N) and 1 (t_1), with `generate` (eager) or `greedy_static` (compiled); decode rate =
+  B * (N - 1) / (t_N - t_1), so prefill is excluded.
 
     >>> weight_bytes(model)
     {'weight_bytes': 109777792, 'memory_footprint_bytes': 109777792, 'quant_state_bytes': 2965504}
 """
-import contextlib
 import gc
 import resource
 import statistics
@@ -87,43 +87,59 @@ def peak_bytes(device):
     return {"peak_bytes": rss, "peak_kind": "process max RSS (CPU)"}
 
 
-# How `generate` runs in each decode mode. compiled: a static KV cache, with which transformers
-# compiles the decoding step (torch.compile, mode "reduce-overhead": CUDA graphs) on an accelerator;
-# prefill stays eager.
-DECODE_MODES = {"eager": {}, "compiled": {"cache_implementation": "static"}}
+# The two decode modes. eager: plain `generate`, what a user gets by default. compiled: what the
+# hardware allows: greedy decoding with a static KV cache, the prefill eager and then one
+# torch.compile'd forward per token (mode "reduce-overhead": CUDA graphs), the next token picked on
+# the GPU, with no per-step host synchronisation, logits processors or stopping checks (the Python
+# work that `generate` does between steps and that dominates a small model's step).
 
 
-@contextlib.contextmanager
-def _quantizer_gate_open(model):
-    """transformers compiles the decoding step only for the quantizers it marks compileable (torchao,
-    fp8, ...); bitsandbytes, GPTQ and HQQ are unmarked, though their kernels may compile. To measure
-    what the hardware allows, compiled mode hides the quantizer from `generate`'s check while it runs
-    (the weights and kernels are untouched); a kernel torch.compile cannot handle then fails, and the
-    failure is recorded."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or quantizer.is_compileable:
-        yield
-        return
-    model.hf_quantizer = None
-    try:
-        yield
-    finally:
-        model.hf_quantizer = quantizer
+def greedy_static(model, input_ids, new_tokens, *, step, cache):
+    """Greedy decoding of `new_tokens` with the static KV cache `cache` (reset first): prefill eager,
+    then `step` (the model, compiled or not) once per further token. Returns the new tokens."""
+    cache.reset()
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    token = logits[:, -1:].argmax(-1)
+    out = [token]
+    for _ in range(new_tokens - 1):
+        if input_ids.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        token = step(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        out.append(token)
+    return torch.cat(out, dim=1)
 
 
-def _time_generate(model, input_ids, new_tokens, *, repeats, device, pad_token_id, mode="eager"):
-    attention_mask = torch.ones_like(input_ids)
-    kwargs = dict(attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, pad_token_id=pad_token_id, **DECODE_MODES[mode])
-    with _quantizer_gate_open(model) if mode == "compiled" else contextlib.nullcontext():
-        model.generate(input_ids, **kwargs)  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            model.generate(input_ids, **kwargs)
-            sync(device)
-            times.append(time.perf_counter() - t0)
+def compiled_step(model, device):
+    """The decoding step of compiled mode: the model compiled for static shapes with CUDA graphs on
+    a GPU; on the CPU the model itself (recorded as not compiled)."""
+    if device != "cuda":
+        return model
+    return torch.compile(model, mode="reduce-overhead", dynamic=False)
+
+
+def static_cache(model, length):
+    """A static KV cache of `length` positions (allocated at its first use, for the batch it meets)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def _time_generate(model, input_ids, new_tokens, *, repeats, device, pad_token_id, mode="eager", step=None, cache=None):
+    if mode == "eager":
+        def run():
+            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
+    else:
+        def run():
+            greedy_static(model, input_ids, new_tokens, step=step, cache=cache)
+    run()  # warm-up (in compiled mode also the compilation and the CUDA graph capture)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
     return times
 
 
@@ -181,7 +197,7 @@ def _point(device, measure):
 @torch.no_grad()
 def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, decode_prompt_tokens,
                   new_tokens, batch_sizes, repeats, weight_bytes, rates=None, decode_modes=("eager",)):
-    """The speed sweep, `generate` in each of `decode_modes` (eager; compiled: DECODE_MODES):
+    """The speed sweep, in each of `decode_modes` (eager `generate`; compiled: `greedy_static`):
     - prefill: at each prompt length, batch 1: TTFT and prefill tokens/s (prompt / TTFT), and the
       share of the device's measured matmul rate that the prompt's FLOPs over TTFT reach;
     - decode: at each batch size: tokens/s, memory split into weights, KV cache and the rest (CUDA),
@@ -194,6 +210,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
     element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
     flops_per_token = matmul_flops_per_token(config)
     peaks, compile_error = [], None
+    step = compiled_step(model, device) if "compiled" in decode_modes else None
     result = {"prefill": {}, "decode": {}, "new_tokens": new_tokens, "decode_prompt_tokens": decode_prompt_tokens,
               "repeats": repeats, "decode_modes": list(decode_modes), "kv_element_bytes": element_bytes}
     if "compiled" in decode_modes:
@@ -222,7 +239,9 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
                 peaks.append(torch.cuda.max_memory_allocated())
             reset_peak(device)
             ids = prompt_batch(token_stream, b, decode_prompt_tokens).to(model.device)
-            timed = dict(repeats=repeats, device=device, pad_token_id=pad_token_id, mode=mode)
+            timed = dict(repeats=repeats, device=device, pad_token_id=pad_token_id, mode=mode, step=step)
+            if mode == "compiled":
+                timed["cache"] = static_cache(model, decode_prompt_tokens + new_tokens)
             t_n = _time_generate(model, ids, new_tokens, **timed)
             t_1 = _time_generate(model, ids, 1, **timed)
             # Pair the i-th runs; the median of per-pair rates is robust to one slow run. A pair whose
@@ -244,6 +263,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
                 point.update({"peak_bytes": peak, "other_bytes": peak - weight_bytes - kv})
             if mode == "compiled":
                 point.update(_compiled_state(model, device))
+                timed["cache"] = None  # give its memory back before the next point
             return point
         key = "decode" if mode == "eager" else f"decode_{mode}"
         if mode == "compiled" and compile_error:
@@ -269,18 +289,14 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
 
 
 def _compiled_state(model, device):
-    """Whether transformers compiled the decoding step in the compiled mode, and if not, why."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if hasattr(model, "_compiled_call"):
-        if quantizer is not None and not quantizer.is_compileable:
-            return {"compiled": True, "note": f"transformers marks {type(quantizer).__name__} not compileable; "
-                                              "quantbench compiled it anyway (what the kernels allow)"}
-        return {"compiled": True}
+    """Whether compiled mode compiled the step, and what transformers' own `generate` would do."""
     if device != "cuda":
-        why = "transformers compiles the decoding step on accelerators only; static KV cache, eager"
-    else:
-        why = "transformers did not compile the decoding step; static KV cache, eager"
-    return {"compiled": False, "why_not_compiled": why}
+        return {"compiled": False, "why_not_compiled": "compiled on GPUs only (CUDA graphs); static KV cache, eager step"}
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        return {"compiled": True, "note": f"transformers' generate would not compile this quantization "
+                                          f"({type(quantizer).__name__}.is_compileable is False)"}
+    return {"compiled": True}
 
 
 def device_rates(device):

@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 
 from quantbench.methods import METHODS
-from quantbench.results import baseline, documents, load_experiments, paired_difference
+from quantbench.results import baseline, documents, held_beyond_weights, load_experiments, paired_difference
 
 # One colour per method, fixed by the method's place in METHODS (matplotlib's tab20, then grey).
 TAB20 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -374,6 +374,12 @@ def build(run_dirs, out=None):
            "Best value of each column in bold. ± is a standard error; Δ is the paired difference from the baseline on "
            "the same documents, '(noise)' when within 1.96 standard errors.", "",
            "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *table, ""]
+    held = [f"{r['experiment']}" + (f" ({label})" if several else "") + f" +{extra / 2**20:.0f} MiB"
+            for label, (_, _, results) in zip(labels, runs) for r in results
+            if (extra := held_beyond_weights(r.get("cost", {}))) is not None]
+    if held:
+        md += ["Held after loading beyond the weights' count (kernel workspaces or repacked copies the loaded layers "
+               "keep outside their parameters; part of the peak): " + ", ".join(held) + ".", ""]
     if problems:
         md += ["## Failed and skipped", ""]
         md += [f"- **{r['experiment']}** ({r['run']}) {r['status']}: {r['error']}" + (f" Fix: {r['fix']}" if r.get("fix") else "")

@@ -266,7 +266,7 @@ def _sweep_lines(results):
         for mode, points in [("eager", c.get("decode", {})), ("compiled", c.get("decode_compiled", {}))]:
             for b, p in points.items():
                 label = mode if p.get("compiled", mode == "eager") else f"static cache, not compiled: {p.get('why_not_compiled')}"
-                label += " (past transformers' quantizer gate)" if p.get("note") else ""
+                label += " (generate would not compile it)" if p.get("note") else ""
                 if p.get("status") != "ok":
                     why = f": {p['error']}" if p.get("error") else ""
                     decode.append(f"| {r['experiment']} | {mode} | {b} | {p.get('status')}{why} | - | - | - | - |")
@@ -332,7 +332,7 @@ def _protocol_lines(run, results):
                    "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
     lengths = ", ".join(str(n) for n in (c.get("prompt_lengths") or [c.get("prompt_tokens")]))
-    modes = "eager `generate`" + (" and compiled (static KV cache; see the decode sweep)" if any(
+    modes = "eager `generate`" + (" and compiled (greedy loop, static KV cache, compiled step with CUDA graphs; see the decode sweep)" if any(
         r.get("cost", {}).get("decode_compiled") for r in results) else "")
     out.append(f"- Speed: {modes}, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
                f"token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); decode tok/s = "
@@ -355,4 +355,18 @@ def _protocol_lines(run, results):
     out.append("- Weights: bytes as stored, quantization scales included (bitsandbytes, HQQ; torchao tensors by their parts). "
                "Peak: " + (results[0].get("cost", {}).get("peak_kind", "-") if results else "-")
                + " during the speed measurement (the quality evaluation's peak is `peak_eval_bytes` in the JSON).")
+    held = [f"{r['experiment']} +{_mib(extra)} MiB" for r in results
+            if (extra := held_beyond_weights(r.get("cost", {}))) is not None]
+    if held:
+        out.append("- Held after loading beyond the weights' count (GPU memory allocated once the load is done and "
+                   "garbage collected, minus the weights as stored: kernel workspaces or repacked copies the "
+                   "loaded layers keep outside their parameters; it counts in the peak): " + ", ".join(held) + ".")
     return out
+
+
+def held_beyond_weights(cost):
+    """Bytes the loaded model holds beyond its weights as counted, when more than 5% (CUDA only)."""
+    resident, weights = cost.get("resident_after_load_bytes"), cost.get("weight_bytes")
+    if resident is None or not weights or resident - weights <= 0.05 * weights:
+        return None
+    return resident - weights

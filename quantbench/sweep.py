@@ -72,11 +72,12 @@ def check_writable(out):
         raise RunError(f"cannot write results to {out}: no write permission on {existing}; pass another --out")
 
 
-def create_run(config, cache_dir):
-    """Resolve models and tasks, make the run folder and write run.json; returns the folder."""
+def create_run(config, cache_dir, device=None):
+    """Resolve models and tasks, make the run folder and write run.json; returns the folder.
+    `device`: the workers' device when the experiments run elsewhere (Ray, Modal)."""
     out = Path(config.out)
     check_writable(out)
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     models = [resolve_model(m, cache_dir=cache_dir) for m in config.models]
     run_dir = next_run_dir(out)
     hub = hub_reachable()
@@ -155,8 +156,33 @@ def _record_unfinished(run_dir, exp, run, status, error, duration):
 
 def _ignore_sigint():
     """In the child, before Python starts: Ctrl-C is the parent's to handle (it stops the child
-    itself), so an interrupt never lands half-way through an import or a file write there."""
+    itself), so an interrupt never lands half-way through an import or a file write there. On Linux
+    the child is also killed when its parent dies (a Ray worker lost mid-experiment, say), so no
+    orphan keeps the GPU."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_child(run_dir, exp, run, env=None):
+    """Run one experiment in its own process (`python -m quantbench.experiment RUN_DIR ID`) and return
+    its result; a child that ends without one is recorded as failed with the reason, and Ctrl-C
+    stops it, records it as interrupted and propagates."""
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
+                             preexec_fn=_ignore_sigint, env=env)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        _record_unfinished(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
+        raise
+    if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
+        _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
+    return read_json(run_dir / f"{exp['id']}.json")
 
 
 def _skip_unrunnable(run_dir, exp, run):
@@ -185,10 +211,8 @@ def measure_device_rates(device):
         return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300], "device": device}
 
 
-def execute(run_dir):
-    """Run every unfinished experiment of the run in its own process; returns the exit code."""
-    run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json")
+def unfinished(run_dir, run):
+    """The experiments still to run, after saying how many are done; marks the run as running."""
     todo = [e for e in run["experiments"] if _status_of(run_dir, e["id"]) not in FINISHED]
     done = len(run["experiments"]) - len(todo)
     if done:
@@ -196,7 +220,22 @@ def execute(run_dir):
     # The folder may have moved since it was made; the experiments read their task files from here.
     run.update(status="running", resumed=now() if done else None, run_dir=str(run_dir.resolve()))
     write_json(run_dir / "run.json", run)
-    interrupted, child = False, None
+    return todo
+
+
+def record_phases(run_dir, run, exp, result, seconds):
+    """The time of each phase of each experiment, in run.json (only the launching process writes it)."""
+    run.setdefault("phases_s", {})[exp["id"]] = {**result.get("phases_s", {}), "total": round(seconds, 3)}
+    write_json(run_dir / "run.json", run)
+
+
+def execute(run_dir):
+    """Run every unfinished experiment of the run in its own process; returns the exit code."""
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    todo = unfinished(run_dir, run)
+    done = len(run["experiments"]) - len(todo)
+    interrupted = False
     try:
         if todo and "device_rates" not in run:
             run["device_rates"] = measure_device_rates(run["device"])
@@ -208,26 +247,17 @@ def execute(run_dir):
                 continue
             print(f"{label}: running", flush=True)
             started = time.perf_counter()
-            child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
-                                     preexec_fn=_ignore_sigint)
-            code = child.wait()
-            child = None
-            if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
-                _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
-            result = read_json(run_dir / f"{exp['id']}.json")
-            # The time of each phase of each experiment, in one place (only this process writes run.json).
-            run.setdefault("phases_s", {})[exp["id"]] = {**result.get("phases_s", {}),
-                                                          "total": round(time.perf_counter() - started, 3)}
-            write_json(run_dir / "run.json", run)
+            result = run_child(run_dir, exp, run)
+            record_phases(run_dir, run, exp, result, time.perf_counter() - started)
             extra = f": {result['error']}" if result.get("error") else ""
             print(f"{label}: {result['status']} in {time.perf_counter() - started:.1f} s{extra}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
-        if child is not None:
-            child.terminate()
-            child.wait()
-            _record_unfinished(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
+    return finish(run_dir, interrupted)
 
+
+def finish(run_dir, interrupted):
+    """Close the run: status in run.json, summary.md, the report; returns the exit code."""
     run = read_json(run_dir / "run.json")
     run.update(status="interrupted" if interrupted else "finished", finished=now())
     write_json(run_dir / "run.json", run)
@@ -246,4 +276,3 @@ def execute(run_dir):
         print(f"Stopped. Finished results are kept; continue with: quantbench run --resume {run_dir}", flush=True)
         return 130
     return 0
-

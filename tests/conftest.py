@@ -61,8 +61,8 @@ def tiny_wide_model_dir(tmp_path_factory):
 
 
 # Settings that keep a CPU run of the tiny model to seconds.
-TINY_RUN_FLAGS = ["--ppl-tokens", "1024", "--ppl-window", "128", "--kld-tokens", "256", "--kld-ctx", "64", "--prompt-lengths", "16,600", "--new-tokens", "4",
-                  "--batch-sizes", "1,2", "--repeats", "1", "--device", "cpu"]
+TINY_RUN_FLAGS = ["--ppl-tokens", "1024", "--ppl-window", "128", "--kld-tokens", "256", "--kld-ctx", "64", "--prompt-lengths", "16,600", "--new-tokens", "8",
+                  "--batch-sizes", "1,2", "--repeats", "2", "--device", "cpu"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -90,46 +90,55 @@ def test_peak_bytes_on_gpu_counts_an_allocation():
 
 
 def test_compiled_mode_uses_a_static_cache_and_says_whether_it_compiled(tiny_model_dir):
-    """On the CPU transformers keeps the decoding step eager even with a static cache: recorded so.
-    (On the GPU machine the same call compiles it; see the gpu test below.)"""
+    """On the CPU compiled mode runs its static-cache loop uncompiled: recorded so.
+    (On the GPU machine it compiles; see the gpu tests below.)"""
     model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
     r = cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16],
                            decode_prompt_tokens=8, new_tokens=6, batch_sizes=[2], repeats=2,
                            weight_bytes=1, decode_modes=("eager", "compiled"))
     point = r["decode_compiled"]["2"]
     assert point["status"] == "ok" and point["tok_s"] > 0 and r["decode_modes"] == ["eager", "compiled"]
-    assert point["compiled"] is False and "accelerators only" in point["why_not_compiled"]
+    assert point["compiled"] is False and "GPUs only" in point["why_not_compiled"]
     assert r["decode_tok_s"]["2"] == r["decode"]["2"]["tok_s"]  # the summary's columns stay eager
+
+
+@pytest.mark.parametrize("method", ["fp16", "nf4"])
+def test_the_static_cache_loop_decodes_the_same_tokens_as_generate(tiny_model_dir, method):
+    if method == "nf4":
+        pytest.importorskip("bitsandbytes")
+    model, _ = methods.METHODS[method]["load"](tiny_model_dir, device="cpu")
+    ids = torch.arange(3, 27).view(2, 12)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9,
+                              do_sample=False, pad_token_id=2)[:, 12:]
+        cache = cost.static_cache(model, 12 + 9)
+        for _ in range(2):  # the cache is reused: a second run starts from a clean one
+            got = cost.greedy_static(model, ids, 9, step=model, cache=cache)
+            assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
 def test_compiled_mode_compiles_the_decoding_step_on_the_gpu(tiny_model_dir):
     model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cuda")
     r = cost.measure_speed(model, torch.arange(3, 300), device="cuda", pad_token_id=2, prompt_lengths=[16],
-                           decode_prompt_tokens=8, new_tokens=16, batch_sizes=[1], repeats=3,
+                           decode_prompt_tokens=8, new_tokens=16, batch_sizes=[1, 4], repeats=3,
                            weight_bytes=1, decode_modes=("compiled",))
-    assert r["decode_compiled"]["1"]["compiled"] is True and r["decode_tok_s"]["1"] > 0
+    assert r["decode_compiled"]["1"]["compiled"] is True and r["decode_tok_s"]["1"] > 0 and r["decode_tok_s"]["4"] > 0
 
 
-def test_compiled_mode_opens_transformers_quantizer_gate_only_while_it_generates(tiny_model_dir, monkeypatch):
-    """bitsandbytes is a quantizer transformers will not compile; compiled mode hides it from the
-    check during its own generate calls and puts it back."""
-    pytest.importorskip("bitsandbytes")
-    model, _ = methods.METHODS["nf4"]["load"](tiny_model_dir, device="cpu")
-    quantizer, seen = model.hf_quantizer, []
-    assert not quantizer.is_compileable
-    real = model.generate
+@pytest.mark.gpu
+def test_the_compiled_loop_decodes_the_same_tokens_as_generate_on_the_gpu(tiny_model_dir):
+    """In float32, so that fused kernels cannot flip an argmax of the random model."""
+    from transformers import AutoModelForCausalLM
 
-    def generate(*args, **kwargs):
-        seen.append((kwargs.get("cache_implementation"), model.hf_quantizer))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", generate)
-    cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16],
-                       decode_prompt_tokens=8, new_tokens=4, batch_sizes=[1], repeats=1,
-                       weight_bytes=1, decode_modes=("eager", "compiled"))
-    assert {(c, q is None) for c, q in seen} == {(None, False), ("static", True)}
-    assert model.hf_quantizer is quantizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda().eval()
+    ids = torch.arange(3, 27, device="cuda").view(2, 12)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                              do_sample=False, pad_token_id=2)[:, 12:]
+        step, cache = cost.compiled_step(model, "cuda"), cost.static_cache(model, 32)
+        for _ in range(3):  # compilation, CUDA graph capture, replay
+            assert torch.equal(cost.greedy_static(model, ids, 20, step=step, cache=cache), want)
 
 
 @pytest.mark.gpu
@@ -140,22 +149,19 @@ def test_compiled_mode_compiles_a_bitsandbytes_model_or_says_why(tiny_model_dir,
                            decode_prompt_tokens=8, new_tokens=16, batch_sizes=[1], repeats=3,
                            weight_bytes=1, decode_modes=("compiled",))
     point = r["decode_compiled"]["1"]
-    assert (point["status"] == "ok" and point["compiled"] is True and "not compileable" in point["note"]) or \
+    assert (point["status"] == "ok" and point["compiled"] is True and "would not compile" in point["note"]) or \
         (point["status"] == "failed" and point["error"].startswith("compiled decode failed")), point
 
 
 def test_a_compiled_mode_that_fails_is_recorded_and_the_eager_points_stand(tiny_model_dir, monkeypatch):
     model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
-    real = model.generate
 
-    def generate(*args, **kwargs):
-        if kwargs.get("cache_implementation") == "static":
-            raise RuntimeError("torch._dynamo hit an untraceable kernel")
-        return real(*args, **kwargs)
+    def step(**kwargs):
+        raise RuntimeError("torch._dynamo hit an untraceable kernel")
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(cost, "compiled_step", lambda model, device: step)
     r = cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16],
-                           decode_prompt_tokens=8, new_tokens=4, batch_sizes=[1, 2], repeats=1,
+                           decode_prompt_tokens=8, new_tokens=8, batch_sizes=[1, 2], repeats=2,
                            weight_bytes=1, decode_modes=("eager", "compiled"))
     assert r["decode"]["1"]["status"] == "ok" and r["decode"]["2"]["status"] == "ok"
     assert r["decode_compiled"]["1"] == r["decode_compiled"]["2"] == {

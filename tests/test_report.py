@@ -41,6 +41,7 @@ def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "
                         "kld": {"kld_mean": kld[m], "kld_mean_stderr": kld[m] / 20, "same_top_p": 1 - kld[m],
                                 "kld_max": 3 * kld[m], "kld_percentiles": pct}},
             "cost": {"weight_bytes": weights[m] * 2**20, "peak_bytes": (weights[m] + 40) * 2**20,
+                     "resident_after_load_bytes": (weights[m] + (300 if m == "int8" else 0)) * 2**20,
                      "decode": {str(b): {"status": "ok", "tok_s": b * (50 - 5 * i), "bytes_per_step": weights[m] * 2**20}
                                 for b in (1, 8)},
                      "decode_compiled": {"1": {"status": "ok", "tok_s": 400 - 50 * i, "compiled": True}},
@@ -55,6 +56,7 @@ def test_report_of_a_run_with_failed_and_skipped_experiments(tmp_path):
     # The recommendation is computed: int8 loses one document's worth (noise), nf4 loses ten (real).
     assert "The smallest method within noise of fp16 on every task is int8 (156 MiB of weights, 61% of fp16's)." in text
     assert "Among methods of 4 bits or fewer, nf4 has the lowest KLD (0.0800)" in text
+    assert "outside their parameters; part of the peak): int8 +300 MiB." in text  # and no other method
     # Best of each column in bold: nf4's weights, fp16's decode speed, int8's KLD (the baseline's 0 does not count).
     nf4 = next(line for line in text.splitlines() if line.startswith("| nf4 |"))
     int8 = next(line for line in text.splitlines() if line.startswith("| int8 |"))

@@ -42,3 +42,21 @@ def test_summary_shows_paired_deltas_with_error_bars_and_noise(tmp_path):
     d = np.array(acc["nf4"]) - np.array(acc["fp16"])
     assert f"-0.2000 ± {d.std(ddof=1) / 10:.4f} |" in rows["nf4"]  # 20 documents lost: real
     assert "-0.0100 ± 0.0100 (noise)" in rows["int8"]              # one document lost: noise
+
+
+def test_summary_names_memory_a_loaded_model_holds_beyond_its_weights(tmp_path):
+    """Seen on an H200: a GPTQ group-32 (Marlin) reload of Llama-3.2-1B kept 1072 MiB allocated beyond its
+    1026 MiB of weights; the summary must say so, and stay quiet where the two agree."""
+    run = {"config": {"batch_sizes": [1], "prompt_tokens": 8, "repeats": 1, "new_tokens": 4, "decode_prompt_tokens": 4},
+           "environment": {}, "device": "cuda", "started": "t", "models": [{"name": "m"}],
+           "experiments": [{"id": e} for e in ["fp16", "gptq-w4g32"]]}
+    results.write_json(tmp_path / "run.json", run)
+    mib = 2**20
+    for name, weights, resident in [("fp16", 2357 * mib, 2358 * mib), ("gptq-w4g32", 1026 * mib, 2098 * mib)]:
+        results.write_json(tmp_path / f"{name}.json", {
+            "experiment": name, "method": name, "model": {"name": "m"}, "status": "ok", "error": None, "quality": {},
+            "cost": {"weight_bytes": weights, "resident_after_load_bytes": resident}})
+    text = results.summary_markdown(tmp_path)
+    line = next(x for x in text.splitlines() if x.startswith("- Held after loading"))
+    assert "gptq-w4g32 +1072.0 MiB" in line and "fp16" not in line
+    assert results.held_beyond_weights({"weight_bytes": 100, "resident_after_load_bytes": None}) is None

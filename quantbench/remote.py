@@ -1,0 +1,255 @@
+"""Experiments on other machines: a Ray cluster or Modal's cloud GPUs, results back in the local run folder.
+
+    quantbench run --backend ray                          # $RAY_ADDRESS's cluster, or a local one
+    quantbench run --backend ray --ray-address ray://head:10001
+    quantbench run --backend modal --gpu A100             # Modal (an account and `modal token new` once)
+
+The launching machine keeps the run folder. Each experiment travels as the run's files (run.json,
+the task files, the data directory and, for every experiment but the baseline, the baseline's
+reference log-probabilities), runs on a worker exactly as it runs locally (`sweep.run_child`: its own
+process, in a scratch copy of the run folder), and its result files come back and are written here
+the moment it finishes, so `--resume` and `quantbench report` work unchanged. The baseline runs
+first; its reference is computed once and shared with the others (in Ray's object store). A worker
+lost mid-experiment is recorded as failed, and `quantbench run --resume` runs it again.
+
+Nothing from the environment travels in either direction: a hub token stays in the worker's
+environment (Modal: a secret) and never reaches a result file or a log.
+
+    >>> files = pack(run_dir, run)                        # {'run/run.json': b'...', 'data/...': b'...'}
+    >>> outputs = run_packed(files, "nf4", reference)     # on the worker: {'run/nf4.json': b'...', ...}
+"""
+import concurrent.futures
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import quantbench
+from quantbench.models import model_slug, resolve_model
+from quantbench.results import environment, read_json, write_json
+from quantbench.sweep import finish, measure_device_rates, record_phases, run_child, unfinished
+
+
+def _files_under(folder, prefix):
+    folder = Path(folder)
+    return {f"{prefix}/{p.relative_to(folder).as_posix()}": p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()} if folder.is_dir() else {}
+
+
+def pack(run_dir, run):
+    """The files every experiment of the run needs: run.json, the task files, the data directory."""
+    files = {"run/run.json": (Path(run_dir) / "run.json").read_bytes(), **_files_under(Path(run_dir) / "tasks", "run/tasks")}
+    if run["config"].get("data_dir"):
+        files.update(_files_under(run["config"]["data_dir"], "data"))
+    return files
+
+
+def reference_files(run_dir, model_name):
+    """The baseline's reference log-probabilities of one model (empty when it has none)."""
+    return _files_under(Path(run_dir) / "reference" / model_slug(model_name), f"run/reference/{model_slug(model_name)}")
+
+
+def _translate(data, pairs):
+    """Replace path prefixes in a text file's bytes (paths inside task YAMLs and result JSON)."""
+    text = data.decode()
+    for old, new in pairs:
+        if old:
+            text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+    return text.encode()
+
+
+def run_packed(files, exp_id, reference=None):
+    """On a worker: unpack the run into a scratch folder, run experiment `exp_id` there as a local run
+    would, and return its result files (paths in them translated back to the launching machine's).
+    The model checkpoint is used where run.json says when this machine has it (one host, a shared
+    file system); otherwise it is resolved here (hub id, demo or arch:) into this machine's cache."""
+    scratch = Path(tempfile.mkdtemp(prefix="quantbench-worker-"))
+    try:
+        run = json.loads(files["run/run.json"])
+        here_run, here_data = scratch / "run", scratch / "data"
+        there_run, there_data = run["run_dir"], run["config"].get("data_dir")
+        there = [(there_run, str(here_run)), (there_data, str(here_data))]
+        for name, data in {**files, **(reference or {})}.items():
+            path = scratch / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_translate(data, there) if name.startswith("run/tasks/") and name.endswith(".yaml") else data)
+        run["run_dir"], run["config"]["data_dir"] = str(here_run), there_data and str(here_data)
+        cache = Path(run["cache_dir"])
+        if not (cache.is_dir() and os.access(cache, os.W_OK)):
+            run["cache_dir"] = os.environ.get("QUANTBENCH_CACHE") or str(Path.home() / ".cache" / "quantbench")
+        back = [(str(here_run), there_run), (str(here_data), there_data or str(here_data))]
+        for m in run["models"]:
+            if not Path(m["path"]).exists():
+                m.update(resolve_model(m["name"], cache_dir=Path(run["cache_dir"])), reference_experiment=m.get("reference_experiment"))
+        write_json(here_run / "run.json", run)
+        exp = next(e for e in run["experiments"] if e["id"] == exp_id)
+        # The child imports this very quantbench, wherever the worker found it (Ray's py_modules, an image).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(quantbench.__file__).parent.parent),
+                                                                         os.environ.get("PYTHONPATH")]))}
+        run_child(here_run, exp, run, env=env)
+        result = read_json(here_run / f"{exp_id}.json")
+        result["worker"] = {"host": socket.gethostname(), **{k: v for k, v in environment().items() if k in ("gpu", "driver")}}
+        write_json(here_run / f"{exp_id}.json", result)
+        model = next(m for m in run["models"] if m["name"] == exp["model"])
+        out = {f"run/{exp_id}.json": (here_run / f"{exp_id}.json").read_bytes()}
+        if (here_run / f"{exp_id}.docs.json").exists():
+            out[f"run/{exp_id}.docs.json"] = (here_run / f"{exp_id}.docs.json").read_bytes()
+        if exp_id == model.get("reference_experiment"):
+            out.update(reference_files(here_run, exp["model"]))
+        return {k: _translate(v, back) if k.endswith(".json") else v for k, v in out.items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def worker_facts(device):
+    """On a worker: the device's roofline rates (measured in a child) and the worker's environment."""
+    return {"device_rates": measure_device_rates(device), "environment": environment()}
+
+
+def unpack(run_dir, outputs):
+    """Write a finished experiment's files into the launching machine's run folder."""
+    for name, data in outputs.items():
+        path = Path(run_dir) / name.removeprefix("run/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+
+def _lost(run_dir, exp, run, status, error, seconds):
+    """An experiment whose worker sent no result back (lost, or stopped by Ctrl-C): recorded, to be resumed."""
+    model = next(m for m in run["models"] if m["name"] == exp["model"])
+    write_json(Path(run_dir) / f"{exp['id']}.json", {
+        "experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
+        "device": run["device"], "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}, "status": status,
+        "error": error, "fix": f"run again with: quantbench run --resume {run_dir}", "duration_s": round(seconds, 3)})
+
+
+def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future.cancel()):
+    """The launching side, for any backend. submit(exp, reference) -> a concurrent.futures.Future of
+    run_packed's output; facts() -> worker_facts of a worker. Baselines first, then every other
+    experiment at once, each written here as it finishes. Returns the exit code."""
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    todo = unfinished(run_dir, run)
+    total, done = len(run["experiments"]), len(run["experiments"]) - len(todo)
+    interrupted, running = False, {}
+    try:
+        if todo and "device_rates" not in run:
+            print(f"Measuring the device's copy bandwidth and matmul rate on a {backend} worker...", flush=True)
+            got = facts()
+            run.update(device_rates=got["device_rates"], environment=got["environment"],
+                       launcher_environment=run["environment"])
+            write_json(run_dir / "run.json", run)
+        references = {m["reference_experiment"] for m in run["models"] if m.get("reference_experiment")}
+        for wave in ([e for e in todo if e["id"] in references], [e for e in todo if e["id"] not in references]):
+            for exp in wave:
+                reference = reference_files(run_dir, exp["model"]) if exp["id"] not in references else None
+                running[submit(exp, reference)] = (exp, time.perf_counter())
+                print(f"[{exp['id']}] ({exp['method']} on {exp['model']}): sent to {backend}", flush=True)
+            while running:
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    exp, started = running.pop(future)
+                    try:
+                        unpack(run_dir, future.result())
+                    except Exception as e:  # noqa: BLE001 - a lost worker, a dead node, a cancelled call
+                        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                        _lost(run_dir, exp, run, "failed", f"the {backend} worker running it was lost: "
+                              f"{type(e).__name__}: {why}", time.perf_counter() - started)
+                    result = read_json(run_dir / f"{exp['id']}.json")
+                    record_phases(run_dir, run, exp, result, time.perf_counter() - started)
+                    done += 1
+                    extra = f": {result['error']}" if result.get("error") else ""
+                    print(f"[{done}/{total}] {exp['id']} ({exp['method']} on {exp['model']}): {result['status']} "
+                          f"in {time.perf_counter() - started:.1f} s{extra}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        for future, (exp, started) in running.items():
+            cancel(future)
+            _lost(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
+    return finish(run_dir, interrupted)
+
+
+def cluster_device(backend, *, ray_address=None, gpu=None):
+    """The device the experiments will see: 'cuda' where the cluster has GPUs (Ray) or a card is named (Modal)."""
+    if backend == "modal":
+        return "cuda" if gpu else "cpu"
+    import ray
+
+    _ray_init(ray_address)
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
+def _ray_init(address):
+    import ray
+
+    if not ray.is_initialized():
+        # Ship this quantbench to the workers, so a cluster runs the same code as the launching machine.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
+                 runtime_env={"py_modules": [str(Path(quantbench.__file__).parent)]})
+
+
+def execute_ray(run_dir, address=None):
+    """Every unfinished experiment as a Ray task: one GPU each where the cluster has GPUs (so they
+    spread over all of them), one CPU otherwise; no retries, so a lost worker is recorded, not rerun."""
+    import ray
+
+    _ray_init(address)
+    run = read_json(Path(run_dir) / "run.json")
+    need = {"num_gpus": 1} if run["device"] == "cuda" else {"num_cpus": 1}
+    task = ray.remote(max_retries=0, **need)(run_packed)
+    files = ray.put(pack(run_dir, run))  # once, shared by every task
+    shared, refs = {}, {}
+
+    def submit(exp, reference):
+        key = exp["model"]
+        if reference is not None and key not in shared:
+            shared[key] = ray.put(reference)  # the baseline's reference, once per model
+        ref = task.remote(files, exp["id"], shared.get(key) if reference is not None else None)
+        future = ref.future()
+        refs[future] = ref
+        return future
+
+    def facts():
+        return ray.get(ray.remote(max_retries=0, **need)(worker_facts).remote(run["device"]))
+
+    return execute_remote(run_dir, "ray", submit, facts, cancel=lambda f: ray.cancel(refs[f], force=True))
+
+
+def execute_modal(run_dir, gpu):
+    """Every unfinished experiment as a call of the Modal app's `run_experiment` on the card `gpu`,
+    all at once (Modal starts a container per call)."""
+    import modal
+
+    from quantbench import modal_app
+    from quantbench.sweep import RunError
+
+    run = read_json(Path(run_dir) / "run.json")
+    function = modal_app.run_experiment.with_options(gpu=gpu)
+    facts_function = modal_app.worker_facts.with_options(gpu=gpu)
+    files = pack(run_dir, run)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run["experiments"])))
+
+    def go():
+        return execute_remote(run_dir, "modal", lambda exp, ref: pool.submit(function.remote, files, exp["id"], ref),
+                              lambda: facts_function.remote(run["device"]))
+    try:
+        if modal_app.RUNNING:  # `modal run` has started the app already
+            return go()
+        with modal_app.app.run():
+            return go()
+    except (modal.exception.AuthError, modal.exception.ConnectionError) as e:
+        raise RunError(f"Modal refused or could not be reached ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                       f"set up an account and token with `modal token new`, then `quantbench run --resume {run_dir} "
+                       f"--backend modal`") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+if __name__ == "__main__":
+    sys.exit("run experiments remotely with `quantbench run --backend ray|modal`")
