@@ -206,6 +206,7 @@ def measure(run, exp, result, save):
     result["cost"]["load_s"] = round(time.perf_counter() - t, 3)
     result["cost"]["peak_load_bytes"] = cost.peak_bytes(device)["peak_bytes"]
     result["backend"] = backend
+    result["gpu"] = torch.cuda.get_device_name(0) if device == "cuda" else None  # this process's card (Ray, Modal)
     result["cost"].update(cost.weight_bytes(model))
     # What stays allocated after the load, garbage collected; minus weight_bytes it is what the
     # weights' count misses (kernel workspaces, repacked copies). On an H200, right after reloading

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import quantbench
 from quantbench.models import model_slug, resolve_model
-from quantbench.results import environment, read_json, write_json
+from quantbench.results import read_json, write_json
 from quantbench.sweep import finish, measure_device_rates, record_phases, run_child, unfinished
 
 
@@ -87,12 +88,10 @@ def run_packed(files, exp_id, reference=None):
                 m.update(resolve_model(m["name"], cache_dir=Path(run["cache_dir"])), reference_experiment=m.get("reference_experiment"))
         write_json(here_run / "run.json", run)
         exp = next(e for e in run["experiments"] if e["id"] == exp_id)
-        # The child imports this very quantbench, wherever the worker found it (Ray's py_modules, an image).
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(quantbench.__file__).parent.parent),
-                                                                         os.environ.get("PYTHONPATH")]))}
-        run_child(here_run, exp, run, env=env)
+        _children_import_this_quantbench()
+        run_child(here_run, exp, run)
         result = read_json(here_run / f"{exp_id}.json")
-        result["worker"] = {"host": socket.gethostname(), **{k: v for k, v in environment().items() if k in ("gpu", "driver")}}
+        result["worker"] = {"host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         write_json(here_run / f"{exp_id}.json", result)
         model = next(m for m in run["models"] if m["name"] == exp["model"])
         out = {f"run/{exp_id}.json": (here_run / f"{exp_id}.json").read_bytes()}
@@ -105,9 +104,26 @@ def run_packed(files, exp_id, reference=None):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _children_import_this_quantbench():
+    """Processes this worker starts import the quantbench it runs, wherever the worker found it (Ray's
+    py_modules, a Modal image), not another installed copy."""
+    here = str(Path(quantbench.__file__).resolve().parent.parent)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, *paths]))
+
+
 def worker_facts(device):
-    """On a worker: the device's roofline rates (measured in a child) and the worker's environment."""
-    return {"device_rates": measure_device_rates(device), "environment": environment()}
+    """On a worker: the device's roofline rates and the worker's environment, both measured in child
+    processes, so the long-lived worker process never holds a CUDA context."""
+    _children_import_this_quantbench()
+    code = "import json; from quantbench.results import environment; print(json.dumps(environment()))"
+    env = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    try:
+        worker_env = json.loads(env.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        worker_env = {"host": socket.gethostname(), "error": (env.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return {"device_rates": measure_device_rates(device), "environment": worker_env}
 
 
 def unpack(run_dir, outputs):
@@ -146,9 +162,14 @@ def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future
                        launcher_environment=run["environment"])
             write_json(run_dir / "run.json", run)
         references = {m["reference_experiment"] for m in run["models"] if m.get("reference_experiment")}
+        shared = {}  # model -> its baseline's reference files, read once
         for wave in ([e for e in todo if e["id"] in references], [e for e in todo if e["id"] not in references]):
             for exp in wave:
-                reference = reference_files(run_dir, exp["model"]) if exp["id"] not in references else None
+                reference = None
+                if exp["id"] not in references:
+                    if exp["model"] not in shared:
+                        shared[exp["model"]] = reference_files(run_dir, exp["model"])
+                    reference = shared[exp["model"]]
                 running[submit(exp, reference)] = (exp, time.perf_counter())
                 print(f"[{exp['id']}] ({exp['method']} on {exp['model']}): sent to {backend}", flush=True)
             while running:
@@ -188,10 +209,25 @@ def cluster_device(backend, *, ray_address=None, gpu=None):
 def _ray_init(address):
     import ray
 
-    if not ray.is_initialized():
-        # Ship this quantbench to the workers, so a cluster runs the same code as the launching machine.
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
-                 runtime_env={"py_modules": [str(Path(quantbench.__file__).parent)]})
+    from quantbench.sweep import RunError
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():  # Ray waits minutes for an unreachable head node; a second says enough
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise RunError(f"no Ray cluster answers at {address} ({e}); check --ray-address / $RAY_ADDRESS "
+                           "(`ray status` on the head node), or leave both unset for a local cluster") from None
+    try:  # ship this quantbench to the workers, so a cluster runs the same code as the launching machine
+        ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": [str(Path(quantbench.__file__).parent)]})
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise RunError(f"could not start or reach {where} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                       "check --ray-address / $RAY_ADDRESS (`ray status` on the head node), or leave both unset "
+                       "for a local cluster") from None
 
 
 def execute_ray(run_dir, address=None):
@@ -204,13 +240,13 @@ def execute_ray(run_dir, address=None):
     need = {"num_gpus": 1} if run["device"] == "cuda" else {"num_cpus": 1}
     task = ray.remote(max_retries=0, **need)(run_packed)
     files = ray.put(pack(run_dir, run))  # once, shared by every task
-    shared, refs = {}, {}
+    in_store, refs = {}, {}
 
     def submit(exp, reference):
         key = exp["model"]
-        if reference is not None and key not in shared:
-            shared[key] = ray.put(reference)  # the baseline's reference, once per model
-        ref = task.remote(files, exp["id"], shared.get(key) if reference is not None else None)
+        if reference is not None and key not in in_store:
+            in_store[key] = ray.put(reference)  # the baseline's reference, once per model
+        ref = task.remote(files, exp["id"], in_store[key] if reference is not None else None)
         future = ref.future()
         refs[future] = ref
         return future

@@ -166,13 +166,13 @@ def _ignore_sigint():
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def run_child(run_dir, exp, run, env=None):
+def run_child(run_dir, exp, run):
     """Run one experiment in its own process (`python -m quantbench.experiment RUN_DIR ID`) and return
     its result; a child that ends without one is recorded as failed with the reason, and Ctrl-C
     stops it, records it as interrupted and propagates."""
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
-                             preexec_fn=_ignore_sigint, env=env)
+                             preexec_fn=_ignore_sigint)
     try:
         code = child.wait()
     except KeyboardInterrupt:

@@ -123,3 +123,13 @@ def test_backend_flags_are_checked_before_anything_runs(tmp_path, capsys):
                           (["--ray-address", "ray://head:10001"], "--ray-address is for --backend ray")]:
         code = cli.main(["run", "--methods", "fp16", "--out", str(tmp_path / "r"), *argv])
         assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_an_unreachable_ray_cluster_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    pytest.importorskip("ray")
+    from quantbench import cli
+
+    code = cli.main(["run", "--methods", "fp16", "--backend", "ray", "--ray-address", "127.0.0.1:1",
+                     "--out", str(tmp_path / "r")])
+    assert code == 2 and "no Ray cluster answers at 127.0.0.1:1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
