@@ -22,6 +22,7 @@ from quantbench.config import (BACKEND_CHOICES, DECODE_MODE_CHOICES, DEFAULT_MET
                                parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
 from quantbench.models import ModelError
+from quantbench.results import read_json
 
 
 def _positive_int_list(text):
@@ -169,7 +170,7 @@ def cmd_run(args):
 
     if args.resume:
         sweep.check_resumable(args.resume)
-        config = sweep.read_json(Path(args.resume) / "run.json")["config"]  # how it ran, unless a flag says otherwise
+        config = read_json(Path(args.resume) / "run.json")["config"]  # how it ran, unless a flag says otherwise
         backend = args.backend or config.get("backend", "local")
         return execute(Path(args.resume), backend, ray_address=args.ray_address or config.get("ray_address"),
                        gpu=args.gpu or config.get("gpu"))

@@ -124,7 +124,7 @@ def static_cache(model, length):
     return StaticCache(config=model.config, max_cache_len=length)
 
 
-def _time_generate(model, input_ids, new_tokens, *, repeats, device, pad_token_id, mode="eager", step=None, cache=None):
+def _time_decoding(model, input_ids, new_tokens, *, repeats, device, pad_token_id, mode="eager", step=None, cache=None):
     if mode == "eager":
         def run():
             model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
@@ -223,7 +223,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
 
         def prefill(p=p):
             ids = prompt_batch(token_stream, 1, p).to(model.device)
-            ttft = [t * 1000 for t in _time_generate(model, ids, 1, repeats=repeats, device=device,
+            ttft = [t * 1000 for t in _time_decoding(model, ids, 1, repeats=repeats, device=device,
                                                      pad_token_id=pad_token_id)]
             point = {"status": "ok", "ttft_ms": statistics.median(ttft), "timing": _spread(ttft)}
             point["prefill_tok_s"] = p / (point["ttft_ms"] / 1000)
@@ -242,8 +242,8 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
             timed = dict(repeats=repeats, device=device, pad_token_id=pad_token_id, mode=mode, step=step)
             if mode == "compiled":
                 timed["cache"] = static_cache(model, decode_prompt_tokens + new_tokens)
-            t_n = _time_generate(model, ids, new_tokens, **timed)
-            t_1 = _time_generate(model, ids, 1, **timed)
+            t_n = _time_decoding(model, ids, new_tokens, **timed)
+            t_1 = _time_decoding(model, ids, 1, **timed)
             # Pair the i-th runs; the median of per-pair rates is robust to one slow run. A pair whose
             # N-token run was not slower than its 1-token run (noise swamped decode) is no measurement.
             per_run = [b * (new_tokens - 1) / (tn - t1) for tn, t1 in zip(t_n, t_1) if tn > t1]

@@ -74,6 +74,7 @@ def test_a_ray_sweep_on_a_local_cluster_survives_a_killed_worker_and_resumes(tin
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     again = read_json(run_dir / "nf4.json")
     assert again["status"] == "ok" and again["quality"]["kld"]["kld_mean"] > 0
+    assert again["worker"]["host"]  # resumed on Ray, the run's backend, without naming it again
     assert "| nf4 | ok |" in (run_dir / "summary.md").read_text()
     # The token was in every process's environment and went nowhere.
     assert not _files_mention(run_dir, SECRET) and SECRET not in out + resumed.stdout + resumed.stderr
