@@ -157,7 +157,11 @@ def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future
     try:
         if todo and "device_rates" not in run:
             print(f"Measuring the device's copy bandwidth and matmul rate on a {backend} worker...", flush=True)
-            got = facts()
+            try:
+                got = facts()
+            except Exception as e:  # noqa: BLE001 - no roofline then; the experiments still run
+                got = {"device_rates": {"error": f"{type(e).__name__}: {str(e).strip()[:300]}", "device": run["device"]},
+                       "environment": run["environment"]}
             run.update(device_rates=got["device_rates"], environment=got["environment"],
                        launcher_environment=run["environment"])
             write_json(run_dir / "run.json", run)
@@ -180,7 +184,7 @@ def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future
                         unpack(run_dir, future.result())
                     except Exception as e:  # noqa: BLE001 - a lost worker, a dead node, a cancelled call
                         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-                        _lost(run_dir, exp, run, "failed", f"the {backend} worker running it was lost: "
+                        _lost(run_dir, exp, run, "failed", f"the {backend} worker running it failed or was lost: "
                               f"{type(e).__name__}: {why}", time.perf_counter() - started)
                     result = read_json(run_dir / f"{exp['id']}.json")
                     record_phases(run_dir, run, exp, result, time.perf_counter() - started)
