@@ -180,7 +180,7 @@ def cmd_run(args):
         _need(config.backend)
         from quantbench import remote
 
-        device = remote.cluster_device(config.backend, ray_address=config.ray_address, gpu=config.gpu or "default")
+        device = remote.cluster_device(config.backend, ray_address=config.ray_address)
     if config.all_methods:
         have = {e["name"] for e in config.experiments}
         if device is None:

@@ -78,6 +78,11 @@ DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
 BACKEND_CHOICES = ["local", "ray", "modal"]
 
 
+def prompt_lengths(config):
+    """The TTFT prompt lengths of a run's config dict (a run from before the sweep had one: prompt_tokens)."""
+    return config.get("prompt_lengths") or [config.get("prompt_tokens")]
+
+
 def decode_modes(choice):
     """The decode modes a run measures, in order."""
     return ["eager", "compiled"] if choice == "both" else [choice]

@@ -16,7 +16,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quantbench.config import decode_modes
+from quantbench.config import decode_modes, prompt_lengths
 from quantbench.models import model_slug
 from quantbench.results import atomic_folder, read_json, write_json
 
@@ -229,7 +229,7 @@ def measure(run, exp, result, save):
     cost.reset_peak(device)
     stream = tokenizer(text[:200_000], return_tensors="pt").input_ids[0]
     speed = cost.measure_speed(model, stream, device=device, pad_token_id=tokenizer.pad_token_id,
-                               prompt_lengths=config.get("prompt_lengths") or [config["prompt_tokens"]],
+                               prompt_lengths=prompt_lengths(config),
                                decode_prompt_tokens=config["decode_prompt_tokens"],
                                new_tokens=config["new_tokens"], batch_sizes=config["batch_sizes"],
                                repeats=config["repeats"], weight_bytes=result["cost"]["weight_bytes"],

@@ -32,7 +32,7 @@ from pathlib import Path
 import quantbench
 from quantbench.models import model_slug, resolve_model
 from quantbench.results import read_json, write_json
-from quantbench.sweep import finish, measure_device_rates, record_phases, run_child, unfinished
+from quantbench.sweep import RunError, finish, measure_device_rates, record_phases, run_child, unfinished
 
 
 def _files_under(folder, prefix):
@@ -85,7 +85,7 @@ def run_packed(files, exp_id, reference=None):
         back = [(str(here_run), there_run), (str(here_data), there_data or str(here_data))]
         for m in run["models"]:
             if not Path(m["path"]).exists():
-                m.update(resolve_model(m["name"], cache_dir=Path(run["cache_dir"])), reference_experiment=m.get("reference_experiment"))
+                m.update(resolve_model(m["name"], cache_dir=Path(run["cache_dir"])))  # keeps reference_experiment
         write_json(here_run / "run.json", run)
         exp = next(e for e in run["experiments"] if e["id"] == exp_id)
         _children_import_this_quantbench()
@@ -200,10 +200,10 @@ def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future
     return finish(run_dir, interrupted)
 
 
-def cluster_device(backend, *, ray_address=None, gpu=None):
-    """The device the experiments will see: 'cuda' where the cluster has GPUs (Ray) or a card is named (Modal)."""
+def cluster_device(backend, *, ray_address=None):
+    """The device the experiments will see: 'cuda' on Modal (always a card) and where the Ray cluster has GPUs."""
     if backend == "modal":
-        return "cuda" if gpu else "cpu"
+        return "cuda"
     import ray
 
     _ray_init(ray_address)
@@ -212,8 +212,6 @@ def cluster_device(backend, *, ray_address=None, gpu=None):
 
 def _ray_init(address):
     import ray
-
-    from quantbench.sweep import RunError
 
     if ray.is_initialized():
         return
@@ -267,7 +265,6 @@ def execute_modal(run_dir, gpu):
     import modal
 
     from quantbench import modal_app
-    from quantbench.sweep import RunError
 
     run = read_json(Path(run_dir) / "run.json")
     function = modal_app.run_experiment.with_options(gpu=gpu)

@@ -54,6 +54,7 @@ def rows_of(label, run, results):
                "status": r["status"], "error": r.get("error"), "fix": r.get("fix"), "is_baseline": r is base,
                "weights_mib": c.get("weight_bytes", 0) / 2**20 if c.get("weight_bytes") else None,
                "peak_mib": c.get("peak_bytes", 0) / 2**20 if c.get("peak_bytes") else None,
+               "held_beyond_weights_bytes": held_beyond_weights(c),
                "perplexity": q.get("perplexity"), "kld": q.get("kld"), "tasks": {}, "deltas": {},
                "decode": {int(b): p for b, p in c.get("decode", {}).items() if p.get("status") == "ok"},
                "decode_compiled": {int(b): p for b, p in c.get("decode_compiled", {}).items() if p.get("status") == "ok"},
@@ -374,9 +375,8 @@ def build(run_dirs, out=None):
            "Best value of each column in bold. ± is a standard error; Δ is the paired difference from the baseline on "
            "the same documents, '(noise)' when within 1.96 standard errors.", "",
            "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *table, ""]
-    held = [f"{r['experiment']}" + (f" ({label})" if several else "") + f" +{extra / 2**20:.0f} MiB"
-            for label, (_, _, results) in zip(labels, runs) for r in results
-            if (extra := held_beyond_weights(r.get("cost", {}))) is not None]
+    held = [f"{r['experiment']}" + (f" ({r['run']})" if several else "") + f" +{r['held_beyond_weights_bytes'] / 2**20:.0f} MiB"
+            for r in rows if r["held_beyond_weights_bytes"] is not None]
     if held:
         md += ["Held after loading beyond the weights' count (kernel workspaces or repacked copies the loaded layers "
                "keep outside their parameters; part of the peak): " + ", ".join(held) + ".", ""]

@@ -6,14 +6,18 @@ A run folder holds `run.json` (config as used, environment, experiments, times),
     >>> print(summary_markdown(Path("results/run001")))
 """
 import json
+import math
 import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from quantbench.config import prompt_lengths
 
 LIBRARIES = ["torch", "transformers", "accelerate", "bitsandbytes", "lm_eval", "datasets",
              "safetensors", "gguf", "huggingface_hub"]
@@ -126,9 +130,6 @@ NOISE_Z = 1.96  # a delta within this many standard errors of 0 is marked as noi
 def paired_difference(base, other):
     """other - base on the documents both scored: {doc_id: value} each -> mean difference, its standard
     error (of the per-document differences), the documents used, and whether it is within noise."""
-    import math
-    import statistics
-
     common = sorted(set(base) & set(other))
     if not common:
         return None
@@ -188,7 +189,7 @@ def summary_markdown(run_dir):
     if has_kld:
         head += ["KLD mean", "KLD p99", "same top %", "PPL(Q)/PPL(base)"]
     head += [f"{t} {m}" for t, m in cols] + [f"Δ {t} {m}" for t, m in cols]
-    first_prompt = (run["config"].get("prompt_lengths") or [run["config"].get("prompt_tokens")])[0]
+    first_prompt = prompt_lengths(run["config"])[0]
     head += ["weights MiB", "peak MiB", "quantize s", "load s", f"TTFT ms @{first_prompt}"]
     head += [f"decode tok/s b={b}" for b in batch_sizes] + ["kernel", "sanity"]
     docs = {r["experiment"]: documents(run_dir, r) for r in results}  # each file read once
@@ -331,7 +332,7 @@ def _protocol_lines(run, results):
                    f"error of the per-document differences; '(noise)': within {NOISE_Z} standard errors of 0. "
                    "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
-    lengths = ", ".join(str(n) for n in (c.get("prompt_lengths") or [c.get("prompt_tokens")]))
+    lengths = ", ".join(str(n) for n in prompt_lengths(c))
     modes = "eager `generate`" + (" and compiled (greedy loop, static KV cache, compiled step with CUDA graphs; see the decode sweep)" if any(
         r.get("cost", {}).get("decode_compiled") for r in results) else "")
     out.append(f"- Speed: {modes}, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
