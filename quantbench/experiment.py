@@ -19,6 +19,7 @@ from pathlib import Path
 from quantbench.config import decode_modes, prompt_lengths
 from quantbench.models import model_slug
 from quantbench.results import atomic_folder, read_json, write_json
+from quantbench.tasks import generation_bound
 
 
 def now():
@@ -140,7 +141,7 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
             result["quality_info"][x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"],
                                                  "n": scores[x["name"]]["n"], "limit": config["limit"],
                                                  "max_length": max_length, "batch_size": config["eval_batch_size"],
-                                                 "max_gen_toks": config["max_gen_toks"]}
+                                                 "max_gen_toks": generation_bound(x["name"], config["max_gen_toks"])}
     _phase(result, "tasks", t, save)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantbench.results import atomic_folder
+from quantbench.tasks import generation_bound
 
 SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
@@ -74,20 +75,36 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     manager = TaskManager(include_path=str(task_dir)) if any(t["lm_eval_task"] != t["name"] for t in tasks) \
         else TaskManager()
-    out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in tasks], limit=limit,
-                          task_manager=manager, gen_kwargs={"max_gen_toks": max_gen_toks},
-                          log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
+    by_bound = {}  # lm-eval takes one generation bound per call: one call per bound (most runs: one)
+    for t in tasks:
+        by_bound.setdefault(generation_bound(t["name"], max_gen_toks), []).append(t)
+    outs = {}
+    for bound, group in by_bound.items():
+        out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
+                              task_manager=manager, gen_kwargs={"max_gen_toks": bound},
+                              log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
+        outs.update({t["lm_eval_task"]: out for t in group})
     scores, per_document = {}, {}
     for t in tasks:
-        key = t["lm_eval_task"]
+        key, out = t["lm_eval_task"], outs[t["lm_eval_task"]]
         metrics = _flatten_metrics(out["results"][key])
         metrics["n"] = out["n-samples"][key]["effective"]
         scores[t["name"]] = metrics
-        means = [m["metric"] for m in out["configs"][key].get("metric_list", []) if m.get("aggregation") == "mean"]
+        means = averaged_metrics(out["configs"][key].get("metric_list", []))
         samples = sorted((s for s in out["samples"][key] if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
         per_document[t["name"]] = {"doc_ids": [s["doc_id"] for s in samples],
                                    **{m: [float(s[m]) for s in samples] for m in means if all(m in s for s in samples)}}
     return scores, per_document
+
+
+def averaged_metrics(metric_list):
+    """The metrics of a task's metric_list that lm-eval averages over documents: aggregation mean, or
+    none given and mean its default for the metric (boolq's acc), so their per-document values pair."""
+    from lm_eval.api.metrics import mean
+    from lm_eval.api.registry import get_metric_aggregation
+
+    return [m["metric"] for m in metric_list
+            if m.get("aggregation") == "mean" or ("aggregation" not in m and get_metric_aggregation(m["metric"]) is mean)]
 
 
 def is_degenerate(token_ids, text):

@@ -19,6 +19,7 @@ environment (Modal: a secret) and never reaches a result file or a log.
     >>> outputs = run_packed(files, "nf4", reference)     # on the worker: {'run/nf4.json': b'...', ...}
 """
 import concurrent.futures
+import datetime
 import json
 import os
 import shutil
@@ -145,10 +146,12 @@ def _lost(run_dir, exp, run, status, error, seconds):
         "error": error, "fix": f"run again with: quantbench run --resume {run_dir}", "duration_s": round(seconds, 3)})
 
 
-def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future.cancel()):
-    """The launching side, for any backend. submit(exp, reference) -> a concurrent.futures.Future of
-    run_packed's output; facts() -> worker_facts of a worker. Baselines first, then every other
-    experiment at once, each written here as it finishes. Returns the exit code."""
+def execute_remote(run_dir, backend, submit, facts, share=lambda files: files, cancel=lambda future: future.cancel()):
+    """The launching side, for any backend. facts() -> worker_facts of a worker, measured first (the
+    experiments' roofline shares need its rates in run.json); share(files) -> what a worker is sent
+    for a dict of files (Ray: one copy in its object store); submit(files, exp, reference) -> a
+    concurrent.futures.Future of run_packed's output. Baselines first, then every other experiment
+    at once, each written here as it finishes. Returns the exit code."""
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     todo = unfinished(run_dir, run)
@@ -165,16 +168,17 @@ def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future
             run.update(device_rates=got["device_rates"], environment=got["environment"],
                        launcher_environment=run["environment"])
             write_json(run_dir / "run.json", run)
+        files = share(pack(run_dir, run)) if todo else None  # after the facts: run.json with the rates
         references = {m["reference_experiment"] for m in run["models"] if m.get("reference_experiment")}
-        shared = {}  # model -> its baseline's reference files, read once
+        shared = {}  # model -> its baseline's reference files, read and shared once
         for wave in ([e for e in todo if e["id"] in references], [e for e in todo if e["id"] not in references]):
             for exp in wave:
                 reference = None
                 if exp["id"] not in references:
                     if exp["model"] not in shared:
-                        shared[exp["model"]] = reference_files(run_dir, exp["model"])
+                        shared[exp["model"]] = share(reference_files(run_dir, exp["model"]))
                     reference = shared[exp["model"]]
-                running[submit(exp, reference)] = (exp, time.perf_counter())
+                running[submit(files, exp, reference)] = (exp, time.perf_counter())
                 print(f"[{exp['id']}] ({exp['method']} on {exp['model']}): sent to {backend}", flush=True)
             while running:
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -197,7 +201,28 @@ def execute_remote(run_dir, backend, submit, facts, cancel=lambda future: future
         for future, (exp, started) in running.items():
             cancel(future)
             _lost(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
+    flag_shared_hosts(run_dir, run)
     return finish(run_dir, interrupted)
+
+
+def flag_shared_hosts(run_dir, run):
+    """Record in each result the experiments that ran on the same worker host at the same time
+    (`shared_host_with`): side by side on one host they slow each other's timings (on two H200s
+    of one host, eager decode lost 30-48% at batch 8 and 32: docs/verification/issue-7-gpu.md);
+    the summary and the report mark such speed numbers."""
+    spans = {}
+    for exp in run["experiments"]:
+        path = Path(run_dir) / f"{exp['id']}.json"
+        r = read_json(path) if path.exists() else {}
+        host = (r.get("worker") or {}).get("host")
+        if host and r.get("started") and r.get("finished"):
+            spans[exp["id"]] = (host, datetime.datetime.fromisoformat(r["started"]),
+                                datetime.datetime.fromisoformat(r["finished"]), r, path)
+    for exp_id, (host, start, end, r, path) in spans.items():
+        others = sorted(o for o, (h, s, e, _, _) in spans.items() if o != exp_id and h == host and s < end and start < e)
+        if others or "shared_host_with" in r:
+            r["shared_host_with"] = others
+            write_json(path, r)
 
 
 def cluster_device(backend, *, ray_address=None):
@@ -241,14 +266,10 @@ def execute_ray(run_dir, address=None):
     run = read_json(Path(run_dir) / "run.json")
     need = {"num_gpus": 1} if run["device"] == "cuda" else {"num_cpus": 1}
     task = ray.remote(max_retries=0, **need)(run_packed)
-    files = ray.put(pack(run_dir, run))  # once, shared by every task
-    in_store, refs = {}, {}
+    refs = {}
 
-    def submit(exp, reference):
-        key = exp["model"]
-        if reference is not None and key not in in_store:
-            in_store[key] = ray.put(reference)  # the baseline's reference, once per model
-        ref = task.remote(files, exp["id"], in_store[key] if reference is not None else None)
+    def submit(files, exp, reference):  # files and reference: object refs, each put in the store once
+        ref = task.remote(files, exp["id"], reference)
         future = ref.future()
         refs[future] = ref
         return future
@@ -256,7 +277,7 @@ def execute_ray(run_dir, address=None):
     def facts():
         return ray.get(ray.remote(max_retries=0, **need)(worker_facts).remote(run["device"]))
 
-    return execute_remote(run_dir, "ray", submit, facts, cancel=lambda f: ray.cancel(refs[f], force=True))
+    return execute_remote(run_dir, "ray", submit, facts, share=ray.put, cancel=lambda f: ray.cancel(refs[f], force=True))
 
 
 def execute_modal(run_dir, gpu):
@@ -269,11 +290,10 @@ def execute_modal(run_dir, gpu):
     run = read_json(Path(run_dir) / "run.json")
     function = modal_app.run_experiment.with_options(gpu=gpu)
     facts_function = modal_app.worker_facts.with_options(gpu=gpu)
-    files = pack(run_dir, run)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run["experiments"])))
 
     def go():
-        return execute_remote(run_dir, "modal", lambda exp, ref: pool.submit(function.remote, files, exp["id"], ref),
+        return execute_remote(run_dir, "modal", lambda files, exp, ref: pool.submit(function.remote, files, exp["id"], ref),
                               lambda: facts_function.remote(run["device"]))
     try:
         if modal_app.RUNNING:  # `modal run` has started the app already

@@ -54,11 +54,14 @@ def rows_of(label, run, results):
                "status": r["status"], "error": r.get("error"), "fix": r.get("fix"), "is_baseline": r is base,
                "weights_mib": c.get("weight_bytes", 0) / 2**20 if c.get("weight_bytes") else None,
                "peak_mib": c.get("peak_bytes", 0) / 2**20 if c.get("peak_bytes") else None,
-               "held_beyond_weights_bytes": held_beyond_weights(c),
+               "held_beyond_weights_bytes": held_beyond_weights(c), "shared_host_with": r.get("shared_host_with") or [],
                "perplexity": q.get("perplexity"), "kld": q.get("kld"), "tasks": {}, "deltas": {},
                "decode": {int(b): p for b, p in c.get("decode", {}).items() if p.get("status") == "ok"},
                "decode_compiled": {int(b): p for b, p in c.get("decode_compiled", {}).items() if p.get("status") == "ok"},
                "prefill": {int(n): p for n, p in c.get("prefill", {}).items() if p.get("status") == "ok"}}
+        if r["status"] == "running" and not r.get("error"):
+            row["error"] = "not finished: still running, or the run was stopped while it ran"
+            row["fix"] = f"when the run has stopped: quantbench run --resume {run.get('run_dir', label)}"
         if not row["prefill"] and c.get("ttft_ms"):  # results from before the prompt-length sweep
             row["prefill"] = {c.get("ttft_prompt_tokens"): {"ttft_ms": c["ttft_ms"]}}
         if not row["decode"] and c.get("decode_tok_s"):
@@ -84,17 +87,19 @@ def _values(rows, key):
     return [key(r) for r in rows if r["status"] == "ok" and key(r) is not None]
 
 
-def summary_table(rows, several_runs):
-    """The comparison as Markdown rows (with the best of each column in bold) and its header."""
+def summary_tables(rows, several_runs):
+    """The comparison as two Markdown tables, quality and cost, each [(title, header, rows)], with
+    the best of each column in bold; a task cell holds the value, its standard error and its paired
+    difference from the baseline."""
     ok = [r for r in rows if r["status"] == "ok"]
     task_cols = sorted({t for r in ok for t in r["tasks"]})
     batches = sorted({b for r in ok for b in r["decode"]})
-    head = (["run"] if several_runs else []) + ["experiment", "KLD mean", "same top %", "perplexity"]
-    head += task_cols + [f"Δ {t}" for t in task_cols] + ["weights MiB", "peak MiB"]
+    first = (["run"] if several_runs else []) + ["experiment"]
+    quality_head = first + ["KLD mean", "same top %", "perplexity"] + task_cols
     compiled = any(r["decode_compiled"].get(1) for r in ok)
-    head += [f"decode tok/s b={b}" for b in batches] + (["compiled tok/s b=1"] if compiled else [])
     shortest = min((n for r in ok for n in r["prefill"] if n), default=None)
-    head += [f"TTFT ms @{shortest}" if shortest else "TTFT ms"]
+    cost_head = first + ["weights MiB", "peak MiB"] + [f"decode tok/s b={b}" for b in batches]
+    cost_head += (["compiled tok/s b=1"] if compiled else []) + [f"TTFT ms @{shortest}" if shortest else "TTFT ms"]
 
     def kld(r):
         return r["kld"]["kld_mean"] if r["kld"] else None
@@ -119,34 +124,40 @@ def summary_table(rows, several_runs):
     def cell(name, value, text):
         return f"**{text}**" if value is not None and value == best.get(name) else text
 
-    lines = []
+    def task_cell(r, t):
+        v, se = r["tasks"].get(t, (None, None))
+        if v is None:
+            return "-"
+        text = cell(t, v, f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+        d = r["deltas"].get(t)
+        if d and d["stderr"] is not None:
+            text += f" (Δ {d['delta']:+.4f} ± {d['stderr']:.4f}{', noise' if d['within_noise'] else ''})"
+        return text
+
+    quality_lines, cost_lines = [], []
     for r in rows:
         if r["status"] != "ok":
             continue
         k = r["kld"]
         cells = ([r["run"]] if several_runs else []) + [r["experiment"] + (" (baseline)" if r["is_baseline"] else "")]
-        cells.append(cell("KLD mean", kld(r), f"{k['kld_mean']:.5f} ± {k['kld_mean_stderr'] or 0:.5f}") if k else "-")
-        cells.append(cell("same top %", k["same_top_p"] if k else None, f"{100 * k['same_top_p']:.2f}") if k else "-")
-        cells.append(cell("perplexity", r["perplexity"], f"{r['perplexity']:.3f}") if r["perplexity"] else "-")
-        for t in task_cols:
-            v, se = r["tasks"].get(t, (None, None))
-            cells.append("-" if v is None else cell(t, v, f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")))
-        for t in task_cols:
-            d = r["deltas"].get(t)
-            cells.append("-" if not d or d["stderr"] is None else
-                         f"{d['delta']:+.4f} ± {d['stderr']:.4f}" + (" (noise)" if d["within_noise"] else ""))
-        cells.append(cell("weights MiB", r["weights_mib"], f"{r['weights_mib']:.1f}") if r["weights_mib"] else "-")
-        cells.append(cell("peak MiB", r["peak_mib"], f"{r['peak_mib']:.1f}") if r["peak_mib"] else "-")
+        q = cells + [cell("KLD mean", kld(r), f"{k['kld_mean']:.5f} ± {k['kld_mean_stderr'] or 0:.5f}") if k else "-"]
+        q.append(cell("same top %", k["same_top_p"] if k else None, f"{100 * k['same_top_p']:.2f}") if k else "-")
+        q.append(cell("perplexity", r["perplexity"], f"{r['perplexity']:.3f}") if r["perplexity"] else "-")
+        q += [task_cell(r, t) for t in task_cols]
+        c = cells[:-1] + [cells[-1] + (" †" if r["shared_host_with"] else "")]  # † timed beside others on its host
+        c.append(cell("weights MiB", r["weights_mib"], f"{r['weights_mib']:.1f}") if r["weights_mib"] else "-")
+        c.append(cell("peak MiB", r["peak_mib"], f"{r['peak_mib']:.1f}") if r["peak_mib"] else "-")
         for b in batches:
             v = r["decode"].get(b, {}).get("tok_s")
-            cells.append("-" if v is None else cell(f"decode tok/s b={b}", v, f"{v:.1f}"))
+            c.append("-" if v is None else cell(f"decode tok/s b={b}", v, f"{v:.1f}"))
         if compiled:
             v = r["decode_compiled"].get(1, {}).get("tok_s")
-            cells.append("-" if v is None else cell("compiled tok/s b=1", v, f"{v:.1f}"))
+            c.append("-" if v is None else cell("compiled tok/s b=1", v, f"{v:.1f}"))
         v = first_ttft(r)
-        cells.append("-" if v is None else cell("TTFT ms", v, f"{v:.1f}"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return head, lines
+        c.append("-" if v is None else cell("TTFT ms", v, f"{v:.1f}"))
+        quality_lines.append("| " + " | ".join(q) + " |")
+        cost_lines.append("| " + " | ".join(c) + " |")
+    return [("Quality", quality_head, quality_lines), ("Cost", cost_head, cost_lines)]
 
 
 def _mib(v):
@@ -358,7 +369,7 @@ def build(run_dirs, out=None):
     suites = sorted({run["config"].get("suite") or ", ".join(run["config"].get("tasks") or ["no tasks"]) for _, run, _ in runs})
     question = (f"Which quantization of {', '.join(models)} on {', '.join(cards)}? "
                 f"Quality: perplexity, KLD and {'; '.join(suites)}; cost: memory and speed.")
-    head, table = summary_table(rows, several)
+    tables = summary_tables(rows, several)
     plots = [("quality-vs-memory", "Quality against weight memory", plot_quality_vs_memory(rows, labels)),
              ("decode-vs-batch", "Decode speed against batch size", plot_decode_vs_batch(rows, labels, rates)),
              ("kld-distribution", "KL divergence per token", plot_kld_distribution(rows, labels)),
@@ -373,8 +384,13 @@ def build(run_dirs, out=None):
     md += [f"> {n}" for n in notes] + ([""] if notes else [])
     md += ["## Recommendation", ""] + [line for paragraph in advice for line in (paragraph, "")] + ["## Comparison", "",
            "Best value of each column in bold. ± is a standard error; Δ is the paired difference from the baseline on "
-           "the same documents, '(noise)' when within 1.96 standard errors.", "",
-           "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *table, ""]
+           "the same documents, 'noise' when within 1.96 standard errors.", ""]
+    for title, head, lines in tables:
+        md += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *lines, ""]
+    shared = [f"{r['experiment']}" + (f" ({r['run']})" if several else "") for r in rows if r["shared_host_with"]]
+    if shared:
+        md += ["† Timed while other experiments ran on the same host (a Ray run), which slows eager timings: compare "
+               "speed from experiments that ran alone. " + ", ".join(shared) + ".", ""]
     held = [f"{r['experiment']}" + (f" ({r['run']})" if several else "") + f" +{r['held_beyond_weights_bytes'] / 2**20:.0f} MiB"
             for r in rows if r["held_beyond_weights_bytes"] is not None]
     if held:
@@ -382,8 +398,8 @@ def build(run_dirs, out=None):
                "keep outside their parameters; part of the peak): " + ", ".join(held) + ".", ""]
     if problems:
         md += ["## Failed and skipped", ""]
-        md += [f"- **{r['experiment']}** ({r['run']}) {r['status']}: {r['error']}" + (f" Fix: {r['fix']}" if r.get("fix") else "")
-               for r in problems] + [""]
+        md += [f"- **{r['experiment']}** ({r['run']}) {r['status']}: {str(r['error']).rstrip('.')}."
+               + (f" Fix: {r['fix']}" if r.get("fix") else "") for r in problems] + [""]
     for name, title, png in plots:
         if png:
             (out / f"report-{name}.png").write_bytes(png)

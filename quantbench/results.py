@@ -210,9 +210,10 @@ def summary_markdown(run_dir):
         row += [_delta_cell(r, base, t, m, docs[r["experiment"]], base_docs) for t, m in cols]
         qz = r.get("quantization") or {}
         quantize = "-" if not qz else _num(qz.get("quantize_s"), "{:.1f}") + (" (cached)" if qz.get("reused_from_cache") else "")
+        shared = " †" if r.get("shared_host_with") else ""  # timed beside other experiments on its host
         row += [_mib(c.get("weight_bytes")), _mib(c.get("peak_bytes")), quantize, _num(c.get("load_s"), "{:.1f}"),
-                _num(c.get("ttft_ms"), "{:.1f}")]
-        row += [_decode_cell(c, b) for b in batch_sizes]
+                _num(c.get("ttft_ms"), "{:.1f}") + shared]
+        row += [_decode_cell(c, b) + shared for b in batch_sizes]
         row.append(kernel_of(r) if r["status"] == "ok" else "-")
         s = r.get("sanity")
         row.append("-" if not s else ("DEGENERATE: " + s["problem"]) if s["degenerate"] else "ok")
@@ -256,7 +257,8 @@ def _decode_cell(c, b):
     if point.get("status") == "out of memory":
         return "OOM"
     cell = _num(c.get("decode_tok_s", {}).get(b), "{:.1f}")
-    return cell + (f" ({100 * point['bandwidth_share']:.0f}% BW)" if point.get("bandwidth_share") else "")
+    share = 100 * (point.get("bandwidth_share") or 0)
+    return cell + (f" ({share:.{0 if share >= 10 else 1}f}% BW)" if share else "")
 
 
 def _sweep_lines(results):
@@ -356,6 +358,11 @@ def _protocol_lines(run, results):
     out.append("- Weights: bytes as stored, quantization scales included (bitsandbytes, HQQ; torchao tensors by their parts). "
                "Peak: " + (results[0].get("cost", {}).get("peak_kind", "-") if results else "-")
                + " during the speed measurement (the quality evaluation's peak is `peak_eval_bytes` in the JSON).")
+    shared = [f"{r['experiment']} (with {', '.join(r['shared_host_with'])})" for r in results if r.get("shared_host_with")]
+    if shared:
+        out.append("- †: timed while other experiments ran on the same host, which slows eager timings (up to 48% "
+                   "at batch 8 and 32 on two H200s of one host); compare speed from experiments that ran alone: "
+                   + "; ".join(shared) + ".")
     held = [f"{r['experiment']} +{_mib(extra)} MiB" for r in results
             if (extra := held_beyond_weights(r.get("cost", {}))) is not None]
     if held:

@@ -108,12 +108,14 @@ generation_kwargs:
 """ + EM_F1, version="3.0"),
     },
     # quantbench's own task (lm-eval has SQuAD 2.0 only): SQuAD v1.1 dev, the prompt of lm-eval's
-    # squadv2, greedy answer up to the first newline, scored with SQuAD's official EM/F1 (the best
-    # over the gold answers), whose answer normalisation CoQA's metric uses too.
+    # squadv2, greedy answer up to the first newline or 48 tokens (lm-eval's squad_completion bound:
+    # the answers are short spans), scored with SQuAD's official EM/F1 (the best over the gold
+    # answers), whose answer normalisation CoQA's metric uses too.
     "squad_v1": {
         "file": "squad/dev-v1.1.json.zip",
         "local_only": True,
         "hub_dataset": "rajpurkar/squad",
+        "max_gen_toks": 48,
         "utils": "from quantbench.tasks import squad_process_results as process_results  # noqa: F401\n",
         "yaml": _yaml("squad_v1", "validation", "generate_until", """\
 doc_to_text: "Title: {{title}}\\n\\nBackground: {{context}}\\n\\nQuestion: {{question}}\\n\\nAnswer:"
@@ -123,6 +125,7 @@ generation_kwargs:
   until:
     - "\\n"
   do_sample: false
+  max_gen_toks: 48
 """ + EM_F1),
     },
 }
@@ -280,6 +283,12 @@ def resolve_task(name, *, data_dir, hub, task_dir):
                + ", ".join(LOCAL_TASKS))
     return {"name": name, "status": "skipped", "reason": "the hub is unreachable and no local copy of its data",
             "fix": fix}
+
+
+def generation_bound(name, cap):
+    """The most tokens a generation task may generate: --max-gen-toks (`cap`), or the task's own
+    smaller bound (squad_v1: 48)."""
+    return min(LOCAL_TASKS.get(name, {}).get("max_gen_toks") or cap, cap)
 
 
 def known_task_names():

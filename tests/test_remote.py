@@ -64,6 +64,8 @@ def test_a_ray_sweep_on_a_local_cluster_survives_a_killed_worker_and_resumes(tin
     for exp in ("fp16", "int8"):
         r = read_json(run_dir / f"{exp}.json")
         assert r["status"] == "ok" and r["worker"]["host"], r
+        # The workers were sent run.json after the rates were measured: roofline shares as in a local run.
+        assert all(p["bandwidth_share"] > 0 for p in r["cost"]["decode"].values()), r["cost"]["decode"]
     # The baseline's reference came back once and int8 was compared with it on its worker.
     assert (run_dir / "reference").is_dir() and read_json(run_dir / "int8.json")["quality"]["kld"]["same_top_p"] > 0.5
     # Paths in results are the launching machine's, not a worker's scratch folder.
@@ -134,3 +136,17 @@ def test_an_unreachable_ray_cluster_is_a_clear_error_and_writes_nothing(tmp_path
                      "--out", str(tmp_path / "r")])
     assert code == 2 and "no Ray cluster answers at 127.0.0.1:1" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_experiments_timed_side_by_side_on_one_host_are_flagged(tmp_path):
+    from quantbench.results import write_json
+
+    spans = {"a": ("gpu-host", "00:00", "00:10"), "b": ("gpu-host", "00:05", "00:15"),
+             "c": ("other-host", "00:05", "00:15"), "d": ("gpu-host", "00:20", "00:30")}
+    for exp, (host, start, end) in spans.items():
+        write_json(tmp_path / f"{exp}.json", {"experiment": exp, "worker": {"host": host},
+                                              "started": f"2026-11-27T01:{start}+00:00", "finished": f"2026-11-27T01:{end}+00:00"})
+    write_json(tmp_path / "e.json", {"experiment": "e"})  # a local result: no worker, never flagged
+    remote.flag_shared_hosts(tmp_path, {"experiments": [{"id": e} for e in "abcde"]})
+    got = {e: read_json(tmp_path / f"{e}.json").get("shared_host_with") for e in "abcde"}
+    assert got == {"a": ["b"], "b": ["a"], "c": None, "d": None, "e": None}

@@ -10,7 +10,7 @@ from quantbench import report
 from quantbench.results import write_json
 
 
-def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "nf4", "int8", "gptq-w4g128", "awq-w4g128")):
+def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "nf4", "int8", "gptq-w4g128", "awq-w4g128", "hqq-w4g64")):
     folder.mkdir(parents=True)
     write_json(folder / "run.json", {
         "config": {"batch_sizes": [1, 8], "prompt_lengths": [128, 512], "repeats": 3, "new_tokens": 64,
@@ -27,6 +27,10 @@ def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "
                                               "status": "skipped", "error": "group size 128 does not divide 576",
                                               "fix": "use a group size that divides 576", "quality": {}, "cost": {}})
             continue
+        if m == "hqq-w4g64":  # its process was killed with the run: no error recorded
+            write_json(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
+                                              "status": "running", "quality": {}, "cost": {}})
+            continue
         if m == "awq-w4g128":
             write_json(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
                                               "status": "failed", "error": "CUDA out of memory", "quality": {}, "cost": {}})
@@ -36,6 +40,7 @@ def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "
         pct = [kld[m] * q / 50 for q in range(101)]
         write_json(folder / f"{m}.docs.json", {"arc_easy": {"doc_ids": list(range(100)), "acc": acc}})
         write_json(folder / f"{m}.json", {
+            "shared_host_with": ["fp16"] if m == "int8" else [],  # int8 was timed beside fp16 on one host
             "experiment": m, "method": m, "model": {"name": "smollm2-135m"}, "status": "ok", "error": None,
             "quality": {"perplexity": 19 + 5 * i, "arc_easy": {"acc": sum(acc) / 100, "acc_stderr": 0.049, "n": 100},
                         "kld": {"kld_mean": kld[m], "kld_mean_stderr": kld[m] / 20, "same_top_p": 1 - kld[m],
@@ -58,11 +63,16 @@ def test_report_of_a_run_with_failed_and_skipped_experiments(tmp_path):
     assert "Among methods of 4 bits or fewer, nf4 has the lowest KLD (0.0800)" in text
     assert "outside their parameters; part of the peak): int8 +300 MiB." in text  # and no other method
     # Best of each column in bold: nf4's weights, fp16's decode speed, int8's KLD (the baseline's 0 does not count).
-    nf4 = next(line for line in text.splitlines() if line.startswith("| nf4 |"))
-    int8 = next(line for line in text.splitlines() if line.startswith("| int8 |"))
-    assert "**106.0**" in nf4 and "**0.00400 ± 0.00020**" in int8 and "(noise)" in int8 and "(noise)" not in nf4
-    assert "**gptq-w4g128** (run001) skipped: group size 128 does not divide 576 Fix: use a group size" in text
-    assert "**awq-w4g128** (run001) failed: CUDA out of memory" in text
+    nf4 = [line for line in text.splitlines() if line.startswith("| nf4 |")]  # its quality row, then its cost row
+    int8 = [line for line in text.splitlines() if line.startswith(("| int8 |", "| int8 † |"))]
+    assert len(nf4) == len(int8) == 2 and "**Quality**" in text and "**Cost**" in text
+    assert "**106.0**" in nf4[1] and "**0.00400 ± 0.00020**" in int8[0]
+    assert "(Δ -0.0100 ± 0.0100, noise)" in int8[0] and "noise" not in nf4[0] and "(Δ -0.1000 ± " in nf4[0]
+    assert int8[1].startswith("| int8 † |") and "†" not in nf4[1]  # its speed was timed beside another experiment
+    assert "† Timed while other experiments ran on the same host" in text and "speed from experiments that ran alone. int8." in text
+    assert "**gptq-w4g128** (run001) skipped: group size 128 does not divide 576. Fix: use a group size" in text
+    assert "**awq-w4g128** (run001) failed: CUDA out of memory." in text
+    assert "**hqq-w4g64** (run001) running: not finished: still running, or the run was stopped while it ran" in text
     for name in ["quality-vs-memory", "decode-vs-batch", "kld-distribution", "ttft-vs-prompt"]:
         assert f"(report-{name}.png)" in text and (md.parent / f"report-{name}.png").stat().st_size > 5000
     html = page.read_text()

@@ -170,6 +170,11 @@ def test_squad_task_prompt_and_official_scoring(shared_data, tmp_path):
     task = get_task_dict(["squad_v1_local"], TaskManager(include_path=str(tmp_path)))["squad_v1_local"]
     local_doc = next(iter(task.eval_docs))
     assert task.doc_to_text(local_doc) == SQuAD2.doc_to_text(None, doc)  # lm-eval's SQuAD prompt
+    # An answer is a short span: at most 48 tokens (lm-eval's squad_completion bound), in the YAML
+    # (lm-eval alone reads it) and in quantbench's bound, which --max-gen-toks can only lower.
+    assert task.config.generation_kwargs["max_gen_toks"] == 48 and task.config.generation_kwargs["until"] == ["\n"]
+    assert (tasks.generation_bound("squad_v1", 128), tasks.generation_bound("squad_v1", 8)) == (48, 8)
+    assert tasks.generation_bound("coqa", 128) == 128
     # SQuAD's normalisation: case, punctuation and articles do not count; the best gold answer wins.
     assert tasks.squad_process_results(doc, [" the denver broncos.\nQ: next"]) == {"em": 1, "f1": 1.0}
     partial = tasks.squad_process_results(doc, ["Broncos of Denver"])

@@ -1,0 +1,181 @@
+"""Where a decode step's time goes, on the GPU: quantbench's compiled loop against variants of it,
+and `generate` at lm-eval's batch with and without lm-eval's stop-sequence check.
+
+Part 1 (compiled decode, float16, random weights with a real model's configuration, batch 1 by
+default): for each variant, tokens/s over `--new-tokens` (median of 3 after a warm-up, the GPU
+synchronized), and from a torch.profiler trace of 16 steps the GPU kernel time per step and the
+kernels per step, against the time the weights take to read at the measured copy bandwidth.
+  plain            the model compiled (reduce-overhead: CUDA graphs) without tuning: quantbench's
+                   loop before 2026-11-27 (663 tok/s on an H200)
+  quantbench       cost.greedy_static with cost.compiled_step, what `--decode-mode compiled` runs:
+                   the same with inductor's coordinate-descent tuning (gpt-fast's setting)
+  fused            forward and argmax in one compiled function (fullgraph), tuned
+  autotune         mode max-autotune (matmul templates benchmarked at compile time), tuned
+Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt and
+--gen-tokens new tokens, plain and with lm-eval's stop-sequence criteria (which decode the batch's
+last tokens on the host every step): ms per step.
+
+    python benchmarks/decode_profile.py --arch llama-3.2-1b --batch 1 --gen-arch smollm2-135m
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from quantbench import cost, models
+
+
+def timed(fn, repeats=3):
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def kernel_time_per_step(fn, steps, top=0):
+    """GPU kernel time and kernel count per step, from a profiler trace of fn() (which runs `steps`
+    steps), and the `top` kernels by GPU time: [(ms per step, calls per step, name)]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = {}
+    for e in kernels:
+        t, n = by_name.get(e.name, (0.0, 0))
+        by_name[e.name] = (t + e.device_time, n + 1)
+    heaviest = sorted(((t / 1000 / steps, n / steps, name) for name, (t, n) in by_name.items()), reverse=True)[:top]
+    return sum(e.device_time for e in kernels) / 1000 / steps, len(kernels) / steps, heaviest
+
+
+def greedy_variant(model, ids, n, cache, next_token):
+    """cost.greedy_static's loop with the step as a parameter: next_token(token) -> the next token."""
+    cache.reset()
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    token = logits[:, -1:].argmax(-1)
+    out = [token]
+    for _ in range(n - 1):
+        torch.compiler.cudagraph_mark_step_begin()
+        token = next_token(token)
+        out.append(token)
+    return torch.cat(out, dim=1)
+
+
+def part1(args, rates):
+    from transformers import AutoModelForCausalLM
+
+    config = models.arch_config(args.arch)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    weights = cost.weight_bytes(model)["weight_bytes"]
+    ideal_ms = weights / rates["copy_bytes_s"] * 1000
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt), device="cuda")
+    print(f"\n## compiled decode, arch:{args.arch} float16, batch {args.batch}, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens; weights {weights / 1e9:.3f} GB: {ideal_ms:.3f} ms per step at "
+          f"{rates['copy_bytes_s'] / 1e9:.0f} GB/s\n")
+    print("| variant | compile+warm-up s | tok/s | ms/step | GPU kernel ms/step | kernels/step | % of copy bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+
+    def fused_step(token, cache):
+        return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    heaviest_lines = []
+    for name in args.variants.split(","):
+        torch._dynamo.reset()
+        torch._inductor.config.coordinate_descent_tuning = name != "plain"
+        cache = cost.static_cache(model, args.prompt + max(args.new_tokens, 17))
+        if name == "quantbench":  # exactly what --decode-mode compiled runs
+            step = cost.compiled_step(model, "cuda")
+            def run(n):
+                return cost.greedy_static(model, ids, n, step=step, cache=cache)
+        elif name == "fused":  # the step's output lives in the CUDA graph's memory: copy it out
+            step = torch.compile(fused_step, mode="reduce-overhead", fullgraph=True)
+            def run(n):
+                return greedy_variant(model, ids, n, cache, lambda token: step(token, cache).clone())
+        else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
+            step = torch.compile(model, mode="max-autotune" if name == "autotune" else "reduce-overhead", dynamic=False)
+
+            def next_token(token):
+                return step(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+            def run(n):
+                return greedy_variant(model, ids, n, cache, next_token)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            run(args.new_tokens)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            t_n, t_1 = timed(lambda: run(args.new_tokens)), timed(lambda: run(1))
+            per_step = (t_n - t_1) / (args.new_tokens - 1)
+            gpu_ms, kernels, heaviest = kernel_time_per_step(lambda: run(17), 16, top=args.top_kernels)
+        share = weights / per_step / rates["copy_bytes_s"]
+        print(f"| {name} | {first:.1f} | {args.batch / per_step:.1f} | {per_step * 1000:.3f} | {gpu_ms:.3f} | "
+              f"{kernels:.0f} | {100 * share:.1f} |", flush=True)
+        heaviest_lines += [f"| {name} | {ms:.3f} | {n:.0f} | {kernel[:90]} |" for ms, n, kernel in heaviest]
+    if heaviest_lines:
+        print(f"\nThe {args.top_kernels} heaviest kernels of each variant (prefill excluded: 16 steps traced)\n")
+        print("| variant | GPU ms/step | calls/step | kernel |\n|---|---|---|---|\n" + "\n".join(heaviest_lines))
+
+
+def part2(args):
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+    from transformers import AutoModelForCausalLM
+
+    config = models.arch_config(args.gen_arch)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    tokenizer = models.byte_tokenizer()
+    ids = torch.randint(0, 256, (args.gen_batch, args.gen_context), device="cuda")
+    print(f"\n## generate, arch:{args.gen_arch} float16 (eager), batch {args.gen_batch}, prompt {args.gen_context}, "
+          f"{args.gen_tokens} new tokens\n")
+    print("| variant | s per call | ms per step |")
+    print("|---|---|---|")
+    for name in ("plain generate", "with lm-eval's stop check"):
+        def run():
+            extra = {"stopping_criteria": stop_sequences_criteria(tokenizer, ["\n"], ids.shape[1], ids.shape[0])} \
+                if name != "plain generate" else {}
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
+                           min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
+        with torch.no_grad():
+            s = timed(run)
+        print(f"| {name} | {s:.2f} | {s / args.gen_tokens * 1000:.1f} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="llama-3.2-1b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--variants", default="plain,quantbench,fused",
+                   help="also: autotune (mode max-autotune: Triton matmul templates tried, minutes to compile)")
+    p.add_argument("--top-kernels", type=int, default=8, help="list each variant's heaviest kernels (0: none)")
+    p.add_argument("--gen-arch", default="smollm2-135m", help="'' to skip part 2")
+    p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--gen-context", type=int, default=300)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_profile.py measures CUDA kernels; run it on a GPU machine")
+    rates = cost.device_rates("cuda")
+    card = torch.cuda.get_device_name(0)
+    print(f"{card}, torch {torch.__version__}; copy {rates['copy_bytes_s'] / 1e9:.0f} GB/s, "
+          f"matmul {rates['matmul_flops'] / 1e12:.1f} TFLOP/s")
+    if args.gen_arch:
+        part2(args)
+    if args.variants:
+        part1(args, rates)
+
+
+if __name__ == "__main__":
+    main()
