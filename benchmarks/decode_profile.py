@@ -9,7 +9,6 @@ kernels per step, against the time the weights take to read at the measured copy
                    loop before 2026-11-27 (663 tok/s on an H200)
   quantbench       cost.greedy_static with cost.compiled_step, what `--decode-mode compiled` runs:
                    the same with inductor's coordinate-descent tuning (gpt-fast's setting)
-  fused            forward and argmax in one compiled function (fullgraph), tuned
   autotune         mode max-autotune (matmul templates benchmarked at compile time), tuned
 Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt and
 --gen-tokens new tokens, plain and with lm-eval's stop-sequence criteria (which decode the batch's
@@ -57,19 +56,6 @@ def kernel_time_per_step(fn, steps, top=0):
     return sum(e.device_time for e in kernels) / 1000 / steps, len(kernels) / steps, heaviest
 
 
-def greedy_variant(model, ids, n, cache, next_token):
-    """cost.greedy_static's loop with the step as a parameter: next_token(token) -> the next token."""
-    cache.reset()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    token = logits[:, -1:].argmax(-1)
-    out = [token]
-    for _ in range(n - 1):
-        torch.compiler.cudagraph_mark_step_begin()
-        token = next_token(token)
-        out.append(token)
-    return torch.cat(out, dim=1)
-
-
 def part1(args, rates):
     from transformers import AutoModelForCausalLM
 
@@ -86,9 +72,6 @@ def part1(args, rates):
     print("| variant | compile+warm-up s | tok/s | ms/step | GPU kernel ms/step | kernels/step | % of copy bandwidth |")
     print("|---|---|---|---|---|---|---|")
 
-    def fused_step(token, cache):
-        return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-
     heaviest_lines = []
     for name in args.variants.split(","):
         torch._dynamo.reset()
@@ -96,20 +79,11 @@ def part1(args, rates):
         cache = cost.static_cache(model, args.prompt + max(args.new_tokens, 17))
         if name == "quantbench":  # exactly what --decode-mode compiled runs
             step = cost.compiled_step(model, "cuda")
-            def run(n):
-                return cost.greedy_static(model, ids, n, step=step, cache=cache)
-        elif name == "fused":  # the step's output lives in the CUDA graph's memory: copy it out
-            step = torch.compile(fused_step, mode="reduce-overhead", fullgraph=True)
-            def run(n):
-                return greedy_variant(model, ids, n, cache, lambda token: step(token, cache).clone())
         else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
             step = torch.compile(model, mode="max-autotune" if name == "autotune" else "reduce-overhead", dynamic=False)
 
-            def next_token(token):
-                return step(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-
-            def run(n):
-                return greedy_variant(model, ids, n, cache, next_token)
+        def run(n):
+            return cost.greedy_static(model, ids, n, step=step, cache=cache)
         with torch.no_grad():
             t0 = time.perf_counter()
             run(args.new_tokens)
@@ -157,7 +131,7 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--variants", default="plain,quantbench,fused",
+    p.add_argument("--variants", default="plain,quantbench",
                    help="also: autotune (mode max-autotune: Triton matmul templates tried, minutes to compile)")
     p.add_argument("--top-kernels", type=int, default=8, help="list each variant's heaviest kernels (0: none)")
     p.add_argument("--gen-arch", default="smollm2-135m", help="'' to skip part 2")

@@ -183,11 +183,10 @@ def cmd_run(args):
         device = remote.cluster_device(config.backend, ray_address=config.ray_address)
     if config.all_methods:
         have = {e["name"] for e in config.experiments}
-        if device is None:
-            device = sweep.resolve_device(config.device)
-            config.experiments += [make_experiment(n) for n in METHODS if n not in have and why_not_runnable(n, device) is None]
-        else:  # a missing library is found (and recorded as skipped) on the worker
-            config.experiments += [make_experiment(n) for n in METHODS if n not in have and (device == "cuda" or not METHODS[n]["gpu"])]
+        device = device or sweep.resolve_device(config.device)
+        here = config.backend == "local"  # elsewhere, a missing library is found (and recorded as skipped) on the worker
+        config.experiments += [make_experiment(n) for n in METHODS
+                               if n not in have and why_not_runnable(n, device, libraries=here) is None]
     if config.tasks:
         from quantbench.tasks import known_task_names
 

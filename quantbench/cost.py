@@ -269,7 +269,6 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
                 point.update({"peak_bytes": peak, "other_bytes": peak - weight_bytes - kv})
             if mode == "compiled":
                 point.update(_compiled_state(model, device))
-                timed["cache"] = None  # give its memory back before the next point
             return point
         key = "decode" if mode == "eager" else f"decode_{mode}"
         if mode == "compiled" and compile_error:

@@ -334,10 +334,11 @@ def method_settings(name):
     return settings
 
 
-def why_not_runnable(name, device):
-    """None if the method can run here on `device`, else (reason, fix)."""
+def why_not_runnable(name, device, libraries=True):
+    """None if the method can run here on `device`, else (reason, fix). libraries=False: the
+    experiments run elsewhere (Ray, Modal), which find a missing library themselves."""
     m = METHODS[name]
-    missing = [mod for mod in m["modules"] if importlib.util.find_spec(mod) is None]
+    missing = [mod for mod in m["modules"] if importlib.util.find_spec(mod) is None] if libraries else []
     if missing:
         return (f"the Python package{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                 f"{'are' if len(missing) > 1 else 'is'} not installed", f"pip install 'quantbench[{m['extra']}]'")

@@ -33,7 +33,7 @@ from pathlib import Path
 import quantbench
 from quantbench.models import model_slug, resolve_model
 from quantbench.results import read_json, write_json
-from quantbench.sweep import RunError, finish, measure_device_rates, record_phases, run_child, unfinished
+from quantbench.sweep import RunError, empty_result, finish, measure_device_rates, record_phases, run_child, unfinished
 
 
 def _files_under(folder, prefix):
@@ -90,8 +90,7 @@ def run_packed(files, exp_id, reference=None):
         write_json(here_run / "run.json", run)
         exp = next(e for e in run["experiments"] if e["id"] == exp_id)
         _children_import_this_quantbench()
-        run_child(here_run, exp, run)
-        result = read_json(here_run / f"{exp_id}.json")
+        result = run_child(here_run, exp, run)
         result["worker"] = {"host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         write_json(here_run / f"{exp_id}.json", result)
         model = next(m for m in run["models"] if m["name"] == exp["model"])
@@ -139,11 +138,9 @@ def unpack(run_dir, outputs):
 
 def _lost(run_dir, exp, run, status, error, seconds):
     """An experiment whose worker sent no result back (lost, or stopped by Ctrl-C): recorded, to be resumed."""
-    model = next(m for m in run["models"] if m["name"] == exp["model"])
     write_json(Path(run_dir) / f"{exp['id']}.json", {
-        "experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
-        "device": run["device"], "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}, "status": status,
-        "error": error, "fix": f"run again with: quantbench run --resume {run_dir}", "duration_s": round(seconds, 3)})
+        **empty_result(run, exp), "status": status, "error": error,
+        "fix": f"run again with: quantbench run --resume {run_dir}", "duration_s": round(seconds, 3)})
 
 
 def execute_remote(run_dir, backend, submit, facts, share=lambda files: files, cancel=lambda future: future.cancel()):

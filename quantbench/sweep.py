@@ -140,15 +140,20 @@ def _describe_exit(code):
     return f"the experiment process exited with code {code} before writing its result"
 
 
+def empty_result(run, exp):
+    """The result of an experiment that measured nothing (skipped, or ended before it wrote one)."""
+    model = next(m for m in run["models"] if m["name"] == exp["model"])
+    return {"experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
+            "device": run["device"], "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}}
+
+
 def _record_unfinished(run_dir, exp, run, status, error, duration):
     """The child ended without a final result: keep what it measured, say why it stopped."""
     path = run_dir / f"{exp['id']}.json"
     try:
         result = read_json(path)
     except (OSError, ValueError):
-        model = next(m for m in run["models"] if m["name"] == exp["model"])
-        result = {"experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
-                  "device": run["device"], "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}}
+        result = empty_result(run, exp)
     result.update(status=status, error=error, duration_s=round(duration, 3), finished=now(),
                   fix=f"run again with: quantbench run --resume {run_dir}")
     write_json(path, result)
@@ -189,11 +194,8 @@ def _skip_unrunnable(run_dir, exp, run):
     problem = why_not_runnable(exp["method"], run["device"])
     if problem is None:
         return False
-    model = next(m for m in run["models"] if m["name"] == exp["model"])
-    write_json(run_dir / f"{exp['id']}.json", {
-        "experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
-        "device": run["device"], "status": "skipped", "error": problem[0], "fix": problem[1],
-        "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}, "finished": now()})
+    write_json(run_dir / f"{exp['id']}.json", {**empty_result(run, exp), "status": "skipped", "error": problem[0],
+                                                "fix": problem[1], "finished": now()})
     return True
 
 
