@@ -3,8 +3,8 @@ and `generate` at lm-eval's batch with and without lm-eval's stop-sequence check
 
 Part 1 (compiled decode, float16, random weights with a real model's configuration, batch 1 by
 default): for each variant, tokens/s over `--new-tokens` (median of 3 after a warm-up, the GPU
-synchronized), and from a torch.profiler trace of 16 steps the GPU kernel time per step and the
-kernels per step, against the time the weights take to read at the measured copy bandwidth.
+synchronized), and from torch.profiler traces (17 tokens less 1: the prefill subtracted) the GPU
+kernel time and the kernels of a decode step, against the time the weights take to read at the measured copy bandwidth.
   plain            the model compiled (reduce-overhead: CUDA graphs) without tuning: quantbench's
                    loop before 2026-11-27 (663 tok/s on an H200)
   quantbench       cost.greedy_static with cost.compiled_step, what `--decode-mode compiled` runs:
@@ -37,9 +37,8 @@ def timed(fn, repeats=3):
     return statistics.median(out)
 
 
-def kernel_time_per_step(fn, steps, top=0):
-    """GPU kernel time and kernel count per step, from a profiler trace of fn() (which runs `steps`
-    steps), and the `top` kernels by GPU time: [(ms per step, calls per step, name)]."""
+def _kernels(fn):
+    """{kernel name: (GPU microseconds, calls)} from a profiler trace of fn(), after one untraced run."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -47,13 +46,23 @@ def kernel_time_per_step(fn, steps, top=0):
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name = {}
-    for e in kernels:
-        t, n = by_name.get(e.name, (0.0, 0))
-        by_name[e.name] = (t + e.device_time, n + 1)
-    heaviest = sorted(((t / 1000 / steps, n / steps, name) for name, (t, n) in by_name.items()), reverse=True)[:top]
-    return sum(e.device_time for e in kernels) / 1000 / steps, len(kernels) / steps, heaviest
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t, n = by_name.get(e.name, (0.0, 0))
+            by_name[e.name] = (t + e.device_time, n + 1)
+    return by_name
+
+
+def kernel_time_per_step(run, steps, top=0):
+    """GPU kernel time and kernel count per decode step: a trace of run(steps + 1) minus one of run(1)
+    (the prefill and first token), over `steps`; and the `top` kernels by GPU time of the steps:
+    [(ms per step, calls per step, name)]."""
+    both, prefill = _kernels(lambda: run(steps + 1)), _kernels(lambda: run(1))
+    per_step = {name: ((t - prefill.get(name, (0, 0))[0]) / 1000 / steps, (n - prefill.get(name, (0, 0))[1]) / steps)
+                for name, (t, n) in both.items()}
+    heaviest = sorted(((ms, calls, name) for name, (ms, calls) in per_step.items()), reverse=True)[:top]
+    return sum(ms for ms, _ in per_step.values()), sum(calls for _, calls in per_step.values()), heaviest
 
 
 def part1(args, rates):
@@ -91,13 +100,13 @@ def part1(args, rates):
             first = time.perf_counter() - t0
             t_n, t_1 = timed(lambda: run(args.new_tokens)), timed(lambda: run(1))
             per_step = (t_n - t_1) / (args.new_tokens - 1)
-            gpu_ms, kernels, heaviest = kernel_time_per_step(lambda: run(17), 16, top=args.top_kernels)
+            gpu_ms, kernels, heaviest = kernel_time_per_step(run, 16, top=args.top_kernels)
         share = weights / per_step / rates["copy_bytes_s"]
         print(f"| {name} | {first:.1f} | {args.batch / per_step:.1f} | {per_step * 1000:.3f} | {gpu_ms:.3f} | "
               f"{kernels:.0f} | {100 * share:.1f} |", flush=True)
         heaviest_lines += [f"| {name} | {ms:.3f} | {n:.0f} | {kernel[:90]} |" for ms, n, kernel in heaviest]
     if heaviest_lines:
-        print(f"\nThe {args.top_kernels} heaviest kernels of each variant (prefill excluded: 16 steps traced)\n")
+        print(f"\nThe {args.top_kernels} heaviest kernels of each variant (16 decode steps, the prefill's kernels subtracted)\n")
         print("| variant | GPU ms/step | calls/step | kernel |\n|---|---|---|---|\n" + "\n".join(heaviest_lines))
 
 
