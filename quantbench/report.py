@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 
 from quantbench.methods import METHODS
-from quantbench.results import baseline, documents, held_beyond_weights, load_experiments, paired_difference
+from quantbench.results import UNFINISHED, baseline, documents, held_beyond_weights, load_experiments, paired_difference
 
 # One colour per method, fixed by the method's place in METHODS (matplotlib's tab20, then grey).
 TAB20 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -60,7 +60,7 @@ def rows_of(label, run, results):
                "decode_compiled": {int(b): p for b, p in c.get("decode_compiled", {}).items() if p.get("status") == "ok"},
                "prefill": {int(n): p for n, p in c.get("prefill", {}).items() if p.get("status") == "ok"}}
         if r["status"] == "running" and not r.get("error"):
-            row["error"] = "not finished: still running, or the run was stopped while it ran"
+            row["error"] = UNFINISHED
             row["fix"] = f"when the run has stopped: quantbench run --resume {run.get('run_dir', label)}"
         if not row["prefill"] and c.get("ttft_ms"):  # results from before the prompt-length sweep
             row["prefill"] = {c.get("ttft_prompt_tokens"): {"ttft_ms": c["ttft_ms"]}}
@@ -157,7 +157,24 @@ def summary_tables(rows, several_runs):
         c.append("-" if v is None else cell("TTFT ms", v, f"{v:.1f}"))
         quality_lines.append("| " + " | ".join(q) + " |")
         cost_lines.append("| " + " | ".join(c) + " |")
-    return [("Quality", quality_head, quality_lines), ("Cost", cost_head, cost_lines)]
+    has_quality = any(r["kld"] or r["perplexity"] or r["tasks"] for r in ok)
+    return ([("Quality", quality_head, quality_lines)] if has_quality else []) + [("Cost", cost_head, cost_lines)]
+
+
+def measured(rows, runs):
+    """What the page compares, from what the results hold: 'Quality: perplexity, KLD and 6 tasks (the
+    standard suite: ...); cost: memory and speed.'"""
+    ok = [r for r in rows if r["status"] == "ok"]
+    tasks = sorted({t.split(" ")[0] for r in ok for t in r["tasks"]})
+    parts = [name for name, has in [("perplexity", any(r["perplexity"] for r in ok)),
+                                    ("KLD from the baseline", any(r["kld"] for r in ok))] if has]
+    if tasks:
+        suites = sorted({run["config"].get("suite") for _, run, _ in runs if run["config"].get("suite")})
+        parts.append(f"{len(tasks)} task{'s' if len(tasks) > 1 else ''} ("
+                     + (f"the {' and '.join(suites)} suite: " if suites else "") + ", ".join(tasks) + ")")
+    quality = ("Quality: " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
+               if parts else "Quality: not measured")
+    return quality + "; cost: memory and speed."
 
 
 def _mib(v):
@@ -228,9 +245,36 @@ def _finish(fig, ax, xlabel, ylabel, title):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+    _legend(ax)
     ax.grid(alpha=0.3, which="both")
     return _png(fig)
+
+
+def _legend(ax):
+    """The legend beside the axes, where it hides no point or line."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+
+
+def _label_points(ax, points):
+    """Name each point next to it, moving a name to another side of its point when it would cover one
+    already placed (names of methods with close memory and quality otherwise print over each other)."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the axes' scales, so data map to display positions
+    points_per_px = 72 / fig.dpi
+    at = [tuple(v * points_per_px for v in ax.transData.transform((x, y))) for x, y, _ in points]
+    placed = [(px - 4, py - 4, px + 4, py + 4) for px, py in at]  # the markers, then the names drawn so far (points)
+    offsets = [(4, 3), (4, -10), (-4, 3), (-4, -10), (4, 12), (4, -19), (-4, 12), (-4, -19)]
+    for x, y, name in sorted(points, key=lambda p: (p[0], p[1])):
+        px, py = (v * points_per_px for v in ax.transData.transform((x, y)))
+        width, height = 4.6 * len(name), 8  # 8-point text, roughly
+        for dx, dy in offsets:
+            left = px + dx if dx > 0 else px + dx - width
+            box = (left, py + dy, left + width, py + dy + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                    ha="left" if dx > 0 else "right")
 
 
 def _marker(r, run_labels):
@@ -249,7 +293,6 @@ def plot_quality_vs_memory(rows, run_labels):
     for x, y, r in pts:
         ax.scatter(x, y, color=color_of(r["method"]), marker=_marker(r, run_labels), s=60, zorder=3,
                    label=r["experiment"] if len(run_labels) == 1 else f"{r['run']}/{r['experiment']}")
-        ax.annotate(r["experiment"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     frontier, best = [], float("inf")  # lower memory and lower divergence are both better
     for x, y, _ in sorted(pts, key=lambda p: (p[0], p[1])):
         if y < best:
@@ -263,7 +306,8 @@ def plot_quality_vs_memory(rows, run_labels):
         if positive and max(positive) / min(positive) > 20:
             ax.set_yscale("symlog", linthresh=min(positive))
     ax.set_title("Quality against memory (lower left is better)")
-    ax.legend(fontsize=7, loc="best")
+    _legend(ax)
+    _label_points(ax, [(x, y, r["experiment"]) for x, y, r in pts])
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -366,9 +410,7 @@ def build(run_dirs, out=None):
 
     models = sorted({m["name"] for _, run, _ in runs for m in run["models"]})
     cards = sorted({run["environment"].get("gpu") or f"CPU ({run['environment'].get('cpu_count')} cores)" for _, run, _ in runs})
-    suites = sorted({run["config"].get("suite") or ", ".join(run["config"].get("tasks") or ["no tasks"]) for _, run, _ in runs})
-    question = (f"Which quantization of {', '.join(models)} on {', '.join(cards)}? "
-                f"Quality: perplexity, KLD and {'; '.join(suites)}; cost: memory and speed.")
+    question = f"Which quantization of {', '.join(models)} on {', '.join(cards)}? {measured(rows, runs)}"
     tables = summary_tables(rows, several)
     plots = [("quality-vs-memory", "Quality against weight memory", plot_quality_vs_memory(rows, labels)),
              ("decode-vs-batch", "Decode speed against batch size", plot_decode_vs_batch(rows, labels, rates)),
@@ -424,12 +466,19 @@ def _html(md_lines, plots):
             text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
         return text
 
+    def td(text):
+        """A table cell; a paired difference goes on a line of its own, grey when within noise."""
+        value, sep, delta = text.partition(" (Δ ")
+        if not sep:
+            return inline(text)
+        return f"{inline(value)}<br><span class=\"d{' n' if 'noise' in delta else ''}\">Δ {inline(delta.rstrip(')'))}</span>"
+
     def flush():
         if table:
             rows = [r for r in table if not set(r.replace("|", "")) <= set("-")]
             cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
             body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in cells[0]) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+                        + "".join("<tr>" + "".join(f"<td>{td(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
                         + "</table>")
             table.clear()
 
@@ -456,6 +505,6 @@ def _html(md_lines, plots):
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
              "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%;display:block;margin:1em 0}.note{color:#8a5a00;background:#fff8e5;padding:.5em}")
+             "td .d{font-size:11px;color:#000}td .d.n{color:#999}img{max-width:100%;display:block;margin:1em 0}.note{color:#8a5a00;background:#fff8e5;padding:.5em}")
     return ("<!DOCTYPE html>\n<html><head><meta charset=utf-8><title>quantbench report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -20,7 +20,9 @@ from pathlib import Path
 from quantbench.config import prompt_lengths
 
 LIBRARIES = ["torch", "transformers", "accelerate", "bitsandbytes", "lm_eval", "datasets",
-             "safetensors", "gguf", "huggingface_hub"]
+             "safetensors", "gguf", "huggingface_hub", "optimum", "gptqmodel", "torchao", "hqq"]
+# What a result that still says "running" means once its run has stopped (summary and report).
+UNFINISHED = "not finished: still running, or the run was stopped while it ran"
 
 
 def write_json(path, data):
@@ -238,8 +240,10 @@ def summary_markdown(run_dir):
     if problems:
         lines += ["", "## Failed and skipped", ""]
         for r in problems:
-            fix = f" Fix: {r['fix']}" if r.get("fix") else ""
-            lines.append(f"- **{r['experiment']}** {r['status']}: {r['error']}.{fix}")
+            error, fix = r.get("error"), r.get("fix")
+            if r["status"] == "running" and not error:
+                error, fix = UNFINISHED, f"when the run has stopped: quantbench run --resume {run_dir}"
+            lines.append(f"- **{r['experiment']}** {r['status']}: {error}." + (f" Fix: {fix}" if fix else ""))
     skipped_tasks = {(t, i["reason"], i.get("fix")) for r in results
                      for t, i in r.get("quality_info", {}).items() if i.get("status") == "skipped"}
     if skipped_tasks:

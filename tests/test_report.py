@@ -3,11 +3,12 @@ two runs side by side, and the page opened in a headless browser where one is in
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from quantbench import report
-from quantbench.results import write_json
+from quantbench.results import read_json, summary_markdown, write_json
 
 
 def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "nf4", "int8", "gptq-w4g128", "awq-w4g128", "hqq-w4g64")):
@@ -73,6 +74,8 @@ def test_report_of_a_run_with_failed_and_skipped_experiments(tmp_path):
     assert "**gptq-w4g128** (run001) skipped: group size 128 does not divide 576. Fix: use a group size" in text
     assert "**awq-w4g128** (run001) failed: CUDA out of memory." in text
     assert "**hqq-w4g64** (run001) running: not finished: still running, or the run was stopped while it ran" in text
+    summary = summary_markdown(_run(tmp_path / "run002", methods=("hqq-w4g64",)))  # the run's own summary says so too
+    assert "**hqq-w4g64** running: not finished: still running, or the run was stopped while it ran." in summary
     for name in ["quality-vs-memory", "decode-vs-batch", "kld-distribution", "ttft-vs-prompt"]:
         assert f"(report-{name}.png)" in text and (md.parent / f"report-{name}.png").stat().st_size > 5000
     html = page.read_text()
@@ -116,3 +119,34 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1300,3000", page.as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 50_000  # a rendered page with its tables and plots, not a blank one
+
+
+GPU_RUN = Path(__file__).resolve().parent.parent / "docs" / "verification" / "runs" / "2026-11-27-standard-h200"
+
+
+def test_report_of_the_recorded_gpu_run(tmp_path):
+    """The result files of the H200 run of `--suite standard` (docs/verification/issue-4-gpu.md) make
+    the page their numbers say: what was measured, the recommendation, and the four skipped methods."""
+    md, page = report.build([GPU_RUN], out=tmp_path)
+    text = md.read_text()
+    assert ("Quality: perplexity, KLD from the baseline and 6 tasks (the standard suite: arc_easy, boolq, "
+            "lambada_openai, piqa, squad_v1, winogrande)") in text
+    assert "No quantized method is within noise of fp16 on every task." in text
+    assert "The closest to the baseline's next-token distributions is torchao-int8wo (mean KLD 0.0041" in text
+    assert "Among methods of 4 bits or fewer, gptq-w4g32 has the lowest KLD (0.1970) at 113 MiB." in text
+    assert text.count("cannot quantize its layers; use a group size that divides 576") == 4
+    html = page.read_text()
+    assert '<span class="d">Δ -0.0370 ± 0.0109</span>' in html  # nf4's LAMBADA loss is real
+    assert '<span class="d n">Δ -0.0020 ± 0.0144, noise</span>' in html  # its Winogrande change is not
+
+
+def test_a_run_without_quality_has_no_quality_table(tmp_path):
+    run = _run(tmp_path / "run001", methods=("fp16", "nf4"))
+    for m in ("fp16", "nf4"):  # an arch: model: speed and memory only
+        r = read_json(run / f"{m}.json")
+        r["quality"] = {}
+        write_json(run / f"{m}.json", r)
+        (run / f"{m}.docs.json").unlink()
+    text = report.build([run])[0].read_text()
+    assert "Quality: not measured; cost: memory and speed." in text
+    assert "**Quality**" not in text and "**Cost**" in text
