@@ -10,6 +10,9 @@ kernel time and the kernels of a decode step, against the time the weights take 
   quantbench       cost.greedy_static with cost.compiled_step, what `--decode-mode compiled` runs:
                    the same with inductor's coordinate-descent tuning (gpt-fast's setting)
   autotune         mode max-autotune (matmul templates benchmarked at compile time), tuned
+  fused-mlp        quantbench's step on a copy of the model whose gate and up projections are one
+                   concatenated weight per layer (one matrix-vector product instead of two, as
+                   serving engines do); its greedy tokens are compared with the unfused model's
 Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt and
 --gen-tokens new tokens, plain and with lm-eval's stop-sequence criteria (which decode the batch's
 last tokens on the host every step): ms per step.
@@ -65,6 +68,25 @@ def kernel_time_per_step(run, steps, top=0):
     return sum(ms for ms, _ in per_step.values()), sum(calls for _, calls in per_step.values()), heaviest
 
 
+def _fused_mlp_forward(self, x):
+    gate, up = torch.nn.functional.linear(x, self.gate_up).chunk(2, dim=-1)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def fuse_mlp(model):
+    """Each layer's gate_proj and up_proj weights concatenated into one (their Linear modules
+    dropped), the MLP's forward replaced by one that uses it: same products, one kernel fewer."""
+    import types
+
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        # a parameter, so CUDA graphs treat it as static (a plain tensor attribute is copied in every replay)
+        mlp.gate_up = torch.nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), requires_grad=False)
+        del mlp.gate_proj, mlp.up_proj
+        mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+    return model
+
+
 def part1(args, rates):
     from transformers import AutoModelForCausalLM
 
@@ -81,12 +103,19 @@ def part1(args, rates):
     print("| variant | compile+warm-up s | tok/s | ms/step | GPU kernel ms/step | kernels/step | % of copy bandwidth |")
     print("|---|---|---|---|---|---|---|")
 
-    heaviest_lines = []
+    heaviest_lines, reference = [], None
     for name in args.variants.split(","):
         torch._dynamo.reset()
         torch._inductor.config.coordinate_descent_tuning = name != "plain"
         cache = cost.static_cache(model, args.prompt + max(args.new_tokens, 17))
-        if name == "quantbench":  # exactly what --decode-mode compiled runs
+        if name == "fused-mlp":  # the fused copy replaces the model from here on
+            with torch.no_grad():
+                reference = cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache)
+                model = fuse_mlp(model)
+                torch.cuda.empty_cache()
+                same = torch.equal(cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache), reference)
+            print(f"(fused-mlp: eager greedy tokens {'equal' if same else 'DIFFER from'} the unfused model's)")
+        if name in ("quantbench", "fused-mlp"):  # exactly what --decode-mode compiled runs
             step = cost.compiled_step(model, "cuda")
         else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
             step = torch.compile(model, mode="max-autotune" if name == "autotune" else "reduce-overhead", dynamic=False)
@@ -141,7 +170,8 @@ def main():
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--variants", default="plain,quantbench",
-                   help="also: autotune (mode max-autotune: Triton matmul templates tried, minutes to compile)")
+                   help="also: autotune (mode max-autotune: Triton matmul templates tried, minutes to compile), "
+                        "fused-mlp (gate and up projections in one weight; put it last)")
     p.add_argument("--top-kernels", type=int, default=8, help="list each variant's heaviest kernels (0: none)")
     p.add_argument("--gen-arch", default="smollm2-135m", help="'' to skip part 2")
     p.add_argument("--gen-batch", type=int, default=64)
