@@ -103,7 +103,7 @@ def part1(args, rates):
     print("| variant | compile+warm-up s | tok/s | ms/step | GPU kernel ms/step | kernels/step | % of copy bandwidth |")
     print("|---|---|---|---|---|---|---|")
 
-    heaviest_lines, reference = [], None
+    heaviest_lines = []
     for name in args.variants.split(","):
         torch._dynamo.reset()
         torch._inductor.config.coordinate_descent_tuning = name != "plain"

@@ -261,11 +261,11 @@ def _label_points(ax, points):
     fig = ax.figure
     fig.canvas.draw()  # fixes the axes' scales, so data map to display positions
     points_per_px = 72 / fig.dpi
-    at = [tuple(v * points_per_px for v in ax.transData.transform((x, y))) for x, y, _ in points]
-    placed = [(px - 4, py - 4, px + 4, py + 4) for px, py in at]  # the markers, then the names drawn so far (points)
+    points = sorted(points, key=lambda p: (p[0], p[1]))
+    at = [[v * points_per_px for v in ax.transData.transform((x, y))] for x, y, _ in points]  # in points
+    placed = [(px - 4, py - 4, px + 4, py + 4) for px, py in at]  # the markers, then the names drawn so far
     offsets = [(4, 3), (4, -10), (-4, 3), (-4, -10), (4, 12), (4, -19), (-4, 12), (-4, -19)]
-    for x, y, name in sorted(points, key=lambda p: (p[0], p[1])):
-        px, py = (v * points_per_px for v in ax.transData.transform((x, y)))
+    for (x, y, name), (px, py) in zip(points, at):
         width, height = 4.6 * len(name), 8  # 8-point text, roughly
         for dx, dy in offsets:
             left = px + dx if dx > 0 else px + dx - width
