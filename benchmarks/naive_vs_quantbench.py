@@ -71,10 +71,14 @@ def main():
     p.add_argument("--metric", default="f1")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
     p.add_argument("--out", default=None, help="folder for quantbench's run (default: a temporary one)")
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",")]
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or tempfile.mkdtemp())
 
     ours, ours_s, ours_eval_s, run_dir = quantbench_way(args.model, methods, args.task, args.limit, args.data_dir, out)
@@ -89,6 +93,9 @@ def main():
         se = math.hypot(theirs[m].get(f"{args.metric}_stderr") or 0, ours[m].get(f"{args.metric}_stderr") or 0)
         ok = a is not None and b is not None and abs(a - b) <= 2 * se + 1e-12
         agree &= ok
+        if a is None or b is None:
+            print(f"| {m} | {a} | {b} | - | NO (a side has no {args.metric}) |")
+            continue
         print(f"| {m} | {a:.4f} | {b:.4f} | {b - a:+.4f} ± {se:.4f} | {'yes' if ok else 'NO'} |")
     print(f"\nwhole comparison: naive {theirs_s:.1f} s (loading and evaluation only); quantbench {ours_s:.1f} s "
           f"(the same evaluation plus perplexity, KLD and the speed sweep); ratio {theirs_s / ours_s:.2f}x")
