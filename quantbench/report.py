@@ -93,13 +93,14 @@ def summary_tables(rows, several_runs):
     difference from the baseline."""
     ok = [r for r in rows if r["status"] == "ok"]
     task_cols = sorted({t for r in ok for t in r["tasks"]})
-    batches = sorted({b for r in ok for b in r["decode"]})
+    # Decode tokens/s of each mode at each batch size measured: (the row's key, column name, batch).
+    speed_cols = [(mode, f"{name} tok/s b={b}", b) for mode, name in [("decode", "eager"), ("decode_compiled", "compiled")]
+                  for b in sorted({b for r in ok for b in r[mode]})]
     first = (["run"] if several_runs else []) + ["experiment"]
     quality_head = first + ["KLD mean", "same top %", "perplexity"] + task_cols
-    compiled = any(r["decode_compiled"].get(1) for r in ok)
     shortest = min((n for r in ok for n in r["prefill"] if n), default=None)
-    cost_head = first + ["weights MiB", "peak MiB"] + [f"decode tok/s b={b}" for b in batches]
-    cost_head += (["compiled tok/s b=1"] if compiled else []) + [f"TTFT ms @{shortest}" if shortest else "TTFT ms"]
+    cost_head = first + ["weights MiB", "peak MiB"] + [name for _, name, _ in speed_cols]
+    cost_head += [f"TTFT ms @{shortest}" if shortest else "TTFT ms"]
 
     def kld(r):
         return r["kld"]["kld_mean"] if r["kld"] else None
@@ -111,9 +112,8 @@ def summary_tables(rows, several_runs):
     columns = [("KLD mean", lambda r: None if r["is_baseline"] else kld(r), min),
                ("same top %", lambda r: r["kld"]["same_top_p"] if r["kld"] and not r["is_baseline"] else None, max),
                ("perplexity", lambda r: r["perplexity"], min), ("weights MiB", lambda r: r["weights_mib"], min),
-               ("peak MiB", lambda r: r["peak_mib"], min), ("TTFT ms", first_ttft, min),
-               ("compiled tok/s b=1", lambda r: r["decode_compiled"].get(1, {}).get("tok_s"), max)]
-    columns += [(f"decode tok/s b={b}", lambda r, b=b: r["decode"].get(b, {}).get("tok_s"), max) for b in batches]
+               ("peak MiB", lambda r: r["peak_mib"], min), ("TTFT ms", first_ttft, min)]
+    columns += [(name, lambda r, mode=mode, b=b: r[mode].get(b, {}).get("tok_s"), max) for mode, name, b in speed_cols]
     columns += [(t, lambda r, t=t: r["tasks"].get(t, (None,))[0],
                  min if t.split(" ")[-1] in LOWER_IS_BETTER else max) for t in task_cols]
     best = {}  # the best value of each column: the lowest memory, KLD, time, perplexity; the highest speed, accuracy
@@ -147,12 +147,9 @@ def summary_tables(rows, several_runs):
         c = cells[:-1] + [cells[-1] + (" †" if r["shared_host_with"] else "")]  # † timed beside others on its host
         c.append(cell("weights MiB", r["weights_mib"], f"{r['weights_mib']:.1f}") if r["weights_mib"] else "-")
         c.append(cell("peak MiB", r["peak_mib"], f"{r['peak_mib']:.1f}") if r["peak_mib"] else "-")
-        for b in batches:
-            v = r["decode"].get(b, {}).get("tok_s")
-            c.append("-" if v is None else cell(f"decode tok/s b={b}", v, f"{v:.1f}"))
-        if compiled:
-            v = r["decode_compiled"].get(1, {}).get("tok_s")
-            c.append("-" if v is None else cell("compiled tok/s b=1", v, f"{v:.1f}"))
+        for mode, name, b in speed_cols:
+            v = r[mode].get(b, {}).get("tok_s")
+            c.append("-" if v is None else cell(name, v, f"{v:.1f}"))
         v = first_ttft(r)
         c.append("-" if v is None else cell("TTFT ms", v, f"{v:.1f}"))
         quality_lines.append("| " + " | ".join(q) + " |")
@@ -216,6 +213,10 @@ def recommendation(rows):
         out.append(f"Fastest eager decode at batch 1: {top['experiment']} ({top['decode'][1]['tok_s']:.0f} tok/s)"
                    + (f", {top['decode'][1]['tok_s'] / base['decode'][1]['tok_s']:.2f}x {base['experiment']}."
                       if base and base["decode"].get(1) and top is not base else "."))
+    compiled = [r for r in ok if r["decode_compiled"].get(1)]
+    if compiled:
+        top = max(compiled, key=lambda r: r["decode_compiled"][1]["tok_s"])
+        out.append(f"Fastest compiled decode at batch 1: {top['experiment']} ({top['decode_compiled'][1]['tok_s']:.0f} tok/s).")
     smallest = min(quantized, key=lambda r: r["weights_mib"])
     out.append(f"Smallest weights: {smallest['experiment']} ({_mib(smallest['weights_mib'])} MiB).")
     return " ".join(out)

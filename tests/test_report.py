@@ -68,6 +68,8 @@ def test_report_of_a_run_with_failed_and_skipped_experiments(tmp_path):
     int8 = [line for line in text.splitlines() if line.startswith(("| int8 |", "| int8 † |"))]
     assert len(nf4) == len(int8) == 2 and "**Quality**" in text and "**Cost**" in text
     assert "**106.0**" in nf4[1] and "**0.00400 ± 0.00020**" in int8[0]
+    assert "| eager tok/s b=1 | eager tok/s b=8 | compiled tok/s b=1 |" in text  # each mode's measured batches
+    assert "Fastest compiled decode at batch 1: fp16 (400 tok/s)." in text
     assert "(Δ -0.0100 ± 0.0100, noise)" in int8[0] and "noise" not in nf4[0] and "(Δ -0.1000 ± " in nf4[0]
     assert int8[1].startswith("| int8 † |") and "†" not in nf4[1]  # its speed was timed beside another experiment
     assert "† Timed while other experiments ran on the same host" in text and "speed from experiments that ran alone. int8." in text
