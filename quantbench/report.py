@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 
 from quantbench.methods import METHODS
-from quantbench.results import UNFINISHED, baseline, documents, held_beyond_weights, load_experiments, paired_difference
+from quantbench.results import baseline, documents, held_beyond_weights, load_experiments, paired_difference, problem
 
 # One colour per method, fixed by the method's place in METHODS (matplotlib's tab20, then grey).
 TAB20 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -51,7 +51,7 @@ def rows_of(label, run, results):
         q, c = r.get("quality", {}), r.get("cost", {})
         base = baseline(results, r["model"]["name"])
         row = {"run": label, "experiment": r["experiment"], "method": r["method"], "model": r["model"]["name"],
-               "status": r["status"], "error": r.get("error"), "fix": r.get("fix"), "is_baseline": r is base,
+               "status": r["status"], "is_baseline": r is base,
                "weights_mib": c.get("weight_bytes", 0) / 2**20 if c.get("weight_bytes") else None,
                "peak_mib": c.get("peak_bytes", 0) / 2**20 if c.get("peak_bytes") else None,
                "held_beyond_weights_bytes": held_beyond_weights(c), "shared_host_with": r.get("shared_host_with") or [],
@@ -59,9 +59,7 @@ def rows_of(label, run, results):
                "decode": {int(b): p for b, p in c.get("decode", {}).items() if p.get("status") == "ok"},
                "decode_compiled": {int(b): p for b, p in c.get("decode_compiled", {}).items() if p.get("status") == "ok"},
                "prefill": {int(n): p for n, p in c.get("prefill", {}).items() if p.get("status") == "ok"}}
-        if r["status"] == "running" and not r.get("error"):
-            row["error"] = UNFINISHED
-            row["fix"] = f"when the run has stopped: quantbench run --resume {run.get('run_dir', label)}"
+        row["error"], row["fix"] = problem(r, run.get("run_dir", label))
         if not row["prefill"] and c.get("ttft_ms"):  # results from before the prompt-length sweep
             row["prefill"] = {c.get("ttft_prompt_tokens"): {"ttft_ms": c["ttft_ms"]}}
         if not row["decode"] and c.get("decode_tok_s"):

@@ -21,8 +21,6 @@ from quantbench.config import prompt_lengths
 
 LIBRARIES = ["torch", "transformers", "accelerate", "bitsandbytes", "lm_eval", "datasets",
              "safetensors", "gguf", "huggingface_hub", "optimum", "gptqmodel", "torchao", "hqq"]
-# What a result that still says "running" means once its run has stopped (summary and report).
-UNFINISHED = "not finished: still running, or the run was stopped while it ran"
 
 
 def write_json(path, data):
@@ -240,9 +238,7 @@ def summary_markdown(run_dir):
     if problems:
         lines += ["", "## Failed and skipped", ""]
         for r in problems:
-            error, fix = r.get("error"), r.get("fix")
-            if r["status"] == "running" and not error:
-                error, fix = UNFINISHED, f"when the run has stopped: quantbench run --resume {run_dir}"
+            error, fix = problem(r, run_dir)
             lines.append(f"- **{r['experiment']}** {r['status']}: {error}." + (f" Fix: {fix}" if fix else ""))
     skipped_tasks = {(t, i["reason"], i.get("fix")) for r in results
                      for t, i in r.get("quality_info", {}).items() if i.get("status") == "skipped"}
@@ -374,6 +370,15 @@ def _protocol_lines(run, results):
                    "garbage collected, minus the weights as stored: kernel workspaces or repacked copies the "
                    "loaded layers keep outside their parameters; it counts in the peak): " + ", ".join(held) + ".")
     return out
+
+
+def problem(result, run_dir):
+    """(error, fix) of a result that is not ok; a result still "running" without an error is one whose
+    process has not finished or was stopped with its run (summary and report say the same)."""
+    if result["status"] == "running" and not result.get("error"):
+        return ("not finished: still running, or the run was stopped while it ran",
+                f"when the run has stopped: quantbench run --resume {run_dir}")
+    return result.get("error"), result.get("fix")
 
 
 def held_beyond_weights(cost):

@@ -31,6 +31,8 @@ ACC_NORM = ACC + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_bet
 EM_F1 = ("metric_list:\n  - metric: em\n    aggregation: mean\n    higher_is_better: true\n"
          "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")
 
+SQUAD_MAX_GEN_TOKS = 48  # lm-eval's squad_completion bound: SQuAD answers are short spans
+
 LOCAL_TASKS = {
     "lambada_openai": {
         "file": "lambada/lambada_test.jsonl",
@@ -115,7 +117,7 @@ generation_kwargs:
         "file": "squad/dev-v1.1.json.zip",
         "local_only": True,
         "hub_dataset": "rajpurkar/squad",
-        "max_gen_toks": 48,
+        "max_gen_toks": SQUAD_MAX_GEN_TOKS,
         "utils": "from quantbench.tasks import squad_process_results as process_results  # noqa: F401\n",
         "yaml": _yaml("squad_v1", "validation", "generate_until", """\
 doc_to_text: "Title: {{title}}\\n\\nBackground: {{context}}\\n\\nQuestion: {{question}}\\n\\nAnswer:"
@@ -125,8 +127,7 @@ generation_kwargs:
   until:
     - "\\n"
   do_sample: false
-  max_gen_toks: 48
-""" + EM_F1),
+""" + f"  max_gen_toks: {SQUAD_MAX_GEN_TOKS}\n" + EM_F1),
     },
 }
 
