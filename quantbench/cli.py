@@ -39,6 +39,10 @@ def _limit(text):
         raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
 
 
+def _batch(text):
+    return "auto" if text == "auto" else _limit(text)
+
+
 def _tokens(text):
     """A token count, or 'all' (kept as the word until the config is built: None means 'not given')."""
     return "all" if text == "all" else _limit(text)
@@ -68,7 +72,8 @@ def build_parser():
     r.add_argument("--gpu", help="Modal's card for --backend modal (default A100; H100, L40S, A10G, T4, ...)")
     r.add_argument("--cache-dir", help="demo, arch: and quantized checkpoints (default $QUANTBENCH_CACHE or ~/.cache/quantbench)")
     r.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code to run")
-    r.add_argument("--eval-batch-size", type=_limit, help="lm-eval batch size (default 16)")
+    r.add_argument("--eval-batch-size", type=_batch, help="lm-eval batch size, or 'auto' (default: on a GPU "
+                   "lm-eval's detection of the largest that fits, up to 64; on the CPU 16)")
     r.add_argument("--max-length", type=_limit, help="lm-eval context length (default min(model positions, 2048))")
     r.add_argument("--max-gen-toks", type=_limit, help="bound on tokens generated per lm-eval request (default 128)")
     r.add_argument("--ppl-tokens", type=_tokens, help="corpus tokens scored for perplexity, or 'all' (default 16384)")

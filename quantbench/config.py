@@ -27,6 +27,11 @@ class ConfigError(Exception):
     """A bad configuration value; the message says where and what to do."""
 
 
+# --eval-batch-size auto: lm-eval's detection up to its own default cap on a GPU; a fixed batch on
+# the CPU (see eval_batch).
+EVAL_MAX_BATCH, EVAL_CPU_BATCH = 64, 16
+
+
 @dataclass
 class RunConfig:
     models: list = field(default_factory=lambda: ["smollm2-135m"])
@@ -39,7 +44,9 @@ class RunConfig:
     cache_dir: str | None = None
     device: str = "auto"                     # auto, cuda, cpu
     trust_remote_code: bool = False
-    eval_batch_size: int = 16                # HFLM batch size for lm-eval
+    # HFLM batch size for lm-eval, or "auto": on a GPU lm-eval's own detection (the largest batch up
+    # to EVAL_MAX_BATCH that fits, halving on out-of-memory), on the CPU EVAL_CPU_BATCH.
+    eval_batch_size: int | str = "auto"
     max_length: int | None = None            # lm-eval context; None: min(model positions, 2048)
     max_gen_toks: int = 128                  # bound on generated tokens per lm-eval request
     ppl_window: int = 2048                   # perplexity window (capped at the model's positions)
@@ -83,12 +90,21 @@ def prompt_lengths(config):
     return config.get("prompt_lengths") or [config.get("prompt_tokens")]
 
 
+def eval_batch(value, device):
+    """The HFLM batch size of --eval-batch-size on this device: a number as given; "auto" is lm-eval's
+    detection on a GPU (its batch_size "auto", at most EVAL_MAX_BATCH) and EVAL_CPU_BATCH on the CPU,
+    where a trial batch at the full context would take the machine's memory instead of failing."""
+    if value != "auto":
+        return value
+    return "auto" if device == "cuda" else EVAL_CPU_BATCH
+
+
 def decode_modes(choice):
     """The decode modes a run measures, in order."""
     return ["eager", "compiled"] if choice == "both" else [choice]
 
 
-POSITIVE_INTS = ["limit", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
+POSITIVE_INTS = ["limit", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
                  "decode_prompt_tokens", "new_tokens", "repeats", "calibration_samples",
                  "calibration_tokens"]
 DEFAULT_METHODS = ["fp16", "nf4", "fp4"]
@@ -129,6 +145,9 @@ def validate(config):
         value = getattr(config, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive whole number, got {value!r}")
+    if config.eval_batch_size != "auto" and (not isinstance(config.eval_batch_size, int) or
+                                             isinstance(config.eval_batch_size, bool) or config.eval_batch_size <= 0):
+        raise ConfigError(f"--eval-batch-size must be a positive whole number or 'auto', got {config.eval_batch_size!r}")
     for key in ("batch_sizes", "prompt_lengths"):
         values = getattr(config, key)
         if not values or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):

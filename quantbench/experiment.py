@@ -16,7 +16,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quantbench.config import decode_modes, prompt_lengths
+from quantbench.config import EVAL_MAX_BATCH, decode_modes, eval_batch, prompt_lengths
 from quantbench.models import model_slug
 from quantbench.results import atomic_folder, read_json, write_json
 from quantbench.tasks import generation_bound
@@ -131,16 +131,19 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
             result["quality_info"][x["name"]] = {"status": "skipped", "reason": x["reason"], "fix": x["fix"]}
     if runnable:
         max_length = config["max_length"] or min(positions, 2048)
+        batch = eval_batch(config["eval_batch_size"], device)
         scores, per_document = quality.run_tasks(model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
-                                                 limit=config["limit"], batch_size=config["eval_batch_size"],
+                                                 limit=config["limit"], batch_size=batch,
                                                  max_length=max_length, max_gen_toks=config["max_gen_toks"])
+        if batch == "auto":
+            batch = f"auto (lm-eval's detection, at most {EVAL_MAX_BATCH})"
         # Each document's score, for paired differences against the baseline in the summary.
         write_json(Path(run["run_dir"]) / f"{result['experiment']}.docs.json", per_document)
         for x in runnable:
             result["quality"][x["name"]] = scores[x["name"]]
             result["quality_info"][x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"],
                                                  "n": scores[x["name"]]["n"], "limit": config["limit"],
-                                                 "max_length": max_length, "batch_size": config["eval_batch_size"],
+                                                 "max_length": max_length, "batch_size": batch,
                                                  "max_gen_toks": generation_bound(x["name"], config["max_gen_toks"])}
     _phase(result, "tasks", t, save)
 

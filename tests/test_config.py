@@ -117,3 +117,17 @@ def test_all_tokens_in_a_sweep_file(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("ppl_tokens: all\nkld_tokens: all\n")
     assert load_sweep_file(f) == {"ppl_tokens": None, "kld_tokens": None}
+
+
+def test_eval_batch_is_lm_evals_detection_on_a_gpu_and_16_on_the_cpu():
+    from quantbench.cli import build_parser, config_from_args
+    from quantbench.config import eval_batch
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["run", *argv]))
+
+    assert config().eval_batch_size == "auto" and config("--eval-batch-size", "64").eval_batch_size == 64
+    assert eval_batch("auto", "cuda") == "auto" and eval_batch("auto", "cpu") == 16 and eval_batch(8, "cuda") == 8
+    for bad in (0, "big", True):
+        with pytest.raises(ConfigError, match="--eval-batch-size"):
+            validate(dataclasses.replace(RunConfig(), eval_batch_size=bad, experiments=[make_experiment("fp16")]))
