@@ -10,17 +10,22 @@ kernel time and the kernels of a decode step, against the time the weights take 
   quantbench       cost.greedy_static with cost.compiled_step, what `--decode-mode compiled` runs:
                    the same with inductor's coordinate-descent tuning (gpt-fast's setting)
   autotune         mode max-autotune (matmul templates benchmarked at compile time), tuned
+  eager-attention  quantbench's step with transformers' eager attention (matmul and softmax, which
+                   inductor compiles with the rest) in place of SDPA (a cuDNN kernel on Hopper)
   fused-mlp        quantbench's step on a copy of the model whose gate and up projections are one
                    concatenated weight per layer (one matrix-vector product instead of two, as
                    serving engines do); its greedy tokens are compared with the unfused model's
                    (on an H200 on 2026-11-27: 838.0 tok/s against 834.2 unfused, no real gain)
-Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt and
---gen-tokens new tokens, plain and with lm-eval's stop-sequence criteria (which decode the batch's
-last tokens on the host every step): ms per step.
+Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt
+(left-padded rows, as lm-eval's batches) and --gen-tokens new tokens: plain; with lm-eval's
+stop-sequence criteria (which decode the batch's last tokens on the host every step); with a new
+prompt length every call, as lm-eval's batches have (so every step's shape is new: cuDNN attention,
+torch's first choice on Hopper, builds a plan per new shape); and that with cuDNN attention excluded.
 
     python benchmarks/decode_profile.py --arch llama-3.2-1b --batch 1 --gen-arch smollm2-135m
 """
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -105,10 +110,18 @@ def part1(args, rates):
     print("|---|---|---|---|---|---|---|")
 
     heaviest_lines = []
+    with torch.no_grad():  # the reference for eager-attention's tokens
+        sdpa_tokens = cost.greedy_static(model, ids, args.new_tokens, step=model,
+                                         cache=cost.static_cache(model, args.prompt + max(args.new_tokens, 17)))
     for name in args.variants.split(","):
         torch._dynamo.reset()
         torch._inductor.config.coordinate_descent_tuning = name != "plain"
         cache = cost.static_cache(model, args.prompt + max(args.new_tokens, 17))
+        model.set_attn_implementation("eager" if name == "eager-attention" else "sdpa")
+        if name == "eager-attention":
+            with torch.no_grad():
+                same = torch.equal(cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache), sdpa_tokens)
+            print(f"(eager-attention: eager greedy tokens {'equal' if same else 'DIFFER from'} SDPA's)")
         if name == "fused-mlp":  # the fused copy replaces the model from here on
             with torch.no_grad():
                 reference = cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache)
@@ -116,7 +129,7 @@ def part1(args, rates):
                 torch.cuda.empty_cache()
                 same = torch.equal(cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache), reference)
             print(f"(fused-mlp: eager greedy tokens {'equal' if same else 'DIFFER from'} the unfused model's)")
-        if name in ("quantbench", "fused-mlp"):  # exactly what --decode-mode compiled runs
+        if name in ("quantbench", "fused-mlp", "eager-attention"):  # exactly what --decode-mode compiled runs
             step = cost.compiled_step(model, "cuda")
         else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
             step = torch.compile(model, mode="max-autotune" if name == "autotune" else "reduce-overhead", dynamic=False)
@@ -140,25 +153,45 @@ def part1(args, rates):
         print("| variant | GPU ms/step | calls/step | kernel |\n|---|---|---|---|\n" + "\n".join(heaviest_lines))
 
 
-def part2(args):
+# Part 2's variants: (name, lm-eval's stop check, a new prompt length each call, SDPA backends allowed
+# (None: torch's default order, which on Hopper tries cuDNN attention first)). lm-eval's batches are
+# left-padded (an explicit attention mask) and each has its own length, so every decode step meets
+# a shape it has not seen; cuDNN builds an execution plan per new shape.
+GENERATE_VARIANTS = [
+    ("plain generate", False, False, None),
+    ("with lm-eval's stop check", True, False, None),
+    ("stop check, new shapes every call", True, True, None),
+    ("stop check, new shapes, cuDNN attention excluded", True, True, ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]),
+]
+
+
+def part2(args, device="cuda"):
     from lm_eval.models.utils_hf import stop_sequences_criteria
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoModelForCausalLM
 
     config = models.arch_config(args.gen_arch)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
     tokenizer = models.byte_tokenizer()
-    ids = torch.randint(0, 256, (args.gen_batch, args.gen_context), device="cuda")
-    print(f"\n## generate, arch:{args.gen_arch} float16 (eager), batch {args.gen_batch}, prompt {args.gen_context}, "
-          f"{args.gen_tokens} new tokens\n")
+    print(f"\n## generate, arch:{args.gen_arch} float16 (eager), batch {args.gen_batch}, prompt {args.gen_context} "
+          f"(every other row left-padded by 8), {args.gen_tokens} new tokens\n")
     print("| variant | s per call | ms per step |")
     print("|---|---|---|")
-    for name in ("plain generate", "with lm-eval's stop check"):
+    calls = 0
+    for name, stop_check, new_shapes, backends in GENERATE_VARIANTS:
         def run():
-            extra = {"stopping_criteria": stop_sequences_criteria(tokenizer, ["\n"], ids.shape[1], ids.shape[0])} \
-                if name != "plain generate" else {}
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
-                           min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
+            nonlocal calls
+            calls += 1  # a new shape: longer than every decode step of the calls before
+            length = args.gen_context + (calls * (args.gen_tokens + 1) if new_shapes else 0)
+            ids = torch.randint(0, 256, (args.gen_batch, length), device=device)
+            mask = torch.ones_like(ids)
+            mask[::2, :8] = 0
+            extra = {"stopping_criteria": stop_sequences_criteria(tokenizer, ["\n"], length, args.gen_batch)} \
+                if stop_check else {}
+            with sdpa_kernel([getattr(SDPBackend, b) for b in backends]) if backends else contextlib.nullcontext():
+                model.generate(ids, attention_mask=mask, max_new_tokens=args.gen_tokens,
+                               min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
         with torch.no_grad():
             s = timed(run)
         print(f"| {name} | {s:.2f} | {s / args.gen_tokens * 1000:.1f} |", flush=True)
@@ -172,6 +205,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--variants", default="plain,quantbench",
                    help="also: autotune (mode max-autotune: Triton matmul templates tried, minutes to compile), "
+                        "eager-attention (transformers' eager attention in place of SDPA), "
                         "fused-mlp (gate and up projections in one weight; put it last)")
     p.add_argument("--top-kernels", type=int, default=8, help="list each variant's heaviest kernels (0: none)")
     p.add_argument("--gen-arch", default="smollm2-135m", help="'' to skip part 2")
