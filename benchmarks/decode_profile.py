@@ -178,11 +178,12 @@ def part2(args, device="cuda"):
           f"(every other row left-padded by 8), {args.gen_tokens} new tokens\n")
     print("| variant | s per call | ms per step |")
     print("|---|---|---|")
-    calls = 0
     for name, stop_check, new_shapes, backends in GENERATE_VARIANTS:
+        calls = 0
+
         def run():
             nonlocal calls
-            calls += 1  # a new shape: longer than every decode step of the calls before
+            calls += 1  # with new_shapes, the k-th call's prompt is longer than every step of the calls before
             length = args.gen_context + (calls * (args.gen_tokens + 1) if new_shapes else 0)
             ids = torch.randint(0, 256, (args.gen_batch, length), device=device)
             mask = torch.ones_like(ids)
