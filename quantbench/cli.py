@@ -23,6 +23,7 @@ from quantbench.config import (BACKEND_CHOICES, DECODE_MODE_CHOICES, DEFAULT_MET
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
 from quantbench.models import ModelError
 from quantbench.results import read_json
+from quantbench.tasks import LOCAL_TASKS
 
 
 def _positive_int_list(text):
@@ -192,7 +193,7 @@ def cmd_run(args):
         here = config.backend == "local"  # elsewhere, a missing library is found (and recorded as skipped) on the worker
         config.experiments += [make_experiment(n) for n in METHODS
                                if n not in have and why_not_runnable(n, device, libraries=here) is None]
-    if config.tasks:
+    if config.tasks and not set(config.tasks) <= set(LOCAL_TASKS):  # quantbench's own names need no index
         from quantbench.tasks import known_task_names
 
         known = known_task_names()
