@@ -14,6 +14,7 @@ their ratio. Meant for the GPU machine; on a CPU use a small --limit.
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,10 @@ def main():
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or tempfile.mkdtemp())
+    # The checkpoint both ways load (for the demo: the GGUF converted once), made before either clock starts.
+    from quantbench import models
+
+    models.resolve_model(args.model, cache_dir=Path(os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser())
 
     ours, ours_s, ours_eval_s, run_dir = quantbench_way(args.model, methods, args.task, args.limit, args.data_dir, out)
     model_path = json.loads((run_dir / "run.json").read_text())["models"][0]["path"]  # the same checkpoint
@@ -99,6 +104,12 @@ def main():
         print(f"| {m} | {a:.4f} | {b:.4f} | {b - a:+.4f} ± {se:.4f} | {'yes' if ok else 'NO'} |")
     print(f"\nwhole comparison: naive {theirs_s:.1f} s (loading and evaluation only); quantbench {ours_s:.1f} s "
           f"(the same evaluation plus perplexity, KLD and the speed sweep); ratio {theirs_s / ours_s:.2f}x")
+    phases = {}
+    for per in json.loads((run_dir / "run.json").read_text())["phases_s"].values():
+        for k, v in per.items():
+            phases[k] = phases.get(k, 0) + v
+    print("quantbench's phases, summed over methods (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+          + f"; outside the experiments' processes (set-up, device rates, report) {ours_s - phases.get('total', 0):.1f}")
     print(f"evaluation alone (lm-eval, {args.task}, {len(methods)} methods): naive {theirs_eval_s:.1f} s, quantbench "
           f"{ours_eval_s:.1f} s; ratio {theirs_eval_s / ours_eval_s:.2f}x. quantbench's run: {run_dir}")
     sys.exit(0 if agree else 1)

@@ -144,7 +144,8 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
             result["quality_info"][x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"],
                                                  "n": scores[x["name"]]["n"], "limit": config["limit"],
                                                  "max_length": max_length, "batch_size": batch,
-                                                 "max_gen_toks": generation_bound(x["name"], config["max_gen_toks"])}
+                                                 "max_gen_toks": generation_bound(x["name"], config["max_gen_toks"]),
+                                                 "attention_kernels": quality.EVAL_ATTENTION or "torch's default order"}
     _phase(result, "tasks", t, save)
 
 

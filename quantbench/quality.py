@@ -9,6 +9,7 @@ window predicts its tokens 2..window.
     {'perplexity': 15.1, 'tokens_scored': 16376, 'windows': 8, 'window': 2048, 'stride': 2048}
     >>> run_tasks(model, tokenizer, [{'name': 'coqa', 'lm_eval_task': 'coqa_local'}], ...)
 """
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,11 @@ from quantbench.config import EVAL_MAX_BATCH
 from quantbench.results import atomic_folder
 from quantbench.tasks import generation_bound
 
+# Attention kernels allowed while lm-eval runs (torch's SDPBackend names). torch tries cuDNN's first
+# on Hopper, and cuDNN builds an execution plan for every new shape; every decode step of a
+# left-padded lm-eval batch has a shape not seen before. Flash and memory-efficient attention need
+# no plan. None: torch's own order.
+EVAL_ATTENTION = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
 
@@ -68,10 +74,12 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
     for the metrics lm-eval aggregates by their mean, so that two methods can be compared document
     by document. lm-eval ignores simple_evaluate's batch_size for a model object, so the batch size
     is set on HFLM itself ("auto": lm-eval finds the largest that fits, at most EVAL_MAX_BATCH), and
-    max_length is explicit so it never falls back to the model's full position count."""
+    max_length is explicit so it never falls back to the model's full position count. Attention
+    runs on the kernels in EVAL_ATTENTION."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               max_batch_size=EVAL_MAX_BATCH)
@@ -84,9 +92,10 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
         by_bound.setdefault(generation_bound(t["name"], max_gen_toks), []).append(t)
     outs = {}
     for bound, group in by_bound.items():
-        out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
-                              task_manager=manager, gen_kwargs={"max_gen_toks": bound},
-                              log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
+        with sdpa_kernel([getattr(SDPBackend, k) for k in EVAL_ATTENTION]) if EVAL_ATTENTION else contextlib.nullcontext():
+            out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
+                                  task_manager=manager, gen_kwargs={"max_gen_toks": bound},
+                                  log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
         outs.update({t["lm_eval_task"]: out for t in group})
     scores, per_document = {}, {}
     for t in tasks:

@@ -59,8 +59,14 @@ def test_sanity_generation_records_prompt_and_output(tiny):
 def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path):
     model, tokenizer = tiny
     task = tasks.resolve_task("lambada_openai", data_dir=shared_data, hub=False, task_dir=tmp_path)
+    # lm-eval's forward passes run without cuDNN attention (a plan per new shape); torch's flags return after
+    cudnn_seen = []
+    hook = model.register_forward_pre_hook(lambda *_: cudnn_seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     scores, docs = quality.run_tasks(model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4,
                                      max_length=256, max_gen_toks=16)
+    hook.remove()
+    assert cudnn_seen and not any(cudnn_seen) and torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     s = scores["lambada_openai"]
     assert s["n"] == 6
     # Per-document scores for the mean-aggregated metric (acc), not for perplexity (not a mean).
