@@ -64,12 +64,17 @@ def test_flop_and_kv_counts_match_a_hand_count(tiny_model_dir):
     assert cost.attention_flops(config, 10) == 2 * 2 * 10 * 10 * 64
 
 
-def test_out_of_memory_at_one_point_is_recorded_and_the_sweep_goes_on():
+def test_out_of_memory_at_one_point_is_recorded_and_the_sweep_goes_on(monkeypatch):
     def oom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert cost._point("cpu", oom) == {"status": "out of memory", "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
     with pytest.raises(RuntimeError, match="other"):
         cost._point("cpu", lambda: (_ for _ in ()).throw(RuntimeError("other")))
+    # On a GPU the failed attempt's memory is given back and left out of the sweep's peak
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset_peak"))
+    assert cost._point("cuda", oom)["status"] == "out of memory" and calls == ["empty_cache", "reset_peak"]
 
 
 def test_device_rates_on_the_cpu_are_positive_and_described():
