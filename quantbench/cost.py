@@ -196,11 +196,14 @@ def _point(device, measure):
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; so are some kernels' own OOM errors
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
             raise
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        return {"status": "out of memory", "error": str(e).splitlines()[0][:300]}
+        error = str(e).splitlines()[0][:300]
+    # Only here, out of the except block, is the exception's traceback gone, and with it the frames
+    # that hold the failed attempt's tensors (inside it, an H200 kept 31 GB of them).
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return {"status": "out of memory", "error": error}
 
 
 @torch.no_grad()

@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -70,11 +72,18 @@ def test_out_of_memory_at_one_point_is_recorded_and_the_sweep_goes_on(monkeypatc
     assert cost._point("cpu", oom) == {"status": "out of memory", "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
     with pytest.raises(RuntimeError, match="other"):
         cost._point("cpu", lambda: (_ for _ in ()).throw(RuntimeError("other")))
-    # On a GPU the failed attempt's memory is given back and left out of the sweep's peak
-    calls = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset_peak"))
-    assert cost._point("cuda", oom)["status"] == "out of memory" and calls == ["empty_cache", "reset_peak"]
+    # On a GPU the failed attempt's memory is given back, once the frames that hold its tensors are
+    # gone, and left out of the sweep's peak
+    held, calls = [], []
+
+    def oom_holding_a_tensor():
+        kv = torch.zeros(1000)
+        held.append(weakref.ref(kv))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache", held[0]() is None)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append(("reset_peak", held[0]() is None)))
+    assert cost._point("cuda", oom_holding_a_tensor)["status"] == "out of memory"
+    assert calls == [("empty_cache", True), ("reset_peak", True)]
 
 
 def test_device_rates_on_the_cpu_are_positive_and_described():
