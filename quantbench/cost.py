@@ -190,9 +190,11 @@ def attention_flops(config, prompt_tokens):
 def _point(device, measure):
     """Run one sweep point; an out-of-memory is recorded as such (and the memory given back). The
     failed attempt's allocations are dropped from the peak counters: the sweep's peak is over the
-    points that ran (on an H200 a batch of 65536 reached 95 GB before failing, a 2.5 GB sweep)."""
+    points that ran (on an H200 a batch of 65536 reached 95 GB before failing, a 2.5 GB sweep).
+    Each point records its wall seconds, warm-up included (`point_s`): what the sweep costs, where."""
+    start = time.perf_counter()
     try:
-        return measure()
+        return {**measure(), "point_s": round(time.perf_counter() - start, 3)}
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; so are some kernels' own OOM errors
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
             raise
@@ -203,7 +205,7 @@ def _point(device, measure):
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return {"status": "out of memory", "error": error}
+    return {"status": "out of memory", "error": error, "point_s": round(time.perf_counter() - start, 3)}
 
 
 @torch.no_grad()

@@ -327,8 +327,13 @@ def _protocol_lines(run, results):
             if t != "perplexity" and i.get("source"):
                 tasks[t] = i
     for t, i in tasks.items():
+        kernels = i.get("attention_kernels")
         out.append(f"- {t}: lm-eval {i.get('lm_eval_task')} from {i['source']}; "
-                   f"n = {i.get('n')} documents; ± is lm-eval's standard error.")
+                   f"n = {i.get('n')} documents; ± is lm-eval's standard error"
+                   + (f"; batch {i.get('batch_size')}, max_length {i.get('max_length')}, max_gen_toks "
+                      f"{i.get('max_gen_toks')}" if i.get("batch_size") else "")
+                   + (f"; attention kernels {', '.join(kernels) if isinstance(kernels, list) else kernels}" if kernels else "")
+                   + ".")
     if tasks:
         out.append(f"- Δ task metric: the paired difference from the baseline on the same documents, ± the standard "
                    f"error of the per-document differences; '(noise)': within {NOISE_Z} standard errors of 0. "

@@ -55,6 +55,8 @@ def test_measure_speed_sweeps_prompt_lengths_and_batch_sizes(tiny_model_dir):
     assert d3["bytes_per_step"] == weights + 2 * 2 * 2 * 16 * 3 * 10.5 * 4
     assert d3["achieved_bytes_s"] == pytest.approx(d3["bytes_per_step"] * d3["tok_s"] / 3)
     assert d3["bandwidth_share"] == pytest.approx(d3["achieved_bytes_s"] / 1e10)
+    # each point's wall time includes its timed runs: at least the median run and the slower one
+    assert d3["point_s"] >= 2 * 3 * 4 / d3["tok_s"] and p16["point_s"] >= 2 * p16["ttft_ms"] / 1000
 
 
 def test_flop_and_kv_counts_match_a_hand_count(tiny_model_dir):
@@ -69,7 +71,9 @@ def test_flop_and_kv_counts_match_a_hand_count(tiny_model_dir):
 def test_out_of_memory_at_one_point_is_recorded_and_the_sweep_goes_on(monkeypatch):
     def oom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert cost._point("cpu", oom) == {"status": "out of memory", "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+    point = cost._point("cpu", oom)
+    assert point["status"] == "out of memory" and point["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert point["point_s"] >= 0
     with pytest.raises(RuntimeError, match="other"):
         cost._point("cpu", lambda: (_ for _ in ()).throw(RuntimeError("other")))
     # On a GPU the failed attempt's memory is given back, once the frames that hold its tensors are

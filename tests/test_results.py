@@ -35,10 +35,16 @@ def test_summary_shows_paired_deltas_with_error_bars_and_noise(tmp_path):
     for name, values in acc.items():
         results.write_json(tmp_path / f"{name}.json", {
             "experiment": name, "method": name, "model": {"name": "m"}, "status": "ok", "error": None,
-            "quality": {"arc_easy": {"acc": sum(values) / 100, "acc_stderr": 0.05, "n": 100}}, "cost": {}})
+            "quality": {"arc_easy": {"acc": sum(values) / 100, "acc_stderr": 0.05, "n": 100}}, "cost": {},
+            "quality_info": {"arc_easy": {"source": "local: arc", "lm_eval_task": "arc_easy_local", "n": 100,
+                                          "batch_size": 16, "max_length": 2048, "max_gen_toks": 128,
+                                          "attention_kernels": ["FLASH_ATTENTION", "MATH"]}}})
         results.write_json(tmp_path / f"{name}.docs.json", {"arc_easy": {"doc_ids": list(range(100)), "acc": values}})
-    rows = {line.split(" | ")[0][2:]: line for line in results.summary_markdown(tmp_path).splitlines()
-            if line.startswith("| ") and " | ok | " in line}
+    summary = results.summary_markdown(tmp_path)
+    rows = {line.split(" | ")[0][2:]: line for line in summary.splitlines() if line.startswith("| ") and " | ok | " in line}
+    # the protocol says how lm-eval ran: batch, context, generation bound, attention kernels
+    assert ("- arc_easy: lm-eval arc_easy_local from local: arc; n = 100 documents; ± is lm-eval's standard error; "
+            "batch 16, max_length 2048, max_gen_toks 128; attention kernels FLASH_ATTENTION, MATH.") in summary
     d = np.array(acc["nf4"]) - np.array(acc["fp16"])
     assert f"-0.2000 ± {d.std(ddof=1) / 10:.4f} |" in rows["nf4"]  # 20 documents lost: real
     assert "-0.0100 ± 0.0100 (noise)" in rows["int8"]              # one document lost: noise
