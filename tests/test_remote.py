@@ -65,7 +65,9 @@ def test_a_ray_sweep_on_a_local_cluster_survives_a_killed_worker_and_resumes(tin
         r = read_json(run_dir / f"{exp}.json")
         assert r["status"] == "ok" and r["worker"]["host"], r
         # The workers were sent run.json after the rates were measured: roofline shares as in a local run.
-        assert all(p["bandwidth_share"] > 0 for p in r["cost"]["decode"].values()), r["cost"]["decode"]
+        # (A point may be 'not measurable' when a loaded 2-core machine's noise swamps 8 tokens: seen once.)
+        ok = [p for p in r["cost"]["decode"].values() if p["status"] == "ok"]
+        assert ok and all(p["bandwidth_share"] > 0 for p in ok), r["cost"]["decode"]
     # The baseline's reference came back once and int8 was compared with it on its worker.
     assert (run_dir / "reference").is_dir() and read_json(run_dir / "int8.json")["quality"]["kld"]["same_top_p"] > 0.5
     # Paths in results are the launching machine's, not a worker's scratch folder.
