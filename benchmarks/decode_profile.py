@@ -28,13 +28,12 @@ is why quantbench's lm-eval runs exclude cuDNN attention (quality.EVAL_ATTENTION
     python benchmarks/decode_profile.py --arch llama-3.2-1b --batch 1 --gen-arch smollm2-135m
 """
 import argparse
-import contextlib
 import statistics
 import time
 
 import torch
 
-from quantbench import cost, models
+from quantbench import cost, models, quality
 
 
 def timed(fn, repeats=3):
@@ -162,13 +161,12 @@ GENERATE_VARIANTS = [
     ("plain generate", False, False, None),
     ("with lm-eval's stop check", True, False, None),
     ("stop check, new shapes every call", True, True, None),
-    ("stop check, new shapes, cuDNN attention excluded", True, True, ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]),
+    ("stop check, new shapes, cuDNN attention excluded", True, True, quality.EVAL_ATTENTION),
 ]
 
 
 def part2(args, device="cuda"):
     from lm_eval.models.utils_hf import stop_sequences_criteria
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoModelForCausalLM
 
     config = models.arch_config(args.gen_arch)
@@ -191,7 +189,7 @@ def part2(args, device="cuda"):
             mask[::2, :8] = 0
             extra = {"stopping_criteria": stop_sequences_criteria(tokenizer, ["\n"], length, args.gen_batch)} \
                 if stop_check else {}
-            with sdpa_kernel([getattr(SDPBackend, b) for b in backends]) if backends else contextlib.nullcontext():
+            with quality.only_attention(backends):
                 model.generate(ids, attention_mask=mask, max_new_tokens=args.gen_tokens,
                                min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
         with torch.no_grad():

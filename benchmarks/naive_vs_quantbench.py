@@ -14,7 +14,6 @@ their ratio. Meant for the GPU machine; on a CPU use a small --limit.
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -84,10 +83,11 @@ def main():
     # The checkpoint both ways load (for the demo: the GGUF converted once), made before either clock starts.
     from quantbench import models
 
-    models.resolve_model(args.model, cache_dir=Path(os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser())
+    models.resolve_model(args.model, cache_dir=models.cache_folder())
 
     ours, ours_s, ours_eval_s, run_dir = quantbench_way(args.model, methods, args.task, args.limit, args.data_dir, out)
-    model_path = json.loads((run_dir / "run.json").read_text())["models"][0]["path"]  # the same checkpoint
+    run = json.loads((run_dir / "run.json").read_text())
+    model_path = run["models"][0]["path"]  # the same checkpoint
     theirs, theirs_s, theirs_eval_s = naive(model_path, methods, args.task, args.limit, args.data_dir, args.device)
 
     print(f"\n| method | naive {args.metric} | quantbench {args.metric} | difference | agree (within 2 combined s.e.) |")
@@ -105,7 +105,7 @@ def main():
     print(f"\nwhole comparison: naive {theirs_s:.1f} s (loading and evaluation only); quantbench {ours_s:.1f} s "
           f"(the same evaluation plus perplexity, KLD and the speed sweep); ratio {theirs_s / ours_s:.2f}x")
     phases = {}
-    for per in json.loads((run_dir / "run.json").read_text())["phases_s"].values():
+    for per in run["phases_s"].values():
         for k, v in per.items():
             phases[k] = phases.get(k, 0) + v
     print("quantbench's phases, summed over methods (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())

@@ -12,15 +12,11 @@ process (cuDNN's plans are cached in the process). On an H200 on 2026-11-27, arc
     python benchmarks/sweep_attention_cost.py --variant no-cudnn
 """
 import argparse
-import contextlib
-import os
 import time
-from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from quantbench import cost, models
+from quantbench import cost, models, quality
 from quantbench.methods import METHODS
 
 
@@ -30,13 +26,10 @@ def main():
     p.add_argument("--variant", choices=["default", "no-cudnn"], default="default")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cache = Path(os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser()
-    model, _ = METHODS["fp16"]["load"](str(models.prepare_arch(args.arch, cache)), device=device)
+    model, _ = METHODS["fp16"]["load"](str(models.prepare_arch(args.arch, models.cache_folder())), device=device)
     stream = torch.arange(30000) % 250 + 3  # synthetic prompt tokens: speed does not depend on them
-    kernels = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) \
-        if args.variant == "no-cudnn" else contextlib.nullcontext()
     start = time.perf_counter()
-    with kernels:
+    with quality.only_attention(quality.EVAL_ATTENTION if args.variant == "no-cudnn" else None):
         r = cost.measure_speed(model, stream, device=device, pad_token_id=0, prompt_lengths=[128, 512, 2048],
                                decode_prompt_tokens=32, new_tokens=64, batch_sizes=[1, 8, 32], repeats=3,
                                weight_bytes=cost.weight_bytes(model)["weight_bytes"])

@@ -21,7 +21,7 @@ from pathlib import Path
 from quantbench.config import (BACKEND_CHOICES, DECODE_MODE_CHOICES, DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
                                parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
-from quantbench.models import ModelError
+from quantbench.models import ModelError, cache_folder
 from quantbench.results import read_json
 from quantbench.tasks import LOCAL_TASKS
 
@@ -201,7 +201,7 @@ def cmd_run(args):
         if unknown:
             raise ConfigError(f"unknown task(s) {', '.join(unknown)}: not an lm-eval task name "
                               "(lm-eval's `lm_eval ls tasks` lists them), or 'none'")
-    cache_dir = Path(config.cache_dir or os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser().resolve()
+    cache_dir = cache_folder(config.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     run_dir = sweep.create_run(config, cache_dir, device=device)
     if args.config:

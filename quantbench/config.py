@@ -139,18 +139,21 @@ def make_experiment(entry, where=""):
     return {"name": name, "method": method, "settings": entry}
 
 
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0  # True is an int to Python
+
+
 def validate(config):
     """Check values a flag or file can get wrong; raise ConfigError with the fix."""
     for key in POSITIVE_INTS:
         value = getattr(config, key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        if value is not None and not _positive_int(value):
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive whole number, got {value!r}")
-    if config.eval_batch_size != "auto" and (not isinstance(config.eval_batch_size, int) or
-                                             isinstance(config.eval_batch_size, bool) or config.eval_batch_size <= 0):
+    if config.eval_batch_size != "auto" and not _positive_int(config.eval_batch_size):
         raise ConfigError(f"--eval-batch-size must be a positive whole number or 'auto', got {config.eval_batch_size!r}")
     for key in ("batch_sizes", "prompt_lengths"):
         values = getattr(config, key)
-        if not values or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):
+        if not values or not all(_positive_int(v) for v in values):
             raise ConfigError(f"--{key.replace('_', '-')} must be positive whole numbers, got {values!r}")
     if config.kld_tokens is not None and (not isinstance(config.kld_tokens, int) or isinstance(config.kld_tokens, bool)
                                           or config.kld_tokens < 0):

@@ -200,6 +200,12 @@ def _download_from_hub(repo_id):
     return Path(path)
 
 
+def cache_folder(given=None):
+    """The folder for demo, arch: and quantized checkpoints: `given` (--cache-dir), else
+    $QUANTBENCH_CACHE, else ~/.cache/quantbench."""
+    return Path(given or os.environ.get("QUANTBENCH_CACHE") or "~/.cache/quantbench").expanduser().resolve()
+
+
 def resolve_model(spec, *, cache_dir):
     """Model spec -> {'name', 'path', 'kind', 'note'?}: a local float checkpoint ready to load."""
     if spec.startswith("arch:"):

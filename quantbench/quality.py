@@ -32,6 +32,13 @@ SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
 
 
+def only_attention(kernels):
+    """A context in which SDPA uses only `kernels` (torch's SDPBackend names); None: torch's own order."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, k) for k in kernels]) if kernels else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text, *, window, max_tokens=None, batch_size=1):
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
@@ -79,7 +86,6 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               max_batch_size=EVAL_MAX_BATCH)
@@ -92,7 +98,7 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
         by_bound.setdefault(generation_bound(t["name"], max_gen_toks), []).append(t)
     outs = {}
     for bound, group in by_bound.items():
-        with sdpa_kernel([getattr(SDPBackend, k) for k in EVAL_ATTENTION]) if EVAL_ATTENTION else contextlib.nullcontext():
+        with only_attention(EVAL_ATTENTION):
             out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
                                   task_manager=manager, gen_kwargs={"max_gen_toks": bound},
                                   log_samples=True, bootstrap_iters=1000, verbosity="WARNING")

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import quantbench
-from quantbench.models import model_slug, resolve_model
+from quantbench.models import cache_folder, model_slug, resolve_model
 from quantbench.results import read_json, write_json
 from quantbench.sweep import RunError, empty_result, finish, measure_device_rates, record_phases, run_child, unfinished
 
@@ -82,7 +82,7 @@ def run_packed(files, exp_id, reference=None):
         run["run_dir"], run["config"]["data_dir"] = str(here_run), there_data and str(here_data)
         cache = Path(run["cache_dir"])
         if not (cache.is_dir() and os.access(cache, os.W_OK)):
-            run["cache_dir"] = os.environ.get("QUANTBENCH_CACHE") or str(Path.home() / ".cache" / "quantbench")
+            run["cache_dir"] = str(cache_folder())
         back = [(str(here_run), there_run), (str(here_data), there_data or str(here_data))]
         for m in run["models"]:
             if not Path(m["path"]).exists():
