@@ -17,6 +17,9 @@ kernel time and the kernels of a decode step, against the time the weights take 
                    concatenated weight (one matrix-vector product instead of two, as
                    serving engines do); its greedy tokens are compared with the unfused model's
                    (on an H200 on 2026-11-27: 838.0 tok/s against 834.2 unfused, no real gain)
+  freezing         quantbench's step compiled with inductor's freezing (weights as constants: its
+                   passes may concatenate the products that share an input, q/k/v and gate/up);
+                   its compiled greedy tokens are compared with the eager model's
 Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt
 (left-padded rows, as lm-eval's batches) and --gen-tokens new tokens: plain; with lm-eval's
 stop-sequence criteria (which decode the batch's last tokens on the host every step); with a new
@@ -114,12 +117,13 @@ def part1(args, rates):
     heaviest_lines, changed = [], {"eager-attention", "fused-mlp"}  # the variants that change the model
     cache_len = args.prompt + max(args.new_tokens, 17)
     variants = args.variants.split(",")
-    if changed & set(variants):
+    if (changed | {"freezing"}) & set(variants):
         with torch.no_grad():  # the unchanged model's greedy tokens, which a changed model should repeat
             reference = cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cost.static_cache(model, cache_len))
     for name in variants:
         torch._dynamo.reset()
         torch._inductor.config.coordinate_descent_tuning = name != "plain"
+        torch._inductor.config.freezing = name == "freezing"
         cache = cost.static_cache(model, cache_len)
         model.set_attn_implementation("eager" if name == "eager-attention" else "sdpa")
         if name == "fused-mlp":  # fused in place: the variants after it run on the fused model
@@ -129,7 +133,7 @@ def part1(args, rates):
             with torch.no_grad():
                 same = torch.equal(cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache), reference)
             print(f"({name}: eager greedy tokens {'equal' if same else 'DIFFER from'} the unchanged model's)")
-        if name in ("quantbench", *changed):  # exactly what --decode-mode compiled runs
+        if name in ("quantbench", "freezing", *changed):  # exactly what --decode-mode compiled runs
             step = cost.compiled_step(model, "cuda")
         else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
             step = torch.compile(model, mode="max-autotune" if name == "autotune" else "reduce-overhead", dynamic=False)
@@ -144,6 +148,9 @@ def part1(args, rates):
             t_n, t_1 = timed(lambda: run(args.new_tokens)), timed(lambda: run(1))
             per_step = (t_n - t_1) / (args.new_tokens - 1)
             gpu_ms, kernels, heaviest = kernel_time_per_step(run, 16, top=args.top_kernels)
+            if name == "freezing":
+                same = torch.equal(run(args.new_tokens), reference)
+                print(f"(freezing: compiled greedy tokens {'equal' if same else 'DIFFER from'} the eager model's)")
         share = weights / per_step / rates["copy_bytes_s"]
         print(f"| {name} | {first:.1f} | {args.batch / per_step:.1f} | {per_step * 1000:.3f} | {gpu_ms:.3f} | "
               f"{kernels:.0f} | {100 * share:.1f} |", flush=True)
@@ -206,7 +213,8 @@ def main():
     p.add_argument("--variants", default="plain,quantbench",
                    help="also: autotune (mode max-autotune: Triton matmul templates tried, minutes to compile), "
                         "eager-attention (transformers' eager attention in place of SDPA), "
-                        "fused-mlp (gate and up projections in one weight; put it last)")
+                        "fused-mlp (gate and up projections in one weight; put it last), "
+                        "freezing (inductor's freezing: constant weights, concatenated products)")
     p.add_argument("--top-kernels", type=int, default=8, help="list each variant's heaviest kernels (0: none)")
     p.add_argument("--gen-arch", default="smollm2-135m", help="'' to skip part 2")
     p.add_argument("--gen-batch", type=int, default=64)

@@ -27,8 +27,11 @@ class ConfigError(Exception):
     """A bad configuration value; the message says where and what to do."""
 
 
-# --eval-batch-size auto: lm-eval's detection up to its own default cap on a GPU; a fixed batch on
-# the CPU (see eval_batch).
+# --eval-batch-size auto: lm-eval's detection on a GPU, from EVAL_MAX_BATCH down (x0.9 on each
+# out-of-memory); a fixed batch on the CPU (see eval_batch). The cap is lm-eval's own default. A cap
+# of 256 was tried (H200, 2026-11-27): the demo's 500 SQuAD documents took 14-15 s a method at the
+# batch of 207 it found, and every attempt that fails is a whole forward pass at max_length, which
+# for an 8B model with a 128k vocabulary is seconds each, many times over.
 EVAL_MAX_BATCH, EVAL_CPU_BATCH = 64, 16
 
 

@@ -197,13 +197,13 @@ def measure(run, exp, result, save):
         settings = {}  # the checkpoint carries them
     else:
         checkpoint, settings = model_info["path"], exp["settings"]
+    from transformers import AutoTokenizer  # imported before the clock: load_s is loading, not importing
+
     t = time.perf_counter()
     cost.reset_peak(device)
     model, backend = method["load"](str(checkpoint), device=device, trust_remote_code=config["trust_remote_code"],
                                     **settings)
     model.eval()
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_info["path"], trust_remote_code=config["trust_remote_code"])
     backend["device"] = device
     if tokenizer.pad_token_id is None:
@@ -245,7 +245,9 @@ def measure(run, exp, result, save):
     _phase(result, "speed", t, save)
 
 
-def main(run_dir, exp_id):
+def main(run_dir, exp_id, process="its own interpreter"):
+    """Run experiment `exp_id` of the run in `run_dir`, writing its result; `process` says how this
+    process started (a new interpreter, or forked from quantbench.forkserver with the imports done)."""
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     exp = next(e for e in run["experiments"] if e["id"] == exp_id)
@@ -253,7 +255,7 @@ def main(run_dir, exp_id):
     model_info = next(m for m in run["models"] if m["name"] == exp["model"])
     result = {"experiment": exp_id, "method": exp["method"], "settings": exp["settings"],
               "model": model_info, "device": run["device"], "status": "running", "error": None,
-              "pid": os.getpid(), "started": now(), "quality": {}, "quality_info": {}, "cost": {},
+              "pid": os.getpid(), "process": process, "started": now(), "quality": {}, "quality_info": {}, "cost": {},
               "phases_s": {}}
     started = time.perf_counter()
 

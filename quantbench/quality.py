@@ -32,6 +32,20 @@ SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
 
 
+def without_lm_eval_env_report():
+    """A context in which lm-eval's simple_evaluate skips the environment report it adds to its
+    results (torch's collect_env, which runs pip, nvidia-smi and compilers in subprocesses: 6.3 s per
+    call on an H200 machine on 2026-11-27, so per experiment). quantbench records the environment
+    in run.json and does not keep lm-eval's. The evaluation itself is untouched."""
+    from unittest import mock
+
+    from lm_eval import evaluator
+
+    if not hasattr(evaluator, "add_env_info"):  # a lm-eval that no longer has it: nothing to skip
+        return contextlib.nullcontext()
+    return mock.patch.object(evaluator, "add_env_info", lambda results: None)
+
+
 def only_attention(kernels):
     """A context in which SDPA uses only `kernels` (torch's SDPBackend names); None: torch's own order."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -82,7 +96,7 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
     by document. lm-eval ignores simple_evaluate's batch_size for a model object, so the batch size
     is set on HFLM itself ("auto": lm-eval finds the largest that fits, at most EVAL_MAX_BATCH), and
     max_length is explicit so it never falls back to the model's full position count. Attention
-    runs on the kernels in EVAL_ATTENTION."""
+    runs on the kernels in EVAL_ATTENTION; lm-eval's environment report is skipped."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -98,7 +112,7 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
         by_bound.setdefault(generation_bound(t["name"], max_gen_toks), []).append(t)
     outs = {}
     for bound, group in by_bound.items():
-        with only_attention(EVAL_ATTENTION):
+        with only_attention(EVAL_ATTENTION), without_lm_eval_env_report():
             out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
                                   task_manager=manager, gen_kwargs={"max_gen_toks": bound},
                                   log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
@@ -141,8 +155,9 @@ def is_degenerate(token_ids, text):
 def sanity_generation(model, tokenizer):
     """A short greedy answer to a fixed prompt, flagged if empty or degenerate."""
     enc = tokenizer(SANITY_PROMPT, return_tensors="pt").to(model.device)
-    out = model.generate(**enc, max_new_tokens=SANITY_NEW_TOKENS, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    with only_attention(EVAL_ATTENTION):  # every step a new shape, as in lm-eval's batches
+        out = model.generate(**enc, max_new_tokens=SANITY_NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     new = out[0, enc.input_ids.shape[1]:].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     problem = is_degenerate(new, text)

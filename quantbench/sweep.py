@@ -3,8 +3,10 @@
     >>> run_dir = create_run(config)          # results/run001/run.json
     >>> execute(run_dir)                      # one child process per experiment, summary.md at the end
 
-Each experiment runs as `python -m quantbench.experiment RUN_DIR ID`, so a crash, a CUDA error or
-an out-of-memory in one method cannot take the sweep down or leave memory behind for the next.
+Each experiment runs in a process of its own, forked from a server that has imported torch,
+transformers and lm-eval once for the run (quantbench.forkserver; where it cannot run, as `python -m
+quantbench.experiment RUN_DIR ID`), so a crash, a CUDA error or an out-of-memory in one method
+cannot take the sweep down or leave memory behind for the next.
 The child writes its own result; if it dies without finishing (killed, segfault), the parent
 records it as failed with the signal or exit code and whatever the child had measured. `--resume`
 runs the experiments whose result is missing or not finished; Ctrl-C stops the current child,
@@ -20,6 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quantbench import forkserver
 from quantbench.config import SUITES
 from quantbench.methods import BASELINE_METHODS, why_not_runnable
 from quantbench.models import model_slug, resolve_model
@@ -159,34 +162,32 @@ def _record_unfinished(run_dir, exp, run, status, error, duration):
     write_json(path, result)
 
 
-def _ignore_sigint():
-    """In the child, before Python starts: Ctrl-C is the parent's to handle (it stops the child
-    itself), so an interrupt never lands half-way through an import or a file write there. On Linux
-    the child is also killed when its parent dies (a Ray worker lost mid-experiment, say), so no
-    orphan keeps the GPU."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def run_child(run_dir, exp, run):
-    """Run one experiment in its own process (`python -m quantbench.experiment RUN_DIR ID`) and return
-    its result; a child that ends without one is recorded as failed with the reason, and Ctrl-C
-    stops it, records it as interrupted and propagates."""
+def run_child(run_dir, exp, run, server=None):
+    """Run one experiment in its own process and return its result: a child forked from the preloaded
+    `server` (quantbench.forkserver) when there is one, else `python -m quantbench.experiment RUN_DIR
+    ID`. A child that ends without a result is recorded as failed with the reason, and Ctrl-C stops
+    it, records it as interrupted and propagates."""
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
-                             preexec_fn=_ignore_sigint)
     try:
-        code = child.wait()
+        if forkserver.ready(server):
+            code = forkserver.run(server, run_dir, exp["id"])
+            if code is None:
+                code = "the preloaded server that forked the experiment's process ended, and the process with it"
+        else:
+            child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
+                                     preexec_fn=forkserver.ignore_sigint)
+            try:
+                code = child.wait()
+            except KeyboardInterrupt:
+                child.terminate()
+                child.wait()
+                raise
     except KeyboardInterrupt:
-        child.terminate()
-        child.wait()
         _record_unfinished(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
         raise
     if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
-        _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
+        error = code if isinstance(code, str) else _describe_exit(code)
+        _record_unfinished(run_dir, exp, run, "failed", error, time.perf_counter() - started)
     return read_json(run_dir / f"{exp['id']}.json")
 
 
@@ -206,7 +207,7 @@ def measure_device_rates(device):
 
     print("Measuring the device's copy bandwidth and matmul rate...", flush=True)
     r = subprocess.run([sys.executable, "-m", "quantbench.cost", device], capture_output=True, text=True,
-                       timeout=600, preexec_fn=_ignore_sigint)
+                       timeout=600, preexec_fn=forkserver.ignore_sigint)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -237,11 +238,17 @@ def execute(run_dir):
     run = read_json(run_dir / "run.json")
     todo = unfinished(run_dir, run)
     done = len(run["experiments"]) - len(todo)
-    interrupted = False
+    interrupted, server = False, None
     try:
+        # The experiments' server imports while a GPU's rates are measured (on a CPU its imports would
+        # take a core from the matmul rate being measured, so it starts after).
+        if todo and run["device"] == "cuda":
+            server = forkserver.start()
         if todo and "device_rates" not in run:
             run["device_rates"] = measure_device_rates(run["device"])
             write_json(run_dir / "run.json", run)
+        if todo and server is None:
+            server = forkserver.start()
         for i, exp in enumerate(todo, done + 1):
             label = f"[{i}/{len(run['experiments'])}] {exp['id']} ({exp['method']} on {exp['model']})"
             if _skip_unrunnable(run_dir, exp, run):
@@ -249,12 +256,17 @@ def execute(run_dir):
                 continue
             print(f"{label}: running", flush=True)
             started = time.perf_counter()
-            result = run_child(run_dir, exp, run)
+            if server and not forkserver.ready(server):
+                print(f"quantbench: {server['problem']}; each experiment starts its own interpreter instead", flush=True)
+                server = None
+            result = run_child(run_dir, exp, run, server)
             record_phases(run_dir, run, exp, result, time.perf_counter() - started)
             extra = f": {result['error']}" if result.get("error") else ""
             print(f"{label}: {result['status']} in {time.perf_counter() - started:.1f} s{extra}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        forkserver.stop(server)
     return finish(run_dir, interrupted)
 
 

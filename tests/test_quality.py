@@ -56,8 +56,12 @@ def test_sanity_generation_records_prompt_and_output(tiny):
     assert s["degenerate"] == (s["problem"] is not None)
 
 
-def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path):
+def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path, monkeypatch):
     model, tokenizer = tiny
+    import torch.utils.collect_env
+
+    env_reports = []  # lm-eval's environment report (seconds of subprocesses) is skipped
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: env_reports.append(1) or "")
     task = tasks.resolve_task("lambada_openai", data_dir=shared_data, hub=False, task_dir=tmp_path)
     # lm-eval's forward passes run without cuDNN attention (a plan per new shape); torch's flags return after
     cudnn_seen = []
@@ -65,6 +69,7 @@ def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path):
     scores, docs = quality.run_tasks(model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4,
                                      max_length=256, max_gen_toks=16)
     hook.remove()
+    assert env_reports == []
     assert cudnn_seen and not any(cudnn_seen) and torch.backends.cuda.cudnn_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     s = scores["lambada_openai"]

@@ -60,9 +60,12 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
     assert meta["environment"]["libraries"]["transformers"] and meta["started"] <= meta["finished"]
     assert set(meta["phases_s"]) == {"fp16", "nf4", "int8"} and meta["phases_s"]["nf4"]["kld"] > 0
     assert meta["device_rates"]["copy_bytes_s"] > 0 and meta["device_rates"]["matmul_flops"] > 0
+    pids = set()
     for name in ["fp16", "nf4", "int8"]:
         r = load(run_dir / f"{name}.json")
         assert r["status"] == "ok" and r["error"] is None, r
+        assert r["process"] == "forked from the preloaded server" and r["pid"] not in pids  # one process each
+        pids.add(r["pid"])
         assert r["quality"]["perplexity"] > 1
         assert set(r["quality"]["coqa"]) >= {"em", "f1", "n"} and r["quality"]["coqa"]["n"] == 1
         assert r["quality_info"]["coqa"]["source"].startswith("local:")
