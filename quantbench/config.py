@@ -27,12 +27,12 @@ class ConfigError(Exception):
     """A bad configuration value; the message says where and what to do."""
 
 
-# --eval-batch-size auto: lm-eval's detection on a GPU, from EVAL_MAX_BATCH down (x0.9 on each
-# out-of-memory); a fixed batch on the CPU (see eval_batch). The cap is lm-eval's own default. A cap
-# of 256 was tried (H200, 2026-11-27): the demo's 500 SQuAD documents took 14-15 s a method at the
-# batch of 207 it found, and every attempt that fails is a whole forward pass at max_length, which
-# for an 8B model with a 128k vocabulary is seconds each, many times over.
-EVAL_MAX_BATCH, EVAL_CPU_BATCH = 64, 16
+# --eval-batch-size auto: lm-eval's detection on a GPU, starting from as many sequences as its probe
+# fits in the free memory (quality.eval_batch_start), at most EVAL_MAX_BATCH; a fixed batch on the
+# CPU (see eval_batch). A small model's generation steps are bound by the host, so fewer, larger
+# batches finish a generation task sooner: on an H200 (2026-11-27) the demo's 500 SQuAD documents
+# took 14-15 s a method at batch 207 against 15-25 s at lm-eval's default cap of 64.
+EVAL_MAX_BATCH, EVAL_CPU_BATCH = 256, 16
 
 
 @dataclass
@@ -47,8 +47,8 @@ class RunConfig:
     cache_dir: str | None = None
     device: str = "auto"                     # auto, cuda, cpu
     trust_remote_code: bool = False
-    # HFLM batch size for lm-eval, or "auto": on a GPU lm-eval's own detection (the largest batch up
-    # to EVAL_MAX_BATCH that fits, halving on out-of-memory), on the CPU EVAL_CPU_BATCH.
+    # HFLM batch size for lm-eval, or "auto": on a GPU lm-eval's own detection (from what its probe
+    # fits in free memory, at most EVAL_MAX_BATCH, 0.9x on each out-of-memory), on the CPU EVAL_CPU_BATCH.
     eval_batch_size: int | str = "auto"
     max_length: int | None = None            # lm-eval context; None: min(model positions, 2048)
     max_gen_toks: int = 128                  # bound on generated tokens per lm-eval request
@@ -95,7 +95,7 @@ def prompt_lengths(config):
 
 def eval_batch(value, device):
     """The HFLM batch size of --eval-batch-size on this device: a number as given; "auto" is lm-eval's
-    detection on a GPU (its batch_size "auto", at most EVAL_MAX_BATCH) and EVAL_CPU_BATCH on the CPU,
+    detection on a GPU (its batch_size "auto", from quality.eval_batch_start) and EVAL_CPU_BATCH on the CPU,
     where a trial batch at the full context would take the machine's memory instead of failing."""
     if value != "auto":
         return value

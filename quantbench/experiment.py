@@ -132,11 +132,12 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
     if runnable:
         max_length = config["max_length"] or min(positions, 2048)
         batch = eval_batch(config["eval_batch_size"], device)
+        start = quality.eval_batch_start(model, max_length) if batch == "auto" else EVAL_MAX_BATCH
         scores, per_document = quality.run_tasks(model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
-                                                 limit=config["limit"], batch_size=batch,
+                                                 limit=config["limit"], batch_size=batch, max_batch_size=start,
                                                  max_length=max_length, max_gen_toks=config["max_gen_toks"])
         if batch == "auto":
-            batch = f"auto (lm-eval's detection, at most {EVAL_MAX_BATCH})"
+            batch = f"auto (lm-eval's detection from {start}: what its probe fits in free memory, at most {EVAL_MAX_BATCH})"
         # Each document's score, for paired differences against the baseline in the summary.
         write_json(Path(run["run_dir"]) / f"{result['experiment']}.docs.json", per_document)
         for x in runnable:

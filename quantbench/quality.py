@@ -87,14 +87,34 @@ def _flatten_metrics(task_results):
     return out
 
 
-def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_length, max_gen_toks):
+def eval_batch_start(model, max_length, free_bytes=None):
+    """Where lm-eval's batch detection ("auto") starts on a GPU: as many sequences as its probe fits
+    in the free device memory (`free_bytes`, default: free now, the allocator's cached blocks
+    included), at most EVAL_MAX_BATCH. The probe runs the model on [batch, max_length] tokens five
+    times and holds three [batch, max_length, vocabulary] tensors of logits at once (an output, its
+    log-softmax and the previous log-softmax) besides the KV cache the forward builds; a tenth of
+    the memory is left for activations. Each attempt that does not fit is a whole forward pass,
+    retried at 0.9x the batch: starting from 256, the demo's probe on an H200 failed at 256 and 230
+    before 207 fit; this starts it at about what fits."""
+    from quantbench.cost import kv_cache_bytes
+
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    per_sequence = max_length * (3 * model.config.vocab_size * element_bytes
+                                 + kv_cache_bytes(model.config, 1, 1, element_bytes))
+    return max(1, min(EVAL_MAX_BATCH, int(0.9 * free_bytes // per_sequence)))
+
+
+def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_length, max_gen_toks,
+              max_batch_size=EVAL_MAX_BATCH):
     """Evaluate the already-loaded model on resolved tasks with lm-eval's simple_evaluate.
 
     Returns (scores, per_document): scores is {user task name: {metric: value, metric_stderr: se,
     'n': documents}}; per_document is {user task name: {'doc_ids': [...], metric: [value per doc]}}
     for the metrics lm-eval aggregates by their mean, so that two methods can be compared document
     by document. lm-eval ignores simple_evaluate's batch_size for a model object, so the batch size
-    is set on HFLM itself ("auto": lm-eval finds the largest that fits, at most EVAL_MAX_BATCH), and
+    is set on HFLM itself ("auto": lm-eval finds the largest that fits, from max_batch_size down), and
     max_length is explicit so it never falls back to the model's full position count. Attention
     runs on the kernels in EVAL_ATTENTION; lm-eval's environment report is skipped."""
     from lm_eval import simple_evaluate
@@ -102,7 +122,7 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              max_batch_size=EVAL_MAX_BATCH)
+              max_batch_size=max_batch_size)
     # Index only the task files needed: lm-eval's own ~26,000 task YAMLs take seconds per experiment
     # to index (11 s on a 2-core CPU), so they are skipped when every task is a local copy.
     local = [t for t in tasks if t["lm_eval_task"] != t["name"]]

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantbench import quality, tasks
+from quantbench.config import EVAL_MAX_BATCH
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,16 @@ def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path, monkey
     assert sum(docs["lambada_openai"]["acc"]) / 6 == pytest.approx(s["acc"])
     assert 0.0 <= s["acc"] <= 1.0 and s["acc_stderr"] >= 0
     assert s["perplexity"] > 1.0
+
+
+def test_lm_evals_batch_detection_starts_at_what_its_probe_fits(tiny):
+    model, _ = tiny
+    c, element = model.config, torch.finfo(model.dtype).bits // 8
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * element
+    per_sequence = 128 * (3 * c.vocab_size * element + kv_per_token)  # three logits tensors and the KV cache
+    assert quality.eval_batch_start(model, 128, free_bytes=10 * per_sequence / 0.9 + 1) == 10
+    assert quality.eval_batch_start(model, 128, free_bytes=0) == 1
+    assert quality.eval_batch_start(model, 128, free_bytes=10**15) == EVAL_MAX_BATCH
 
 
 def _kld_setup(tiny, tmp_path, n_ctx=32, chunks=4):
