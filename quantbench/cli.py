@@ -74,7 +74,7 @@ def build_parser():
     r.add_argument("--cache-dir", help="demo, arch: and quantized checkpoints (default $QUANTBENCH_CACHE or ~/.cache/quantbench)")
     r.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code to run")
     r.add_argument("--eval-batch-size", type=_batch, help="lm-eval batch size, or 'auto' (default: on a GPU "
-                   "lm-eval's detection, from what its probe fits in free memory, at most 256; on the CPU 16)")
+                   "lm-eval's detection, from what its probe fits in free memory, 64 to 256; on the CPU 16)")
     r.add_argument("--max-length", type=_limit, help="lm-eval context length (default min(model positions, 2048))")
     r.add_argument("--max-gen-toks", type=_limit, help="bound on tokens generated per lm-eval request (default 128)")
     r.add_argument("--ppl-tokens", type=_tokens, help="corpus tokens scored for perplexity, or 'all' (default 16384)")

@@ -16,7 +16,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quantbench.config import EVAL_MAX_BATCH, decode_modes, eval_batch, prompt_lengths
+from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START, decode_modes, eval_batch, prompt_lengths
 from quantbench.models import model_slug
 from quantbench.results import atomic_folder, read_json, write_json
 from quantbench.tasks import generation_bound
@@ -137,7 +137,7 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
                                                  limit=config["limit"], batch_size=batch, max_batch_size=start,
                                                  max_length=max_length, max_gen_toks=config["max_gen_toks"])
         if batch == "auto":
-            batch = f"auto (lm-eval's detection from {start}: what its probe fits in free memory, at most {EVAL_MAX_BATCH})"
+            batch = f"auto (lm-eval's detection from {start}: what its probe fits in free memory, {EVAL_MIN_START} to {EVAL_MAX_BATCH})"
         # Each document's score, for paired differences against the baseline in the summary.
         write_json(Path(run["run_dir"]) / f"{result['experiment']}.docs.json", per_document)
         for x in runnable:

@@ -12,7 +12,10 @@ A CUDA context cannot cross a fork, so the server never touches the GPU: it impo
 initialises CUDA on import (bitsandbytes does; each child imports it when its method needs it),
 holds torch's CUDA availability check to NVML while it imports (the default check initialises the
 driver), and reports whether CUDA is initialised after its imports. The sweep uses plain processes
-when it is, when the server cannot start, or off Linux.
+when it is, when the server cannot start, off Linux, or with QUANTBENCH_FORKSERVER=0 in the
+environment. The server's imports leave idle library threads behind (OpenBLAS's pool, pyarrow's
+jemalloc purger), which is why Python 3.12+ warns on every fork; both libraries register fork
+handlers, so the warning is silenced there.
 
     server = start()                        # the sweep's process, once per run
     code = run(server, run_dir, "nf4")      # the child's exit code (-signal if killed), None if the server died
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 
 # What every experiment imports before it measures anything (transformers' generation utilities pull
 # in HQQ, torch._dynamo and scikit-learn: most of the time). Not here, as they initialise CUDA on
@@ -43,8 +47,9 @@ NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch.cuda.is_available() by NVM
 
 
 def start(preload=None):
-    """Start the server (it imports in the background); returns its handle, or None off Linux."""
-    if sys.platform != "linux":
+    """Start the server (it imports in the background); returns its handle, or None off Linux or
+    when QUANTBENCH_FORKSERVER is 0."""
+    if sys.platform != "linux" or os.environ.get("QUANTBENCH_FORKSERVER") == "0":
         return None
     read_end, write_end = os.pipe()
     try:
@@ -152,6 +157,7 @@ def serve(reply_fd, preload):
 
     replies.write(json.dumps({"ready": True, "import_s": round(time.perf_counter() - t, 3), "preloaded": preload,
                               "cuda_initialized": torch.cuda.is_initialized()}) + "\n")
+    warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded", category=DeprecationWarning)
     for line in sys.stdin:
         command = json.loads(line)
         pid = os.fork()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from quantbench.config import EVAL_MAX_BATCH
+from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
 from quantbench.results import atomic_folder
 from quantbench.tasks import generation_bound
 
@@ -88,14 +88,16 @@ def _flatten_metrics(task_results):
 
 
 def eval_batch_start(model, max_length, free_bytes=None):
-    """Where lm-eval's batch detection ("auto") starts on a GPU: as many sequences as its probe fits
-    in the free device memory (`free_bytes`, default: free now, the allocator's cached blocks
-    included), at most EVAL_MAX_BATCH. The probe runs the model on [batch, max_length] tokens five
+    """Where lm-eval's batch detection ("auto") starts on a GPU: as many sequences as its probe of a
+    generation task fits in the free device memory (`free_bytes`, default: free now, the allocator's
+    cached blocks included), at most EVAL_MAX_BATCH and never below lm-eval's own start of
+    EVAL_MIN_START (a loglikelihood task's probe is only as long as its longest request, so more
+    than this estimate may fit there). The probe runs the model on [batch, max_length] tokens five
     times and holds three [batch, max_length, vocabulary] tensors of logits at once (an output, its
     log-softmax and the previous log-softmax) besides the KV cache the forward builds; a tenth of
     the memory is left for activations. Each attempt that does not fit is a whole forward pass,
-    retried at 0.9x the batch: starting from 256, the demo's probe on an H200 failed at 256 and 230
-    before 207 fit; this starts it at about what fits."""
+    retried at 0.9x the batch: started at 256, the demo's probe on an H200 failed at 256 and 230
+    before 207 fit; started here, 206 fit at once."""
     from quantbench.cost import kv_cache_bytes
 
     if free_bytes is None:
@@ -103,7 +105,7 @@ def eval_batch_start(model, max_length, free_bytes=None):
     element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
     per_sequence = max_length * (3 * model.config.vocab_size * element_bytes
                                  + kv_cache_bytes(model.config, 1, 1, element_bytes))
-    return max(1, min(EVAL_MAX_BATCH, int(0.9 * free_bytes // per_sequence)))
+    return max(EVAL_MIN_START, min(EVAL_MAX_BATCH, int(0.9 * free_bytes // per_sequence)))
 
 
 def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_length, max_gen_toks,

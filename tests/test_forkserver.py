@@ -20,6 +20,11 @@ def test_children_are_forked_after_the_imports_and_their_exit_codes_come_back(tm
     assert server["process"].poll() is not None
 
 
+def test_quantbench_forkserver_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_FORKSERVER", "0")
+    assert forkserver.start() is None
+
+
 def test_without_the_server_each_experiment_starts_its_own_interpreter(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(forkserver, "PRELOAD", ["quantbench_no_such_module"])  # its imports fail

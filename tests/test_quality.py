@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantbench import quality, tasks
-from quantbench.config import EVAL_MAX_BATCH
+from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_lm_evals_batch_detection_starts_at_what_its_probe_fits(tiny):
     c, element = model.config, torch.finfo(model.dtype).bits // 8
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * element
     per_sequence = 128 * (3 * c.vocab_size * element + kv_per_token)  # three logits tensors and the KV cache
-    assert quality.eval_batch_start(model, 128, free_bytes=10 * per_sequence / 0.9 + 1) == 10
-    assert quality.eval_batch_start(model, 128, free_bytes=0) == 1
+    assert quality.eval_batch_start(model, 128, free_bytes=100 * per_sequence / 0.9 + 1) == 100
+    assert quality.eval_batch_start(model, 128, free_bytes=0) == EVAL_MIN_START  # lm-eval's own start at least
     assert quality.eval_batch_start(model, 128, free_bytes=10**15) == EVAL_MAX_BATCH
 
 
