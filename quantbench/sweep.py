@@ -242,12 +242,13 @@ def execute(run_dir):
     try:
         # The experiments' server imports while a GPU's rates are measured (on a CPU its imports would
         # take a core from the matmul rate being measured, so it starts after).
-        if todo and run["device"] == "cuda":
+        overlap = bool(todo) and run["device"] == "cuda"
+        if overlap:
             server = forkserver.start()
         if todo and "device_rates" not in run:
             run["device_rates"] = measure_device_rates(run["device"])
             write_json(run_dir / "run.json", run)
-        if todo and server is None:
+        if todo and not overlap:
             server = forkserver.start()
         for i, exp in enumerate(todo, done + 1):
             label = f"[{i}/{len(run['experiments'])}] {exp['id']} ({exp['method']} on {exp['model']})"
