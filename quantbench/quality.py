@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
+from quantbench.cost import kv_cache_bytes
 from quantbench.results import atomic_folder
 from quantbench.tasks import generation_bound
 
@@ -98,8 +99,6 @@ def eval_batch_start(model, max_length, free_bytes=None):
     the memory is left for activations. Each attempt that does not fit is a whole forward pass,
     retried at 0.9x the batch: started at 256, the demo's probe on an H200 failed at 256 and 230
     before 207 fit; started here, 206 fit at once."""
-    from quantbench.cost import kv_cache_bytes
-
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2

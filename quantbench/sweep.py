@@ -135,6 +135,9 @@ def _status_of(run_dir, exp_id):
 
 
 def _describe_exit(code):
+    """How an experiment's process ended without its result; None: its forking server ended first."""
+    if code is None:
+        return "the preloaded server that forked the experiment's process ended, and the process with it"
     if code < 0:
         name = signal.Signals(-code).name
         why = {"SIGKILL": " (killed: out of host memory, or by hand)", "SIGSEGV": " (segmentation fault in native code)",
@@ -164,15 +167,13 @@ def _record_unfinished(run_dir, exp, run, status, error, duration):
 
 def run_child(run_dir, exp, run, server=None):
     """Run one experiment in its own process and return its result: a child forked from the preloaded
-    `server` (quantbench.forkserver) when there is one, else `python -m quantbench.experiment RUN_DIR
-    ID`. A child that ends without a result is recorded as failed with the reason, and Ctrl-C stops
-    it, records it as interrupted and propagates."""
+    `server` (quantbench.forkserver, ready) when there is one, else `python -m quantbench.experiment
+    RUN_DIR ID`. A child that ends without a result is recorded as failed with the reason, and Ctrl-C
+    stops it, records it as interrupted and propagates."""
     started = time.perf_counter()
     try:
-        if forkserver.ready(server):
+        if server is not None:
             code = forkserver.run(server, run_dir, exp["id"])
-            if code is None:
-                code = "the preloaded server that forked the experiment's process ended, and the process with it"
         else:
             child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
                                      preexec_fn=forkserver.ignore_sigint)
@@ -186,8 +187,7 @@ def run_child(run_dir, exp, run, server=None):
         _record_unfinished(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
         raise
     if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
-        error = code if isinstance(code, str) else _describe_exit(code)
-        _record_unfinished(run_dir, exp, run, "failed", error, time.perf_counter() - started)
+        _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
     return read_json(run_dir / f"{exp['id']}.json")
 
 
