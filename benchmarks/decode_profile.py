@@ -26,7 +26,7 @@ stop-sequence criteria (which decode the batch's last tokens on the host every s
 prompt length every call, as lm-eval's batches have (so every step's shape is new: cuDNN attention,
 torch's first choice on Hopper, builds a plan per new shape); and that with cuDNN attention excluded.
 On an H200 on 2026-11-27 (arch:smollm2-135m, batch 64): 35.0, 34.7, 111.0 and 37.3 ms a step, which
-is why quantbench's lm-eval runs exclude cuDNN attention (quality.EVAL_ATTENTION).
+is why quantbench's lm-eval runs exclude cuDNN attention (cost.EAGER_ATTENTION).
 
     python benchmarks/decode_profile.py --arch llama-3.2-1b --batch 1 --gen-arch smollm2-135m
 """
@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from quantbench import cost, models, quality
+from quantbench import cost, models
 
 
 def timed(fn, repeats=3):
@@ -168,7 +168,7 @@ GENERATE_VARIANTS = [
     ("plain generate", False, False, None),
     ("with lm-eval's stop check", True, False, None),
     ("stop check, new shapes every call", True, True, None),
-    ("stop check, new shapes, cuDNN attention excluded", True, True, quality.EVAL_ATTENTION),
+    ("stop check, new shapes, cuDNN attention excluded", True, True, cost.EAGER_ATTENTION),
 ]
 
 
@@ -196,7 +196,7 @@ def part2(args, device="cuda"):
             mask[::2, :8] = 0
             extra = {"stopping_criteria": stop_sequences_criteria(tokenizer, ["\n"], length, args.gen_batch)} \
                 if stop_check else {}
-            with quality.only_attention(backends):
+            with cost.only_attention(backends):
                 model.generate(ids, attention_mask=mask, max_new_tokens=args.gen_tokens,
                                min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
         with torch.no_grad():

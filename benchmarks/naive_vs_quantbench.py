@@ -4,9 +4,11 @@ Naive, as the course project did it: one method after another in one process, ea
 evaluated with lm-eval's defaults through an HFLM at batch size 1 (no bound on generation beyond
 lm-eval's own default, max_length left to lm-eval). quantbench: `quantbench run` with its defaults
 (batched evaluation, explicit max_length and generation bound, one process per method, plus the
-perplexity, KLD and speed measurements the naive way does not make). The script checks that each
-method's task metric agrees between the two within their error bars and prints both wall times and
-their ratio. Meant for the GPU machine; on a CPU use a small --limit.
+perplexity, KLD and speed measurements the naive way does not make). Each way runs as a fresh
+`python` process, timed from outside from its start to its end (interpreter, imports and all), so
+neither pays for the other's imports. The script checks that each method's task metric agrees
+between the two within their error bars and prints both wall times and their ratio. Meant for the
+GPU machine; on a CPU use a small --limit.
 
     python benchmarks/naive_vs_quantbench.py --methods fp16,nf4,fp4 --task squad_v1 --metric f1 \\
         --limit 200 --data-dir ../shared/data
@@ -49,6 +51,20 @@ def naive(model_path, methods, task, limit, data_dir, device):
     return scores, time.perf_counter() - start, evaluating
 
 
+def naive_way(model_path, methods, task, limit, data_dir, device):
+    """`naive` in a fresh interpreter (this script with --naive-json), timed from outside as
+    quantbench's run is. Returns ({method: metrics}, seconds in all, seconds in lm-eval)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "naive.json"
+        cmd = [sys.executable, __file__, "--naive-json", str(path), "--model", model_path, "--methods", ",".join(methods),
+               "--task", task, "--limit", str(limit), "--data-dir", str(data_dir), "--device", device]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        seconds = time.perf_counter() - start
+        out = json.loads(path.read_text())
+    return out["scores"], seconds, out["eval_s"]
+
+
 def quantbench_way(model, methods, task, limit, data_dir, out):
     """`quantbench run` with its defaults. Returns ({method: metrics}, seconds in all, seconds in its
     task phases (lm-eval, from each result's phases_s), run folder)."""
@@ -73,8 +89,13 @@ def main():
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
     p.add_argument("--out", default=None, help="folder for quantbench's run (default: a temporary one)")
+    p.add_argument("--naive-json", help=argparse.SUPPRESS)  # internal: run the naive way here, write its scores
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",")]
+    if args.naive_json:  # the naive way's own process: --model is the checkpoint's path
+        scores, _, evaluating = naive(args.model, methods, args.task, args.limit, args.data_dir, args.device)
+        Path(args.naive_json).write_text(json.dumps({"scores": scores, "eval_s": evaluating}))
+        return
     if args.device is None:
         import torch
 
@@ -88,7 +109,7 @@ def main():
     ours, ours_s, ours_eval_s, run_dir = quantbench_way(args.model, methods, args.task, args.limit, args.data_dir, out)
     run = json.loads((run_dir / "run.json").read_text())
     model_path = run["models"][0]["path"]  # the same checkpoint
-    theirs, theirs_s, theirs_eval_s = naive(model_path, methods, args.task, args.limit, args.data_dir, args.device)
+    theirs, theirs_s, theirs_eval_s = naive_way(model_path, methods, args.task, args.limit, args.data_dir, args.device)
 
     print(f"\n| method | naive {args.metric} | quantbench {args.metric} | difference | agree (within 2 combined s.e.) |")
     print("|---|---|---|---|---|")
@@ -102,7 +123,7 @@ def main():
             print(f"| {m} | {a} | {b} | - | NO (a side has no {args.metric}) |")
             continue
         print(f"| {m} | {a:.4f} | {b:.4f} | {b - a:+.4f} ± {se:.4f} | {'yes' if ok else 'NO'} |")
-    print(f"\nwhole comparison: naive {theirs_s:.1f} s (loading and evaluation only); quantbench {ours_s:.1f} s "
+    print(f"\nwhole comparison, each a fresh process: naive {theirs_s:.1f} s (loading and evaluation only); quantbench {ours_s:.1f} s "
           f"(the same evaluation plus perplexity, KLD and the speed sweep); ratio {theirs_s / ours_s:.2f}x")
     phases = {}
     for per in run["phases_s"].values():

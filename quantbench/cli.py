@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from quantbench import forkserver
 from quantbench.config import (BACKEND_CHOICES, DECODE_MODE_CHOICES, DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
                                parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
@@ -90,7 +91,9 @@ def build_parser():
     r.add_argument("--decode-mode", choices=DECODE_MODE_CHOICES, help="eager generate (default), compiled (greedy "
                    "loop with a static KV cache and a torch.compile'd step, CUDA graphs on a GPU: one compilation per "
                    "method and batch size), or both")
-    r.add_argument("--repeats", type=_limit, help="timed runs per measurement, after a warm-up (default 3)")
+    r.add_argument("--repeats", type=_limit, help="timed runs per TTFT point, after a warm-up (default 3)")
+    r.add_argument("--decode-runs", type=_limit, help="timed decode runs per batch size, after a warm-up run; "
+                   "every step of each is a sample, the median step is reported (default 1)")
     r.add_argument("--calibration", help="GPTQ/AWQ calibration text file (default WikiText-2 validation from "
                    "--data-dir, else c4 from the hub)")
     r.add_argument("--calibration-samples", type=_limit, help="calibration samples (default 128)")
@@ -104,7 +107,7 @@ def build_parser():
 
 FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
                "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "kld_tokens", "kld_ctx", "prompt_lengths", "new_tokens",
-               "batch_sizes", "decode_mode", "repeats", "calibration", "calibration_samples", "calibration_tokens",
+               "batch_sizes", "decode_mode", "repeats", "decode_runs", "calibration", "calibration_samples", "calibration_tokens",
                "backend", "ray_address", "gpu"]
 
 
@@ -147,12 +150,13 @@ def config_from_args(args):
     return config
 
 
-def execute(run_dir, backend, *, ray_address=None, gpu=None):
-    """Run the run folder's unfinished experiments here, on Ray or on Modal."""
+def execute(run_dir, backend, *, ray_address=None, gpu=None, server=None):
+    """Run the run folder's unfinished experiments here (forked from `server` when one was started),
+    on Ray or on Modal."""
     from quantbench import sweep
 
     if backend == "local":
-        return sweep.execute(run_dir)
+        return sweep.execute(run_dir, server)
     _need(backend)
     from quantbench import remote
 
@@ -181,6 +185,21 @@ def cmd_run(args):
         return execute(Path(args.resume), backend, ray_address=args.ray_address or config.get("ray_address"),
                        gpu=args.gpu or config.get("gpu"))
     config = config_from_args(args)
+    # The experiments' preloaded server starts now, so that its imports overlap the set-up below
+    # (resolving the device, the model and the tasks); the sweep stops it.
+    server = forkserver.start() if config.backend == "local" else None
+    try:
+        run_dir = create_run(args, config)
+    except BaseException:
+        forkserver.stop(server)
+        raise
+    return execute(run_dir, config.backend, ray_address=config.ray_address, gpu=config.gpu, server=server)
+
+
+def create_run(args, config):
+    """The run folder for `config`: the methods `--all` adds, task names checked, run.json written."""
+    from quantbench import sweep
+
     device = None
     if config.backend != "local":  # the experiments see the cluster's device, not this machine's
         _need(config.backend)
@@ -207,7 +226,7 @@ def cmd_run(args):
     if args.config:
         shutil.copy(args.config, run_dir / ("sweep" + Path(args.config).suffix))
     print(f"Run folder: {run_dir}", flush=True)
-    return execute(run_dir, config.backend, ray_address=config.ray_address, gpu=config.gpu)
+    return run_dir
 
 
 def cmd_methods(args):

@@ -64,7 +64,10 @@ class RunConfig:
     # eager (what users get by default), compiled, or both. Eager by default: torch.compile adds a
     # compilation for every method and batch size, which the default comparison should not pay.
     decode_mode: str = "eager"
-    repeats: int = 3                         # timed runs per measurement, after one warm-up
+    repeats: int = 3                         # timed TTFT runs per prompt length, after one warm-up
+    # Timed decode runs per batch size, after one warm-up run; each of a run's new_tokens - 1 steps is
+    # a sample (cost.py). One run of 64 tokens gives 63 samples; more runs also catch run-to-run drift.
+    decode_runs: int = 1
     all_methods: bool = False
     calibration: str | None = None           # GPTQ/AWQ calibration text file (None: WikiText-2 valid / c4)
     calibration_samples: int = 128
@@ -109,7 +112,7 @@ def decode_modes(choice):
 
 
 POSITIVE_INTS = ["limit", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
-                 "decode_prompt_tokens", "new_tokens", "repeats", "calibration_samples",
+                 "decode_prompt_tokens", "new_tokens", "repeats", "decode_runs", "calibration_samples",
                  "calibration_tokens"]
 DEFAULT_METHODS = ["fp16", "nf4", "fp4"]
 
@@ -218,7 +221,7 @@ def _toml_lines(text):
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
              "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
              "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_lengths", "decode_prompt_tokens", "new_tokens", "batch_sizes", "decode_mode", "repeats",
-             "all", "calibration", "calibration_samples", "calibration_tokens", "suite", "backend", "ray_address", "gpu"}
+             "decode_runs", "all", "calibration", "calibration_samples", "calibration_tokens", "suite", "backend", "ray_address", "gpu"}
 
 
 def load_sweep_file(path):

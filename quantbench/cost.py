@@ -2,16 +2,21 @@
 
 Timing protocol: greedy generation with `min_new_tokens == max_new_tokens` so every run produces
 the same number of tokens; one warm-up run before each measurement, the GPU synchronized before
-every clock read, `repeats` runs, the median reported with min and max.
+every clock read.
 - TTFT at prompt length P, batch 1: the time of `generate(max_new_tokens=1)`: prefill plus the
-  first token, what a user waits before the first token appears.
-- Decode tokens/s at batch B: with a prompt of `decode_prompt_tokens`, time generating N new tokens
-  (t_N) and 1 (t_1), with `generate` (eager) or `greedy_static` (compiled); decode rate =
-  B * (N - 1) / (t_N - t_1), so prefill is excluded.
+  first token, what a user waits before the first token appears. Median of `repeats` runs, with
+  min and max.
+- Decode tokens/s at batch B: with a prompt of `decode_prompt_tokens`, one warm-up run of N new
+  tokens (every shape, kernel plan and CUDA graph of the timed runs met once), then `decode_runs`
+  timed runs in which every token is stamped as it is produced (a CUDA event on the GPU, the
+  clock on the CPU); each of the N - 1 steps after the first token is one sample, the prefill is
+  excluded, and decode rate = B / (median step time), with the mean-based rate beside it.
+  Eager runs use the attention kernels of EAGER_ATTENTION (cuDNN's excluded: see there).
 
     >>> weight_bytes(model)
     {'weight_bytes': 109777792, 'memory_footprint_bytes': 109777792, 'quant_state_bytes': 2965504}
 """
+import contextlib
 import gc
 import resource
 import statistics
@@ -19,6 +24,23 @@ import sys
 import time
 
 import torch
+
+# Attention kernels of every eager forward quantbench times or evaluates with (torch's SDPBackend
+# names): lm-eval's batches, the sanity generation and the eager speed sweep. On Hopper torch tries
+# cuDNN's attention first, and cuDNN builds an execution plan for every new shape, and eager
+# decoding (a KV cache one token longer each step) has a new shape every step: on an H200 a step
+# with an unseen shape cost 3x one with a seen shape (2026-11-27), and the eager sweep spent ~11 s a
+# method building plans (35% of it) while its steady state matched flash's within run-to-run noise.
+# Flash and memory-efficient attention need no plan. Compiled mode keeps torch's order (its shapes
+# are static: one plan). None: torch's own order.
+EAGER_ATTENTION = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+
+
+def only_attention(kernels):
+    """A context in which SDPA uses only `kernels` (torch's SDPBackend names); None: torch's own order."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, k) for k in kernels]) if kernels else contextlib.nullcontext()
 
 
 def weight_bytes(model):
@@ -94,18 +116,23 @@ def peak_bytes(device):
 # work that `generate` does between steps and that dominates a small model's step).
 
 
-def greedy_static(model, input_ids, new_tokens, *, step, cache):
+def greedy_static(model, input_ids, new_tokens, *, step, cache, marks=None):
     """Greedy decoding of `new_tokens` with the static KV cache `cache` (reset first): prefill eager,
-    then `step` (the model, compiled or not) once per further token. Returns the new tokens."""
+    then `step` (the model, compiled or not) once per further token. Returns the new tokens; with
+    `marks` (a list), appends a `mark` as each token is produced."""
     cache.reset()
     logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)
     out = [token]
+    if marks is not None:
+        marks.append(mark(input_ids.device.type))
     for _ in range(new_tokens - 1):  # positions come from the cache's own counter (a tensor: no recompiles)
         if input_ids.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         token = step(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         out.append(token)
+        if marks is not None:
+            marks.append(mark(input_ids.device.type))
     return torch.cat(out, dim=1)
 
 
@@ -130,27 +157,73 @@ def static_cache(model, length):
     return StaticCache(config=model.config, max_cache_len=length)
 
 
-def _time_decoding(model, input_ids, new_tokens, *, repeats, device, pad_token_id, mode="eager", step=None, cache=None):
-    if mode == "eager":
-        def run():
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
-    else:
-        def run():
-            greedy_static(model, input_ids, new_tokens, step=step, cache=cache)
-    run()  # warm-up (in compiled mode also the compilation and the CUDA graph capture)
+def mark(device):
+    """A point in time: a CUDA event recorded on the stream (it neither waits for the GPU nor makes it
+    wait; read after a synchronize), or the clock on the CPU."""
+    if device == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(marks):
+    """Seconds from each mark to the next (the GPU synchronized first)."""
+    if marks and isinstance(marks[0], torch.cuda.Event):
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _generate(model, input_ids, new_tokens, pad_token_id, marks=None):
+    """Eager greedy `generate` of exactly `new_tokens`; with `marks`, one mark as each token is produced
+    (from a stopping criterion, which `generate` calls once per token and which never stops it)."""
+    from transformers import StoppingCriteriaList
+
+    def stamp(ids, scores, **kwargs):
+        marks.append(mark(ids.device.type))
+        return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                   stopping_criteria=StoppingCriteriaList([stamp]) if marks is not None else None)
+
+
+def _time_first_token(model, input_ids, *, repeats, device, pad_token_id):
+    """Seconds of `generate(max_new_tokens=1)`, `repeats` times after a warm-up."""
+    _generate(model, input_ids, 1, pad_token_id)
     times = []
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        run()
+        _generate(model, input_ids, 1, pad_token_id)
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+def _time_steps(model, input_ids, new_tokens, *, runs, pad_token_id, mode="eager", step=None, cache=None):
+    """Seconds of each decode step (each token after the first) over `runs` runs of `new_tokens`,
+    after one warm-up run (in compiled mode also the compilation and the CUDA graph capture)."""
+    def run(marks=None):
+        if mode == "eager":
+            _generate(model, input_ids, new_tokens, pad_token_id, marks)
+        else:
+            greedy_static(model, input_ids, new_tokens, step=step, cache=cache, marks=marks)
+    run()
+    steps = []
+    for _ in range(runs):
+        marks = []
+        run(marks)
+        steps += seconds_between(marks)
+    return steps
+
+
+def _spread(values, p90=False):
+    out = {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    if p90:  # the slow tail of decode steps (interpolated within the samples)
+        out["p90"] = statistics.quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
+    return out
 
 
 def prompt_batch(token_stream, batch, length):
@@ -210,15 +283,18 @@ def _point(device, measure):
 
 @torch.no_grad()
 def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, decode_prompt_tokens,
-                  new_tokens, batch_sizes, repeats, weight_bytes, rates=None, decode_modes=("eager",)):
+                  new_tokens, batch_sizes, repeats, weight_bytes, rates=None, decode_modes=("eager",),
+                  decode_runs=1, eager_attention=EAGER_ATTENTION):
     """The speed sweep, in each of `decode_modes` (eager `generate`; compiled: `greedy_static`):
     - prefill: at each prompt length, batch 1: TTFT and prefill tokens/s (prompt / TTFT), and the
       share of the device's measured matmul rate that the prompt's FLOPs over TTFT reach;
     - decode: at each batch size: tokens/s, memory split into weights, KV cache and the rest (CUDA),
       and the achieved bandwidth: bytes read per step (weights as stored + the KV cache at its mean
       length) x steps per second, with its share of the measured copy bandwidth.
-    Medians of `repeats` runs after a warm-up. A point that runs out of memory is recorded and the
-    sweep goes on; a prompt longer than the model's context is skipped with the reason."""
+    TTFT: median of `repeats` runs; decode: the median step of `decode_runs` runs; each after a
+    warm-up. Eager forwards use the attention kernels `eager_attention` (None: torch's order). A
+    point that runs out of memory is recorded and the sweep goes on; a prompt longer than the
+    model's context is skipped with the reason."""
     config = model.config
     positions = getattr(config, "max_position_embeddings", None) or 2048
     element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
@@ -226,7 +302,9 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
     peaks, compile_error = [], None
     step = compiled_step(model, device) if "compiled" in decode_modes else None
     result = {"prefill": {}, "decode": {}, "new_tokens": new_tokens, "decode_prompt_tokens": decode_prompt_tokens,
-              "repeats": repeats, "decode_modes": list(decode_modes), "kv_element_bytes": element_bytes}
+              "repeats": repeats, "decode_runs": decode_runs, "decode_modes": list(decode_modes),
+              "kv_element_bytes": element_bytes,
+              "attention_kernels": {"eager": eager_attention or "torch's default order", "compiled": "torch's default order"}}
     if "compiled" in decode_modes:
         result["decode_compiled"] = {}
 
@@ -237,8 +315,9 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
 
         def prefill(p=p):
             ids = prompt_batch(token_stream, 1, p).to(model.device)
-            ttft = [t * 1000 for t in _time_decoding(model, ids, 1, repeats=repeats, device=device,
-                                                     pad_token_id=pad_token_id)]
+            with only_attention(eager_attention):
+                ttft = [t * 1000 for t in _time_first_token(model, ids, repeats=repeats, device=device,
+                                                            pad_token_id=pad_token_id)]
             point = {"status": "ok", "ttft_ms": statistics.median(ttft), "timing": _spread(ttft)}
             point["prefill_tok_s"] = p / (point["ttft_ms"] / 1000)
             if rates and rates.get("matmul_flops"):
@@ -253,22 +332,21 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
                 peaks.append(torch.cuda.max_memory_allocated())
             reset_peak(device)
             ids = prompt_batch(token_stream, b, decode_prompt_tokens).to(model.device)
-            timed = dict(repeats=repeats, device=device, pad_token_id=pad_token_id, mode=mode, step=step)
             if mode == "compiled":
-                timed["cache"] = static_cache(model, decode_prompt_tokens + new_tokens)
-            t_n = _time_decoding(model, ids, new_tokens, **timed)
-            t_1 = _time_decoding(model, ids, 1, **timed)
-            # Pair the i-th runs; the median of per-pair rates is robust to one slow run. A pair whose
-            # N-token run was not slower than its 1-token run (noise swamped decode) is no measurement.
-            per_run = [b * (new_tokens - 1) / (tn - t1) for tn, t1 in zip(t_n, t_1) if tn > t1]
-            if not per_run:
-                return {"status": "not measurable", "error": f"generating {new_tokens} tokens took no longer than 1; "
-                                                             "raise --new-tokens or --repeats"}
-            tok_s = statistics.median(per_run)
+                steps = _time_steps(model, ids, new_tokens, runs=decode_runs, pad_token_id=pad_token_id, mode=mode,
+                                    step=step, cache=static_cache(model, decode_prompt_tokens + new_tokens))
+            else:
+                with only_attention(eager_attention):
+                    steps = _time_steps(model, ids, new_tokens, runs=decode_runs, pad_token_id=pad_token_id)
+            if statistics.median(steps) <= 0:
+                return {"status": "not measurable", "error": "the decode steps took no measurable time"}
+            tok_s = b / statistics.median(steps)
             kv = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens, element_bytes)
             kv_read = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens / 2, element_bytes)
-            point = {"status": "ok", "tok_s": tok_s, "timing": _spread(per_run), "kv_cache_bytes": kv,
-                     "bytes_per_step": weight_bytes + kv_read}
+            step_ms = [t * 1000 for t in steps]
+            point = {"status": "ok", "tok_s": tok_s, "tok_s_mean": b / statistics.fmean(steps),
+                     "step_ms": _spread(step_ms, p90=True),
+                     "kv_cache_bytes": kv, "bytes_per_step": weight_bytes + kv_read}
             point["achieved_bytes_s"] = point["bytes_per_step"] * tok_s / b
             if rates and rates.get("copy_bytes_s"):
                 point["bandwidth_share"] = point["achieved_bytes_s"] / rates["copy_bytes_s"]

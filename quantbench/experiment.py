@@ -103,7 +103,7 @@ def quantized_checkpoint(run, exp, model_info, result, save):
 
 def measure_quality(model, tokenizer, text, corpus, run, result, save):
     """Sanity generation, perplexity on `text`, then the lm-eval tasks, each phase saved."""
-    from quantbench import quality
+    from quantbench import cost, quality
 
     config, device = run["config"], run["device"]
     t = time.perf_counter()
@@ -146,7 +146,7 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
                                                  "n": scores[x["name"]]["n"], "limit": config["limit"],
                                                  "max_length": max_length, "batch_size": batch,
                                                  "max_gen_toks": generation_bound(x["name"], config["max_gen_toks"]),
-                                                 "attention_kernels": quality.EVAL_ATTENTION or "torch's default order"}
+                                                 "attention_kernels": cost.EAGER_ATTENTION or "torch's default order"}
     _phase(result, "tasks", t, save)
 
 
@@ -238,7 +238,8 @@ def measure(run, exp, result, save):
                                prompt_lengths=prompt_lengths(config),
                                decode_prompt_tokens=config["decode_prompt_tokens"],
                                new_tokens=config["new_tokens"], batch_sizes=config["batch_sizes"],
-                               repeats=config["repeats"], weight_bytes=result["cost"]["weight_bytes"],
+                               repeats=config["repeats"], decode_runs=config.get("decode_runs", 1),
+                               weight_bytes=result["cost"]["weight_bytes"],
                                rates=run.get("device_rates"),
                                decode_modes=decode_modes(config.get("decode_mode", "eager")))
     result["cost"].update(cost.peak_bytes(device))

@@ -20,15 +20,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
-from quantbench.cost import kv_cache_bytes
+from quantbench.cost import EAGER_ATTENTION, kv_cache_bytes, only_attention
 from quantbench.results import atomic_folder
 from quantbench.tasks import generation_bound
 
-# Attention kernels allowed while lm-eval runs (torch's SDPBackend names). torch tries cuDNN's first
-# on Hopper, and cuDNN builds an execution plan for every new shape; every decode step of a
-# left-padded lm-eval batch has a shape not seen before. Flash and memory-efficient attention need
-# no plan. None: torch's own order.
-EVAL_ATTENTION = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
 
@@ -45,13 +40,6 @@ def without_lm_eval_env_report():
     if not hasattr(evaluator, "add_env_info"):  # a lm-eval that no longer has it: nothing to skip
         return contextlib.nullcontext()
     return mock.patch.object(evaluator, "add_env_info", lambda results: None)
-
-
-def only_attention(kernels):
-    """A context in which SDPA uses only `kernels` (torch's SDPBackend names); None: torch's own order."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, k) for k in kernels]) if kernels else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -117,7 +105,7 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
     by document. lm-eval ignores simple_evaluate's batch_size for a model object, so the batch size
     is set on HFLM itself ("auto": lm-eval finds the largest that fits, from max_batch_size down), and
     max_length is explicit so it never falls back to the model's full position count. Attention
-    runs on the kernels in EVAL_ATTENTION; lm-eval's environment report is skipped."""
+    runs on the kernels in EAGER_ATTENTION; lm-eval's environment report is skipped."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -133,7 +121,7 @@ def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_lengt
         by_bound.setdefault(generation_bound(t["name"], max_gen_toks), []).append(t)
     outs = {}
     for bound, group in by_bound.items():
-        with only_attention(EVAL_ATTENTION), without_lm_eval_env_report():
+        with only_attention(EAGER_ATTENTION), without_lm_eval_env_report():
             out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
                                   task_manager=manager, gen_kwargs={"max_gen_toks": bound},
                                   log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
@@ -176,7 +164,7 @@ def is_degenerate(token_ids, text):
 def sanity_generation(model, tokenizer):
     """A short greedy answer to a fixed prompt, flagged if empty or degenerate."""
     enc = tokenizer(SANITY_PROMPT, return_tensors="pt").to(model.device)
-    with only_attention(EVAL_ATTENTION):  # every step a new shape, as in lm-eval's batches
+    with only_attention(EAGER_ATTENTION):  # every step a new shape, as in lm-eval's batches
         out = model.generate(**enc, max_new_tokens=SANITY_NEW_TOKENS, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     new = out[0, enc.input_ids.shape[1]:].tolist()

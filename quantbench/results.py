@@ -342,10 +342,19 @@ def _protocol_lines(run, results):
     lengths = ", ".join(str(n) for n in prompt_lengths(c))
     modes = "eager `generate`" + (" and compiled (greedy loop, static KV cache, compiled step with CUDA graphs; see the decode sweep)" if any(
         r.get("cost", {}).get("decode_compiled") for r in results) else "")
-    out.append(f"- Speed: {modes}, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
-               f"token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); decode tok/s = "
-               f"batch x ({c['new_tokens']} - 1) / (t({c['new_tokens']} tokens) - t(1 token)) from "
-               f"{c['decode_prompt_tokens']}-token prompts.")
+    if "decode_runs" in c:  # since 2026-11-27: every decode step timed
+        kernels = next((r["cost"]["attention_kernels"]["eager"] for r in results
+                        if isinstance(r.get("cost", {}).get("attention_kernels"), dict)), None)
+        attention = f"; eager attention kernels: {', '.join(kernels) if isinstance(kernels, list) else kernels}" if kernels else ""
+        out.append(f"- Speed: {modes}, greedy, each point after a warm-up run; TTFT = median of {c['repeats']} runs of "
+                   f"generate 1 token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); "
+                   f"decode tok/s = batch / median step time over the {c['new_tokens']} - 1 steps after the first token "
+                   f"of {c['decode_runs']} run(s), from {c['decode_prompt_tokens']}-token prompts{attention}.")
+    else:
+        out.append(f"- Speed: {modes}, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
+                   f"token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); decode tok/s = "
+                   f"batch x ({c['new_tokens']} - 1) / (t({c['new_tokens']} tokens) - t(1 token)) from "
+                   f"{c['decode_prompt_tokens']}-token prompts.")
     rates = run.get("device_rates") or {}
     if rates.get("copy_bytes_s"):
         out.append(f"- Roofline: measured copy bandwidth {rates['copy_bytes_s'] / 1e9:.0f} GB/s and matmul rate "

@@ -232,23 +232,27 @@ def record_phases(run_dir, run, exp, result, seconds):
     write_json(run_dir / "run.json", run)
 
 
-def execute(run_dir):
-    """Run every unfinished experiment of the run in its own process; returns the exit code."""
+def execute(run_dir, server=None):
+    """Run every unfinished experiment of the run in its own process; returns the exit code.
+    `server`: the preloaded server, if the caller started it already (`quantbench run` does, first
+    thing, so that its imports overlap the run's set-up); it is stopped here either way."""
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     todo = unfinished(run_dir, run)
     done = len(run["experiments"]) - len(todo)
-    interrupted, server = False, None
+    interrupted = False
     try:
-        # The experiments' server imports while a GPU's rates are measured (on a CPU its imports would
-        # take a core from the matmul rate being measured, so it starts after).
-        overlap = bool(todo) and run["device"] == "cuda"
-        if overlap:
+        # The experiments' server imports while a GPU's rates are measured; on a CPU its imports would
+        # take a core from the matmul rate being measured, so there they are done first.
+        on_gpu = run["device"] == "cuda"
+        if todo and on_gpu and server is None:
             server = forkserver.start()
         if todo and "device_rates" not in run:
+            if server and not on_gpu:
+                forkserver.ready(server)
             run["device_rates"] = measure_device_rates(run["device"])
             write_json(run_dir / "run.json", run)
-        if todo and not overlap:
+        if todo and server is None:
             server = forkserver.start()
         for i, exp in enumerate(todo, done + 1):
             label = f"[{i}/{len(run['experiments'])}] {exp['id']} ({exp['method']} on {exp['model']})"
@@ -260,6 +264,8 @@ def execute(run_dir):
             if server and not forkserver.ready(server):
                 print(f"quantbench: {server['problem']}; each experiment starts its own interpreter instead", flush=True)
                 server = None
+            if server and "forkserver_import_s" not in run:  # what the experiments did not each pay
+                run["forkserver_import_s"] = server["ready"].get("import_s")
             result = run_child(run_dir, exp, run, server)
             record_phases(run_dir, run, exp, result, time.perf_counter() - started)
             extra = f": {result['error']}" if result.get("error") else ""

@@ -1,3 +1,5 @@
+import statistics
+import time
 import weakref
 
 import pytest
@@ -55,8 +57,45 @@ def test_measure_speed_sweeps_prompt_lengths_and_batch_sizes(tiny_model_dir):
     assert d3["bytes_per_step"] == weights + 2 * 2 * 2 * 16 * 3 * 10.5 * 4
     assert d3["achieved_bytes_s"] == pytest.approx(d3["bytes_per_step"] * d3["tok_s"] / 3)
     assert d3["bandwidth_share"] == pytest.approx(d3["achieved_bytes_s"] / 1e10)
-    # each point's wall time includes its timed runs: at least the median run and the slower one
-    assert d3["point_s"] >= 2 * 3 * 4 / d3["tok_s"] and p16["point_s"] >= 2 * p16["ttft_ms"] / 1000
+    # one timed run of 5 tokens: its 4 steps after the first token are the samples
+    assert d3["step_ms"]["n"] == 4 and d3["step_ms"]["min"] <= d3["step_ms"]["median"] <= d3["step_ms"]["p90"] <= d3["step_ms"]["max"]
+    assert d3["tok_s"] == pytest.approx(3 / (d3["step_ms"]["median"] / 1000)) and d3["tok_s_mean"] > 0
+    # each point's wall time includes its warm-up and timed runs: at least their 2 x 4 steps
+    assert d3["point_s"] >= 2 * 4 * d3["step_ms"]["min"] / 1000 and p16["point_s"] >= 2 * p16["ttft_ms"] / 1000
+    assert r["decode_runs"] == 1 and r["attention_kernels"]["eager"] == cost.EAGER_ATTENTION
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_the_step_clock_measures_a_known_step_time(tiny_model_dir, mode, monkeypatch):
+    """Every forward made 30 ms slower: each decode step must read at least 30 ms and little more
+    (the tiny model's own forward takes about a millisecond on the CPU), and there is one step per
+    token after the first, per timed run."""
+    model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
+    forward = model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.03)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow)
+    ids = torch.arange(3, 19).view(2, 8)
+    extra = {"mode": "compiled", "step": model, "cache": cost.static_cache(model, 8 + 6)} if mode == "compiled" else {}
+    with torch.no_grad():
+        steps = cost._time_steps(model, ids, 6, runs=2, pad_token_id=2, **extra)
+    assert len(steps) == 2 * 5
+    assert 0.03 <= statistics.median(steps) < 0.06, steps
+
+
+def test_the_eager_sweep_runs_on_the_attention_kernels_it_records(tiny_model_dir, monkeypatch):
+    model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
+    entered = []
+    real = cost.only_attention
+    monkeypatch.setattr(cost, "only_attention", lambda kernels: entered.append(kernels) or real(kernels))
+    r = cost.measure_speed(model, torch.arange(3, 300), device="cpu", pad_token_id=2, prompt_lengths=[16],
+                           decode_prompt_tokens=8, new_tokens=4, batch_sizes=[1], repeats=1, weight_bytes=1,
+                           eager_attention=["MATH"])
+    assert entered == [["MATH"], ["MATH"]]  # the TTFT point and the decode point
+    assert r["attention_kernels"] == {"eager": ["MATH"], "compiled": "torch's default order"}
 
 
 def test_flop_and_kv_counts_match_a_hand_count(tiny_model_dir):
