@@ -189,14 +189,14 @@ def cmd_run(args):
     # (resolving the device, the model and the tasks); the sweep stops it.
     server = forkserver.start() if config.backend == "local" else None
     try:
-        run_dir = create_run(args, config)
+        run_dir = new_run_folder(args, config)
     except BaseException:
         forkserver.stop(server)
         raise
     return execute(run_dir, config.backend, ray_address=config.ray_address, gpu=config.gpu, server=server)
 
 
-def create_run(args, config):
+def new_run_folder(args, config):
     """The run folder for `config`: the methods `--all` adds, task names checked, run.json written."""
     from quantbench import sweep
 

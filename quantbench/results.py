@@ -342,16 +342,21 @@ def _protocol_lines(run, results):
     lengths = ", ".join(str(n) for n in prompt_lengths(c))
     modes = "eager `generate`" + (" and compiled (greedy loop, static KV cache, compiled step with CUDA graphs; see the decode sweep)" if any(
         r.get("cost", {}).get("decode_compiled") for r in results) else "")
-    if "decode_runs" in c:  # since 2026-11-27: every decode step timed
-        kernels = next((r["cost"]["attention_kernels"]["eager"] for r in results
-                        if isinstance(r.get("cost", {}).get("attention_kernels"), dict)), None)
+    # Each result records the protocol it ran: every decode step timed (since 2026-11-27, `decode_runs`
+    # in its cost) or whole calls (a resumed older run may hold both).
+    stepped = [r for r in results if "decode_runs" in r.get("cost", {})]
+    whole = [r for r in results if r.get("cost", {}).get("decode") and "decode_runs" not in r["cost"]]
+    which = (lambda rs: f" ({', '.join(r['experiment'] for r in rs)})") if stepped and whole else (lambda rs: "")
+    if stepped or not whole:
+        kernels = next((r["cost"]["attention_kernels"]["eager"] for r in stepped if "attention_kernels" in r["cost"]), None)
         attention = f"; eager attention kernels: {', '.join(kernels) if isinstance(kernels, list) else kernels}" if kernels else ""
-        out.append(f"- Speed: {modes}, greedy, each point after a warm-up run; TTFT = median of {c['repeats']} runs of "
-                   f"generate 1 token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); "
+        runs = stepped[0]["cost"]["decode_runs"] if stepped else c.get("decode_runs", 1)
+        out.append(f"- Speed{which(stepped)}: {modes}, greedy, each point after a warm-up run; TTFT = median of {c['repeats']} "
+                   f"runs of generate 1 token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); "
                    f"decode tok/s = batch / median step time over the {c['new_tokens']} - 1 steps after the first token "
-                   f"of {c['decode_runs']} run(s), from {c['decode_prompt_tokens']}-token prompts{attention}.")
-    else:
-        out.append(f"- Speed: {modes}, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
+                   f"of {runs} run(s), from {c['decode_prompt_tokens']}-token prompts{attention}.")
+    if whole:
+        out.append(f"- Speed{which(whole)}: {modes}, greedy, median of {c['repeats']} runs after a warm-up; TTFT = generate 1 "
                    f"token from a prompt of {lengths} tokens at batch 1 (prefill tok/s = prompt / TTFT); decode tok/s = "
                    f"batch x ({c['new_tokens']} - 1) / (t({c['new_tokens']} tokens) - t(1 token)) from "
                    f"{c['decode_prompt_tokens']}-token prompts.")

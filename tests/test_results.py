@@ -66,3 +66,26 @@ def test_summary_names_memory_a_loaded_model_holds_beyond_its_weights(tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("- Held after loading"))
     assert "gptq-w4g32 +1072.0 MiB" in line and "fp16" not in line
     assert results.held_beyond_weights({"weight_bytes": 100, "resident_after_load_bytes": None}) is None
+
+
+def test_summary_states_the_decode_protocol_each_result_ran(tmp_path):
+    """A run resumed across the change of decode clock holds results of both protocols: each line
+    names its experiments; a run of one protocol has one line and names none."""
+    run = {"config": {"batch_sizes": [1], "prompt_lengths": [8], "repeats": 3, "new_tokens": 64, "decode_prompt_tokens": 32},
+           "environment": {}, "device": "cuda", "started": "t", "models": [{"name": "m"}],
+           "experiments": [{"id": e} for e in ["fp16", "nf4"]]}
+    results.write_json(tmp_path / "run.json", run)
+    point = {"1": {"status": "ok", "tok_s": 50.0, "achieved_bytes_s": 1e11, "kv_cache_bytes": 2**20}}
+    costs = {"fp16": {"decode": point, "decode_runs": 1, "attention_kernels": {"eager": ["FLASH_ATTENTION", "MATH"]}},
+             "nf4": {"decode": point}}
+    for name, c in costs.items():
+        results.write_json(tmp_path / f"{name}.json", {"experiment": name, "method": name, "model": {"name": "m"},
+                                                        "status": "ok", "error": None, "quality": {}, "cost": c})
+    lines = [x for x in results.summary_markdown(tmp_path).splitlines() if x.startswith("- Speed")]
+    assert len(lines) == 2
+    assert lines[0].startswith("- Speed (fp16):") and "median step time over the 64 - 1 steps" in lines[0]
+    assert "of 1 run(s)" in lines[0] and "eager attention kernels: FLASH_ATTENTION, MATH" in lines[0]
+    assert lines[1].startswith("- Speed (nf4):") and "(t(64 tokens) - t(1 token))" in lines[1]
+    (tmp_path / "nf4.json").unlink()
+    lines = [x for x in results.summary_markdown(tmp_path).splitlines() if x.startswith("- Speed")]
+    assert len(lines) == 1 and lines[0].startswith("- Speed: ")
