@@ -52,10 +52,7 @@ def main():
         cache = cost.static_cache(model, 32 + args.new_tokens) if args.mode == "compiled" else None
 
         def run(n, marks=None):
-            if args.mode == "eager":
-                cost._generate(model, ids, n, 0, marks)
-            else:
-                cost.greedy_static(model, ids, n, step=step, cache=cache, marks=marks)
+            cost.decode(model, ids, n, pad_token_id=0, mode=args.mode, step=step, cache=cache, marks=marks)
         medians, walls = [], []
         with torch.no_grad(), cost.only_attention(cost.EAGER_ATTENTION if args.mode == "eager" else None):
             run(args.new_tokens)  # warm-up: compilation, graphs, allocations

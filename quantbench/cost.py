@@ -202,19 +202,24 @@ def _time_first_token(model, input_ids, *, repeats, device, pad_token_id):
     return times
 
 
-def _time_steps(model, input_ids, new_tokens, *, runs, pad_token_id, mode="eager", step=None, cache=None):
+def decode(model, input_ids, new_tokens, *, pad_token_id, mode="eager", step=None, cache=None, marks=None):
+    """One greedy run of `new_tokens` in `mode`: eager `generate`, or compiled (`greedy_static` with
+    `step` and the static `cache`); with `marks`, one mark as each token is produced."""
+    if mode == "eager":
+        _generate(model, input_ids, new_tokens, pad_token_id, marks)
+    else:
+        greedy_static(model, input_ids, new_tokens, step=step, cache=cache, marks=marks)
+
+
+def _time_steps(model, input_ids, new_tokens, *, runs, **how):
     """Seconds of each decode step (each token after the first) over `runs` runs of `new_tokens`,
-    after one warm-up run (in compiled mode also the compilation and the CUDA graph capture)."""
-    def run(marks=None):
-        if mode == "eager":
-            _generate(model, input_ids, new_tokens, pad_token_id, marks)
-        else:
-            greedy_static(model, input_ids, new_tokens, step=step, cache=cache, marks=marks)
-    run()
+    after one warm-up run (in compiled mode also the compilation and the CUDA graph capture); `how`:
+    `decode`'s keywords."""
+    decode(model, input_ids, new_tokens, **how)
     steps = []
     for _ in range(runs):
         marks = []
-        run(marks)
+        decode(model, input_ids, new_tokens, marks=marks, **how)
         steps += seconds_between(marks)
     return steps
 
@@ -232,6 +237,11 @@ def prompt_batch(token_stream, batch, length):
     if token_stream.numel() < need:
         token_stream = token_stream.repeat(need // max(1, token_stream.numel()) + 1)
     return token_stream[:need].view(batch, length)
+
+
+def element_bytes(model):
+    """Bytes per element of the model's activations and KV cache: its float dtype's (2 otherwise)."""
+    return torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
 
 
 def _head_dim(config):
@@ -297,13 +307,13 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
     model's context is skipped with the reason."""
     config = model.config
     positions = getattr(config, "max_position_embeddings", None) or 2048
-    element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    kv_bytes = element_bytes(model)
     flops_per_token = matmul_flops_per_token(config)
     peaks, compile_error = [], None
     step = compiled_step(model, device) if "compiled" in decode_modes else None
     result = {"prefill": {}, "decode": {}, "new_tokens": new_tokens, "decode_prompt_tokens": decode_prompt_tokens,
               "repeats": repeats, "decode_runs": decode_runs, "decode_modes": list(decode_modes),
-              "kv_element_bytes": element_bytes,
+              "kv_element_bytes": kv_bytes,
               "attention_kernels": {"eager": eager_attention or "torch's default order", "compiled": "torch's default order"}}
     if "compiled" in decode_modes:
         result["decode_compiled"] = {}
@@ -327,7 +337,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
         result["prefill"][str(p)] = _point(device, prefill)
 
     for mode, b in [(m, b) for m in decode_modes for b in batch_sizes]:
-        def decode(b=b, mode=mode):
+        def decode_point(b=b, mode=mode):
             if device == "cuda":  # this point's own peak; the sweep's peak is kept in `peaks`
                 peaks.append(torch.cuda.max_memory_allocated())
             reset_peak(device)
@@ -341,8 +351,8 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
             if statistics.median(steps) <= 0:
                 return {"status": "not measurable", "error": "the decode steps took no measurable time"}
             tok_s = b / statistics.median(steps)
-            kv = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens, element_bytes)
-            kv_read = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens / 2, element_bytes)
+            kv = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens, kv_bytes)
+            kv_read = kv_cache_bytes(config, b, decode_prompt_tokens + new_tokens / 2, kv_bytes)
             step_ms = [t * 1000 for t in steps]
             point = {"status": "ok", "tok_s": tok_s, "tok_s_mean": b / statistics.fmean(steps),
                      "step_ms": _spread(step_ms, p90=True),
@@ -361,7 +371,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
             result[key][str(b)] = {"status": "failed", "error": compile_error}
             continue
         try:
-            result[key][str(b)] = _point(device, decode)
+            result[key][str(b)] = _point(device, decode_point)
         except Exception as e:  # noqa: BLE001 - a kernel torch.compile cannot trace: say so, keep the rest
             if mode != "compiled":
                 raise

@@ -146,7 +146,7 @@ def measure_quality(model, tokenizer, text, corpus, run, result, save):
                                                  "n": scores[x["name"]]["n"], "limit": config["limit"],
                                                  "max_length": max_length, "batch_size": batch,
                                                  "max_gen_toks": generation_bound(x["name"], config["max_gen_toks"]),
-                                                 "attention_kernels": cost.EAGER_ATTENTION or "torch's default order"}
+                                                 "attention_kernels": cost.EAGER_ATTENTION}
     _phase(result, "tasks", t, save)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
-from quantbench.cost import EAGER_ATTENTION, kv_cache_bytes, only_attention
+from quantbench.cost import EAGER_ATTENTION, element_bytes, kv_cache_bytes, only_attention
 from quantbench.results import atomic_folder
 from quantbench.tasks import generation_bound
 
@@ -89,9 +89,8 @@ def eval_batch_start(model, max_length, free_bytes=None):
     before 207 fit; started here, 206 fit at once."""
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    element_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
-    per_sequence = max_length * (3 * model.config.vocab_size * element_bytes
-                                 + kv_cache_bytes(model.config, 1, 1, element_bytes))
+    size = element_bytes(model)
+    per_sequence = max_length * (3 * model.config.vocab_size * size + kv_cache_bytes(model.config, 1, 1, size))
     return max(EVAL_MIN_START, min(EVAL_MAX_BATCH, int(0.9 * free_bytes // per_sequence)))
 
 

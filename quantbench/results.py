@@ -346,7 +346,9 @@ def _protocol_lines(run, results):
     # in its cost) or whole calls (a resumed older run may hold both).
     stepped = [r for r in results if "decode_runs" in r.get("cost", {})]
     whole = [r for r in results if r.get("cost", {}).get("decode") and "decode_runs" not in r["cost"]]
-    which = (lambda rs: f" ({', '.join(r['experiment'] for r in rs)})") if stepped and whole else (lambda rs: "")
+
+    def which(rs):  # name the experiments only where the run holds both protocols
+        return f" ({', '.join(r['experiment'] for r in rs)})" if stepped and whole else ""
     if stepped or not whole:
         kernels = next((r["cost"]["attention_kernels"]["eager"] for r in stepped if "attention_kernels" in r["cost"]), None)
         attention = f"; eager attention kernels: {', '.join(kernels) if isinstance(kernels, list) else kernels}" if kernels else ""

@@ -242,18 +242,15 @@ def execute(run_dir, server=None):
     done = len(run["experiments"]) - len(todo)
     interrupted = False
     try:
-        # The experiments' server imports while a GPU's rates are measured; on a CPU its imports would
-        # take a core from the matmul rate being measured, so there they are done first.
-        on_gpu = run["device"] == "cuda"
-        if todo and on_gpu and server is None:
+        if todo and server is None:
             server = forkserver.start()
         if todo and "device_rates" not in run:
-            if server and not on_gpu:
+            # The server imports while a GPU's rates are measured; on a CPU its imports would take a
+            # core from the matmul rate being measured, so there they are waited for first.
+            if run["device"] != "cuda":
                 forkserver.ready(server)
             run["device_rates"] = measure_device_rates(run["device"])
             write_json(run_dir / "run.json", run)
-        if todo and server is None:
-            server = forkserver.start()
         for i, exp in enumerate(todo, done + 1):
             label = f"[{i}/{len(run['experiments'])}] {exp['id']} ({exp['method']} on {exp['model']})"
             if _skip_unrunnable(run_dir, exp, run):
