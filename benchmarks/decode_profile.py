@@ -8,18 +8,29 @@ kernel time and the kernels of a decode step, against the time the weights take 
   plain            the model compiled (reduce-overhead: CUDA graphs) without tuning: quantbench's
                    loop before 2026-11-27 (663 tok/s on an H200)
   quantbench       cost.greedy_static with cost.compiled_step, what `--decode-mode compiled` runs:
-                   the same with inductor's coordinate-descent tuning (gpt-fast's setting)
+                   the same with inductor's coordinate-descent tuning (gpt-fast's setting) and,
+                   on Hopper, programmatic dependent launch (cost.compiled_settings)
   autotune         mode max-autotune (matmul templates benchmarked at compile time), tuned
   eager-attention  quantbench's step with transformers' eager attention (matmul and softmax, which
                    inductor compiles with the rest) in place of SDPA (a cuDNN kernel on Hopper)
-                   (on an H200 on 2026-11-27: 834.7 tok/s against 796.5, 212 kernels a step against 228)
+                   (on an H200 on 2026-11-27: 834.7 tok/s against 796.5, 212 kernels a step against 228;
+                   on an H100 the same day, without PDL: 677.4 against 760.5)
   fused-mlp        quantbench's step on the model with each layer's gate and up projections in one
                    concatenated weight (one matrix-vector product instead of two, as
                    serving engines do); its greedy tokens are compared with the unfused model's
                    (on an H200 on 2026-11-27: 838.0 tok/s against 834.2 unfused, no real gain)
   freezing         quantbench's step compiled with inductor's freezing (weights as constants: its
-                   passes may concatenate the products that share an input, q/k/v and gate/up);
-                   its compiled greedy tokens are compared with the eager model's
+                   passes may concatenate the products that share an input, q/k/v and gate/up)
+                   (on an H200 on 2026-11-27: 602.4 tok/s against 824.2, no product concatenated)
+  no-pdl           quantbench's step without programmatic dependent launch (Hopper: each Triton
+                   kernel may start while the one before it finishes), as it ran before the tenth
+                   session (on an H100 on 2026-11-27: 760.5 tok/s against 817.2 with it)
+  combo            quantbench's step with inductor's combo kernels (independent kernels, such as
+                   the products of q, k and v from one input, launched as one)
+                   (on an H100 on 2026-11-27, without PDL: 701.6 tok/s against 760.5, 151 kernels a step)
+  a+b              parts joined: eager-attention+no-pdl is both changes at once
+Each variant's compiled step is checked against its own model run eager: greedy tokens, and the
+logits of every step with the eager greedy tokens fed in turn (cost.forced_logits).
 Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt
 (left-padded rows, as lm-eval's batches) and --gen-tokens new tokens: plain; with lm-eval's
 stop-sequence criteria (which decode the batch's last tokens on the host every step); with a new
@@ -117,26 +128,36 @@ def part1(args, rates):
     heaviest_lines, changed = [], {"eager-attention", "fused-mlp"}  # the variants that change the model
     cache_len = args.prompt + max(args.new_tokens, 17)
     variants = args.variants.split(",")
-    if (changed | {"freezing"}) & set(variants):
+    if any(changed & set(name.split("+")) for name in variants):
         with torch.no_grad():  # the unchanged model's greedy tokens, which a changed model should repeat
             reference = cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cost.static_cache(model, cache_len))
     for name in variants:
+        parts = set(name.split("+"))  # e.g. eager-attention+no-pdl: both changes at once
+        unknown = parts - {"plain", "quantbench", "autotune", "freezing", "no-pdl", "combo"} - changed
+        if unknown:
+            raise SystemExit(f"unknown variant part(s) {sorted(unknown)} in {name!r}")
         torch._dynamo.reset()
-        torch._inductor.config.coordinate_descent_tuning = name != "plain"
-        torch._inductor.config.freezing = name == "freezing"
+        inductor = torch._inductor.config
+        inductor.coordinate_descent_tuning = "plain" not in parts
+        inductor.freezing = "freezing" in parts
+        inductor.combo_kernels = "combo" in parts
+        inductor.triton.enable_pdl = False  # plain and autotune: without it; compiled_step sets its own
         cache = cost.static_cache(model, cache_len)
-        model.set_attn_implementation("eager" if name == "eager-attention" else "sdpa")
-        if name == "fused-mlp":  # fused in place: the variants after it run on the fused model
-            model = fuse_mlp(model)
+        model.set_attn_implementation("eager" if "eager-attention" in parts else "sdpa")
+        if "fused-mlp" in parts:  # fused in place: the variants after it run on the fused model
+            model = fuse_mlp(model) if not hasattr(model.model.layers[0].mlp, "gate_up") else model
             torch.cuda.empty_cache()
-        if name in changed:
-            with torch.no_grad():
-                same = torch.equal(cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache), reference)
+        with torch.no_grad():  # this variant's model run eager: what its compiled step should repeat
+            own = cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache)
+        if parts & changed:
+            same = torch.equal(own, reference)
             print(f"({name}: eager greedy tokens {'equal' if same else 'DIFFER from'} the unchanged model's)")
-        if name in ("quantbench", "freezing", *changed):  # exactly what --decode-mode compiled runs
+        if not parts & {"plain", "autotune"}:  # quantbench's step (what --decode-mode compiled runs), changed
             step = cost.compiled_step(model, "cuda")
+            if "no-pdl" in parts:  # inductor reads it when it compiles, at the first call
+                inductor.triton.enable_pdl = False
         else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
-            step = torch.compile(model, mode="max-autotune" if name == "autotune" else "reduce-overhead", dynamic=False)
+            step = torch.compile(model, mode="max-autotune" if "autotune" in parts else "reduce-overhead", dynamic=False)
 
         def run(n):
             return cost.greedy_static(model, ids, n, step=step, cache=cache)
@@ -148,9 +169,12 @@ def part1(args, rates):
             t_n, t_1 = timed(lambda: run(args.new_tokens)), timed(lambda: run(1))
             per_step = (t_n - t_1) / (args.new_tokens - 1)
             gpu_ms, kernels, heaviest = kernel_time_per_step(run, 16, top=args.top_kernels)
-            if name == "freezing":
-                same = torch.equal(run(args.new_tokens), reference)
-                print(f"(freezing: compiled greedy tokens {'equal' if same else 'DIFFER from'} the eager model's)")
+            same = torch.equal(run(args.new_tokens), own)
+            eager_logits = cost.forced_logits(model, ids, own, step=model, cache=cache)
+            diff = (cost.forced_logits(model, ids, own, step=step, cache=cache) - eager_logits).abs()
+            print(f"({name}: compiled greedy tokens {'equal' if same else 'DIFFER from'} its eager model's; "
+                  f"logits with its eager tokens fed, {len(diff)} steps: max |compiled - eager| {diff.max():.4f}, "
+                  f"largest |logit| {eager_logits.abs().max():.2f})")
         share = weights / per_step / rates["copy_bytes_s"]
         print(f"| {name} | {first:.1f} | {args.batch / per_step:.1f} | {per_step * 1000:.3f} | {gpu_ms:.3f} | "
               f"{kernels:.0f} | {100 * share:.1f} |", flush=True)
@@ -214,7 +238,9 @@ def main():
                    help="also: autotune (mode max-autotune: Triton matmul templates tried, minutes to compile), "
                         "eager-attention (transformers' eager attention in place of SDPA), "
                         "fused-mlp (gate and up projections in one weight; put it last), "
-                        "freezing (inductor's freezing: constant weights, concatenated products)")
+                        "freezing (inductor's freezing: constant weights, concatenated products), "
+                        "no-pdl (without programmatic dependent launch), combo (inductor's combo kernels: independent kernels, "
+                        "such as q/k/v's products, in one launch); join parts with + (eager-attention+no-pdl)")
     p.add_argument("--top-kernels", type=int, default=8, help="list each variant's heaviest kernels (0: none)")
     p.add_argument("--gen-arch", default="smollm2-135m", help="'' to skip part 2")
     p.add_argument("--gen-batch", type=int, default=64)

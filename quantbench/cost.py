@@ -136,18 +136,51 @@ def greedy_static(model, input_ids, new_tokens, *, step, cache, marks=None):
     return torch.cat(out, dim=1)
 
 
-def compiled_step(model, device):
-    """The decoding step of compiled mode: the model compiled for static shapes with CUDA graphs on
-    a GPU, with inductor's coordinate-descent tuning of its kernels (gpt-fast's setting; on an H200,
-    Llama-3.2-1B's shapes in float16 at batch 1: 1.51 -> 1.21 ms a step, benchmarks/decode_profile.py);
-    on the CPU the model itself (recorded as not compiled). Each experiment is its own process, so
-    the inductor setting stays within it."""
+def forced_logits(model, input_ids, tokens, *, step, cache):
+    """The logits of each decode step when `tokens` [batch, n] are fed in turn after the eager prefill
+    of `input_ids` (teacher forcing): [n - 1, batch, vocab] in float32. With the same `tokens`, the
+    compiled step's logits can be compared with the eager model's step by step, where greedy tokens
+    would part at the first near tie and compare nothing after it."""
+    cache.reset()
+    model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = []
+    for i in range(tokens.shape[1] - 1):
+        if input_ids.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(input_ids=tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        out.append(logits.to(torch.float32, copy=True))  # a copy: the next graph replay overwrites its output
+    return torch.stack(out)
+
+
+def compiled_settings(device):
+    """What compiled mode sets on a GPU (recorded in each result; None on the CPU, where the step is
+    not compiled):
+    - torch.compile mode "reduce-overhead" (CUDA graphs), static shapes;
+    - inductor's coordinate-descent tuning of its kernels (gpt-fast's setting; with it inductor also
+      turns a batch-1 matrix product into a reduction it can fuse and tune). On an H200,
+      Llama-3.2-1B's shapes in float16 at batch 1: 1.51 -> 1.21 ms a step;
+    - on Hopper and later (compute capability 9+), programmatic dependent launch: each Triton kernel
+      may start, and read what does not depend on the kernel before it (the weights), while that
+      kernel finishes, and waits for its results before reading them. On an H100 on 2026-11-27,
+      Llama-3.2-1B float16 at batch 1: 1.315 -> 1.224 ms a step (benchmarks/decode_profile.py)."""
     if device != "cuda":
+        return None
+    return {"mode": "reduce-overhead", "dynamic": False, "coordinate_descent_tuning": True,
+            "programmatic_dependent_launch": torch.cuda.get_device_capability()[0] >= 9}
+
+
+def compiled_step(model, device):
+    """The decoding step of compiled mode: on a GPU the model compiled with `compiled_settings`; on
+    the CPU the model itself (recorded as not compiled). Each experiment is its own process, so the
+    inductor settings stay within it."""
+    settings = compiled_settings(device)
+    if settings is None:
         return model
     from torch._inductor import config as inductor
 
-    inductor.coordinate_descent_tuning = True
-    return torch.compile(model, mode="reduce-overhead", dynamic=False)
+    inductor.coordinate_descent_tuning = settings["coordinate_descent_tuning"]
+    inductor.triton.enable_pdl = settings["programmatic_dependent_launch"]
+    return torch.compile(model, mode=settings["mode"], dynamic=settings["dynamic"])
 
 
 def static_cache(model, length):
@@ -316,7 +349,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
               "kv_element_bytes": kv_bytes,
               "attention_kernels": {"eager": eager_attention or "torch's default order", "compiled": "torch's default order"}}
     if "compiled" in decode_modes:
-        result["decode_compiled"] = {}
+        result["decode_compiled"], result["compiled_settings"] = {}, compiled_settings(device)
 
     for p in prompt_lengths:
         if p + 1 > positions:

@@ -156,7 +156,20 @@ def test_compiled_mode_uses_a_static_cache_and_says_whether_it_compiled(tiny_mod
     point = r["decode_compiled"]["2"]
     assert point["status"] == "ok" and point["tok_s"] > 0 and r["decode_modes"] == ["eager", "compiled"]
     assert point["compiled"] is False and "GPUs only" in point["why_not_compiled"]
+    assert r["compiled_settings"] is None  # nothing compiled, nothing set
     assert r["decode_tok_s"]["2"] == r["decode"]["2"]["tok_s"]  # the summary's columns stay eager
+
+
+def test_forced_logits_are_the_logits_of_a_full_forward_over_the_fed_tokens(tiny_model_dir):
+    """Teacher forcing through the static cache gives, at each step, the last position's logits of
+    one plain forward over the prompt and the tokens fed so far (an independent computation)."""
+    model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
+    ids, tokens = torch.arange(3, 15).view(1, 12), torch.tensor([[40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        got = cost.forced_logits(model, ids, tokens, step=model, cache=cost.static_cache(model, 20))
+        want = [model(torch.cat([ids, tokens[:, :i + 1]], dim=1)).logits[:, -1].float() for i in range(4)]
+    assert got.shape == (4, 1, model.config.vocab_size)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["fp16", "nf4"])
@@ -196,6 +209,35 @@ def test_the_compiled_loop_decodes_the_same_tokens_as_generate_on_the_gpu(tiny_m
         step, cache = cost.compiled_step(model, "cuda"), cost.static_cache(model, 32)
         for _ in range(3):  # compilation, CUDA graph capture, replay
             assert torch.equal(cost.greedy_static(model, ids, 20, step=step, cache=cache), want)
+
+
+@pytest.mark.gpu
+def test_the_compiled_step_computes_the_eager_logits_on_llama_3_2_1b_shapes():
+    """Llama-3.2-1B's shapes (two of its layers, random weights) in float32: every step's logits of
+    the compiled step (tuned kernels and, on Hopper, programmatic dependent launch, under which a
+    kernel that read before its predecessor's results were written would show) against the eager
+    model's, the same tokens fed. float32, so that a summation order cannot move a logit by more
+    than a rounding error."""
+    from transformers import AutoModelForCausalLM
+
+    from quantbench import models
+
+    config = models.arch_config("llama-3.2-1b")
+    config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 16), device="cuda")
+    cache = cost.static_cache(model, 16 + 24)
+    with torch.no_grad():
+        tokens = cost.greedy_static(model, ids, 24, step=model, cache=cache)
+        want = cost.forced_logits(model, ids, tokens, step=model, cache=cache)
+        step = cost.compiled_step(model, "cuda")
+        for _ in range(3):  # compilation, CUDA graph capture, replay
+            got = cost.forced_logits(model, ids, tokens, step=step, cache=cache)
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()
+    settings = cost.compiled_settings("cuda")
+    assert settings["programmatic_dependent_launch"] == (torch.cuda.get_device_capability()[0] >= 9)
 
 
 @pytest.mark.gpu
