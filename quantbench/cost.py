@@ -376,6 +376,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
             reset_peak(device)
             ids = prompt_batch(token_stream, b, decode_prompt_tokens).to(model.device)
             if mode == "compiled":
+                breaks = graph_breaks()
                 steps = _time_steps(model, ids, new_tokens, runs=decode_runs, pad_token_id=pad_token_id, mode=mode,
                                     step=step, cache=static_cache(model, decode_prompt_tokens + new_tokens))
             else:
@@ -397,7 +398,7 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
                 peak = torch.cuda.max_memory_allocated()
                 point.update({"peak_bytes": peak, "other_bytes": peak - weight_bytes - kv})
             if mode == "compiled":
-                point.update(_compiled_state(model, device))
+                point.update(_compiled_state(model, device, graph_breaks(since=breaks)))
             return point
         key = "decode" if mode == "eager" else f"decode_{mode}"
         if mode == "compiled" and compile_error:
@@ -422,15 +423,43 @@ def measure_speed(model, token_stream, *, device, pad_token_id, prompt_lengths, 
     return result
 
 
-def _compiled_state(model, device):
-    """Whether compiled mode compiled the step, and what transformers' own `generate` would do."""
+def graph_breaks(since=None):
+    """torch.compile's graph breaks so far in this process ({reason: count}, counted when dynamo
+    traces); with `since` (an earlier call's value), those met after it. A break splits the
+    compiled step into graphs with Python between them: each part is compiled, but the step is no
+    longer one graph (bitsandbytes' LLM.int8 breaks it in its linear layers, traced on the CPU: its
+    outlier split has a data-dependent shape)."""
+    from collections import Counter
+
+    from torch._dynamo.utils import counters
+
+    now = Counter(counters["graph_break"])
+    return now - since if since is not None else now
+
+
+def _break_reason(text):
+    """A graph break's reason on one line: its first line and dynamo's explanation, if it gives one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or ["(no reason given)"]
+    explanation = next((line.removeprefix("Explanation:").strip() for line in lines if line.startswith("Explanation:")), "")
+    return f"{lines[0]}: {explanation}" if explanation else lines[0]
+
+
+def _compiled_state(model, device, breaks=None):
+    """Whether compiled mode compiled the step, its graph breaks while compiling this point (`breaks`,
+    from graph_breaks: count and the reasons, most frequent first), and what transformers' own
+    `generate` would do."""
     if device != "cuda":
         return {"compiled": False, "why_not_compiled": "compiled on GPUs only (CUDA graphs); static KV cache, eager step"}
+    state = {"compiled": True}
+    if breaks is not None:
+        state["graph_breaks"] = sum(breaks.values())
+        if breaks:
+            state["graph_break_reasons"] = [f"{n} x {_break_reason(r)}" for r, n in breaks.most_common(3)]
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and not quantizer.is_compileable:
-        return {"compiled": True, "note": f"transformers' generate would not compile this quantization "
-                                          f"({type(quantizer).__name__}.is_compileable is False)"}
-    return {"compiled": True}
+        state["note"] = (f"transformers' generate would not compile this quantization "
+                         f"({type(quantizer).__name__}.is_compileable is False)")
+    return state
 
 
 def device_rates(device):

@@ -261,15 +261,28 @@ def _decode_cell(c, b):
     return cell + (f" ({share:.{0 if share >= 10 else 1}f}% BW)" if share else "")
 
 
+def _compiled_words(settings):
+    """What compiled mode set (cost.compiled_settings), in words; older results recorded none."""
+    if not settings:
+        return " with CUDA graphs"
+    return (f": torch.compile mode {settings['mode']} (CUDA graphs), static shapes"
+            + (", inductor's coordinate-descent tuning" if settings.get("coordinate_descent_tuning") else "")
+            + (", programmatic dependent launch" if settings.get("programmatic_dependent_launch") else ""))
+
+
 def _sweep_lines(results):
     """The speed sweep point by point: decode (batch sizes) and prefill (prompt lengths)."""
-    decode, prefill = [], []
+    decode, prefill, breaks = [], [], {}
     for r in results:
         c = r.get("cost", {})
         for mode, points in [("eager", c.get("decode", {})), ("compiled", c.get("decode_compiled", {}))]:
             for b, p in points.items():
                 label = mode if p.get("compiled", mode == "eager") else f"static cache, not compiled: {p.get('why_not_compiled')}"
-                label += " (generate would not compile it)" if p.get("note") else ""
+                said = (["generate would not compile it"] if p.get("note") else []) + \
+                    ([f"{p['graph_breaks']} graph breaks"] if p.get("graph_breaks") else [])
+                label += f" ({'; '.join(said)})" if said else ""
+                if p.get("graph_break_reasons"):
+                    breaks.setdefault(r["experiment"], p["graph_break_reasons"][0])
                 if p.get("status") != "ok":
                     why = f": {p['error']}" if p.get("error") else ""
                     decode.append(f"| {r['experiment']} | {mode} | {b} | {p.get('status')}{why} | - | - | - | - |")
@@ -287,6 +300,8 @@ def _sweep_lines(results):
     if decode:
         out += ["## Decode sweep", "", "| experiment | mode | batch | tok/s | achieved GB/s | % of copy bandwidth | KV cache MiB | peak MiB |",
                 "|---|---|---|---|---|---|---|---|", *decode, ""]
+        out += [f"- Graph breaks in {name}'s compiled step (Python runs between its graphs): {why}" for name, why in breaks.items()]
+        out += [""] if breaks else []
     if prefill:
         out += ["## Prefill sweep (batch 1)", "", "| experiment | prompt tokens | TTFT ms | prefill tok/s | % of matmul rate |",
                 "|---|---|---|---|---|", *prefill, ""]
@@ -340,8 +355,9 @@ def _protocol_lines(run, results):
                    "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
     lengths = ", ".join(str(n) for n in prompt_lengths(c))
-    modes = "eager `generate`" + (" and compiled (greedy loop, static KV cache, compiled step with CUDA graphs; see the decode sweep)" if any(
-        r.get("cost", {}).get("decode_compiled") for r in results) else "")
+    settings = next((r["cost"]["compiled_settings"] for r in results if r.get("cost", {}).get("compiled_settings")), None)
+    modes = "eager `generate`" + (f" and compiled (greedy loop, static KV cache, compiled step{_compiled_words(settings)}; "
+                                  "see the decode sweep)" if any(r.get("cost", {}).get("decode_compiled") for r in results) else "")
     # Each result records the protocol it ran: every decode step timed (since 2026-11-27, `decode_runs`
     # in its cost) or whole calls (a resumed older run may hold both).
     stepped = [r for r in results if "decode_runs" in r.get("cost", {})]

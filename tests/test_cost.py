@@ -160,6 +160,30 @@ def test_compiled_mode_uses_a_static_cache_and_says_whether_it_compiled(tiny_mod
     assert r["decode_tok_s"]["2"] == r["decode"]["2"]["tok_s"]  # the summary's columns stay eager
 
 
+def test_graph_breaks_name_llm_int8s_data_dependent_split(tiny_model_dir):
+    """bitsandbytes' LLM.int8 (on the CPU, as bitsandbytes 0.50 runs it) traced by torch.compile:
+    its outlier split has a data-dependent shape, so dynamo breaks the graph and counts why; an
+    fp16 model compiles whole. (Traced with dynamo's eager backend: the breaks are dynamo's, the
+    backend is not involved.)"""
+    pytest.importorskip("bitsandbytes")
+    from collections import Counter
+
+    ids = torch.arange(3, 11).view(1, 8)
+    found = {}
+    for method in ["fp16", "int8"]:
+        model, _ = methods.METHODS[method]["load"](tiny_model_dir, device="cpu")
+        torch._dynamo.reset()
+        before = cost.graph_breaks()
+        with torch.no_grad():
+            torch.compile(model, backend="eager", dynamic=False)(input_ids=ids)
+        found[method] = cost.graph_breaks(since=before)
+    assert found["fp16"] == Counter()
+    state = cost._compiled_state(model, "cuda", found["int8"])  # what a compiled point records
+    assert state["graph_breaks"] == sum(found["int8"].values()) > 0
+    assert "bitsandbytes" in state["graph_break_reasons"][0] and "depends on input Tensor data" in state["graph_break_reasons"][0]
+    assert "would not compile" in state["note"]
+
+
 def test_forced_logits_are_the_logits_of_a_full_forward_over_the_fed_tokens(tiny_model_dir):
     """Teacher forcing through the static cache gives, at each step, the last position's logits of
     one plain forward over the prompt and the tokens fed so far (an independent computation)."""
@@ -250,6 +274,8 @@ def test_compiled_mode_compiles_a_bitsandbytes_model_or_says_why(tiny_model_dir,
     point = r["decode_compiled"]["1"]
     assert (point["status"] == "ok" and point["compiled"] is True and "would not compile" in point["note"]) or \
         (point["status"] == "failed" and point["error"].startswith("compiled decode failed")), point
+    if method == "int8" and point["status"] == "ok":  # LLM.int8's outlier split breaks the graph, on the CPU too
+        assert point["graph_breaks"] > 0 and "bitsandbytes" in point["graph_break_reasons"][0], point
 
 
 def test_a_compiled_mode_that_fails_is_recorded_and_the_eager_points_stand(tiny_model_dir, monkeypatch):

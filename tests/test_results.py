@@ -89,3 +89,29 @@ def test_summary_states_the_decode_protocol_each_result_ran(tmp_path):
     (tmp_path / "nf4.json").unlink()
     lines = [x for x in results.summary_markdown(tmp_path).splitlines() if x.startswith("- Speed")]
     assert len(lines) == 1 and lines[0].startswith("- Speed: ")
+
+
+def test_summary_says_how_compiled_mode_ran_and_where_its_step_broke(tmp_path):
+    """The compiled settings in the protocol line; a compiled step with graph breaks says how many
+    in its row and why under the table (the reason as cost records it, from dynamo)."""
+    run = {"config": {"batch_sizes": [1], "prompt_lengths": [8], "repeats": 3, "new_tokens": 64, "decode_prompt_tokens": 32},
+           "environment": {}, "device": "cuda", "started": "t", "models": [{"name": "m"}],
+           "experiments": [{"id": e} for e in ["fp16", "int8"]]}
+    results.write_json(tmp_path / "run.json", run)
+    point = {"status": "ok", "tok_s": 50.0, "achieved_bytes_s": 1e11, "kv_cache_bytes": 2**20, "compiled": True}
+    broken = {**point, "graph_breaks": 29, "note": "transformers' generate would not compile this quantization",
+              "graph_break_reasons": ["25 x Dynamic shape operator: Operator `bitsandbytes.int8_vectorwise_quant.default`'s "
+                                      "output shape depends on input Tensor data."]}
+    settings = {"mode": "reduce-overhead", "dynamic": False, "coordinate_descent_tuning": True,
+                "programmatic_dependent_launch": True}
+    for name, p in [("fp16", {**point, "graph_breaks": 0}), ("int8", broken)]:
+        results.write_json(tmp_path / f"{name}.json", {
+            "experiment": name, "method": name, "model": {"name": "m"}, "status": "ok", "error": None, "quality": {},
+            "cost": {"decode": {"1": point}, "decode_compiled": {"1": p}, "decode_runs": 1, "compiled_settings": settings}})
+    text = results.summary_markdown(tmp_path)
+    assert ("compiled step: torch.compile mode reduce-overhead (CUDA graphs), static shapes, inductor's "
+            "coordinate-descent tuning, programmatic dependent launch;") in text
+    assert "| fp16 | compiled | 1 |" in text
+    assert "| int8 | compiled (generate would not compile it; 29 graph breaks) | 1 |" in text
+    assert ("- Graph breaks in int8's compiled step (Python runs between its graphs): 25 x Dynamic shape operator: "
+            "Operator `bitsandbytes.int8_vectorwise_quant.default`'s output shape depends on input Tensor data.") in text
