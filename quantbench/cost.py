@@ -444,17 +444,15 @@ def _break_reason(text):
     return f"{lines[0]}: {explanation}" if explanation else lines[0]
 
 
-def _compiled_state(model, device, breaks=None):
+def _compiled_state(model, device, breaks):
     """Whether compiled mode compiled the step, its graph breaks while compiling this point (`breaks`,
     from graph_breaks: count and the reasons, most frequent first), and what transformers' own
     `generate` would do."""
     if device != "cuda":
         return {"compiled": False, "why_not_compiled": "compiled on GPUs only (CUDA graphs); static KV cache, eager step"}
-    state = {"compiled": True}
-    if breaks is not None:
-        state["graph_breaks"] = sum(breaks.values())
-        if breaks:
-            state["graph_break_reasons"] = [f"{n} x {_break_reason(r)}" for r, n in breaks.most_common(3)]
+    state = {"compiled": True, "graph_breaks": sum(breaks.values())}
+    if breaks:
+        state["graph_break_reasons"] = [f"{n} x {_break_reason(r)}" for r, n in breaks.most_common(3)]
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and not quantizer.is_compileable:
         state["note"] = (f"transformers' generate would not compile this quantization "
