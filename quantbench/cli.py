@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from quantbench import forkserver
-from quantbench.config import (BACKEND_CHOICES, DECODE_MODE_CHOICES, DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
+from quantbench.config import (BACKEND_CHOICES, COMPUTE_DTYPE_CHOICES, DECODE_MODE_CHOICES, DEFAULT_METHODS, SUITES, ConfigError, RunConfig, load_sweep_file, make_experiment,
                                parse_tasks, validate)
 from quantbench.methods import ALIASES, METHODS, why_not_runnable
 from quantbench.models import ModelError, cache_folder
@@ -68,6 +68,8 @@ def build_parser():
     r.add_argument("--resume", help="a run folder to finish")
     r.add_argument("--config", help="a YAML or TOML sweep file")
     r.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    r.add_argument("--compute-dtype", choices=COMPUTE_DTYPE_CHOICES, help="what the baseline and every method "
+                   "whose recipe does not fix its dtype compute in (default: each model's checkpoint dtype)")
     r.add_argument("--backend", choices=BACKEND_CHOICES, help="where experiments run: here (local, default), on a Ray "
                    "cluster (ray: one experiment per GPU), or on Modal's cloud GPUs (modal); results land here either way")
     r.add_argument("--ray-address", help="an existing Ray cluster (default $RAY_ADDRESS, else a local one is started)")
@@ -105,7 +107,7 @@ def build_parser():
     return p
 
 
-FLAG_FIELDS = ["limit", "data_dir", "out", "device", "cache_dir", "trust_remote_code", "eval_batch_size",
+FLAG_FIELDS = ["limit", "data_dir", "out", "device", "compute_dtype", "cache_dir", "trust_remote_code", "eval_batch_size",
                "max_length", "max_gen_toks", "ppl_tokens", "ppl_window", "kld_tokens", "kld_ctx", "prompt_lengths", "new_tokens",
                "batch_sizes", "decode_mode", "repeats", "decode_runs", "calibration", "calibration_samples", "calibration_tokens",
                "backend", "ray_address", "gpu"]
@@ -210,8 +212,8 @@ def new_run_folder(args, config):
         have = {e["name"] for e in config.experiments}
         device = device or sweep.resolve_device(config.device)
         here = config.backend == "local"  # elsewhere, a missing library is found (and recorded as skipped) on the worker
-        config.experiments += [make_experiment(n) for n in METHODS
-                               if n not in have and why_not_runnable(n, device, libraries=here) is None]
+        config.experiments += [make_experiment(n) for n in METHODS  # the baselines by name, not `baseline`
+                               if n not in have and n != "baseline" and why_not_runnable(n, device, libraries=here) is None]
     if config.tasks and not set(config.tasks) <= set(LOCAL_TASKS):  # quantbench's own names need no index
         from quantbench.tasks import known_task_names
 

@@ -48,6 +48,9 @@ class RunConfig:
     cache_dir: str | None = None
     device: str = "auto"                     # auto, cuda, cpu
     trust_remote_code: bool = False
+    # What the baseline and every method whose recipe does not fix its dtype compute in; None: each
+    # model's checkpoint dtype (config.json), as transformers' dtype="auto" loads it.
+    compute_dtype: str | None = None
     # HFLM batch size for lm-eval, or "auto": on a GPU lm-eval's own detection (from what its probe
     # fits in free memory, EVAL_MIN_START to EVAL_MAX_BATCH, 0.9x on each out-of-memory), on the CPU EVAL_CPU_BATCH.
     eval_batch_size: int | str = "auto"
@@ -89,6 +92,7 @@ SUITES = {
 
 
 DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
+COMPUTE_DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 BACKEND_CHOICES = ["local", "ray", "modal"]
 
 
@@ -114,7 +118,9 @@ def decode_modes(choice):
 POSITIVE_INTS = ["limit", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
                  "decode_prompt_tokens", "new_tokens", "repeats", "decode_runs", "calibration_samples",
                  "calibration_tokens"]
-DEFAULT_METHODS = ["fp16", "nf4", "fp4"]
+# The course project's comparison: the float baseline, bitsandbytes NF4 and FP4, GPTQ and AWQ (each
+# that cannot run here is skipped with its reason: AWQ needs CUDA, group 128 does not tile every model).
+DEFAULT_METHODS = ["baseline", "nf4", "fp4", "gptq-w4g128", "awq-w4g128"]
 
 
 def make_experiment(entry, where=""):
@@ -138,6 +144,9 @@ def make_experiment(entry, where=""):
             raise ConfigError(f"{where}method '{method}' has no setting '{key}'; its settings: "
                               + ", ".join(f"{k} (default {v!r})" for k, v in allowed.items()))
         default = allowed[key]
+        if key in ("compute_dtype", "dtype") and value not in (*COMPUTE_DTYPE_CHOICES, "auto"):
+            raise ConfigError(f"{where}setting '{key}' of '{method}' must be one of "
+                              f"{', '.join(COMPUTE_DTYPE_CHOICES)} or auto, got {value!r}")
         if default is not None and not isinstance(value, type(default)) and \
                 not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
             raise ConfigError(f"{where}setting '{key}' of '{method}' must be {type(default).__name__}, got {value!r}")
@@ -173,6 +182,8 @@ def validate(config):
         raise ConfigError(f"--decode-mode must be one of {', '.join(DECODE_MODE_CHOICES)}, got {config.decode_mode!r}")
     if config.suite is not None and config.suite not in SUITES:
         raise ConfigError(f"--suite must be one of {', '.join(SUITES)}, got {config.suite!r}")
+    if config.compute_dtype is not None and config.compute_dtype not in COMPUTE_DTYPE_CHOICES:
+        raise ConfigError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPE_CHOICES)}, got {config.compute_dtype!r}")
     if config.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"--device must be auto, cuda or cpu, got {config.device!r}")
     if config.backend not in BACKEND_CHOICES:
@@ -219,7 +230,7 @@ def _toml_lines(text):
 
 
 FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
-             "device", "trust_remote_code", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
+             "device", "trust_remote_code", "compute_dtype", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
              "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_lengths", "decode_prompt_tokens", "new_tokens", "batch_sizes", "decode_mode", "repeats",
              "decode_runs", "all", "calibration", "calibration_samples", "calibration_tokens", "suite", "backend", "ray_address", "gpu"}
 

@@ -45,8 +45,35 @@ def library_version(dist):
         return None
 
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def _dtype(name):
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    return DTYPES[name]
+
+
+def checkpoint_dtype(path):
+    """(dtype name, where it was read) of a float checkpoint: its config.json's `dtype` (or the older
+    `torch_dtype`), else the first floating tensor of its weights, as transformers' dtype="auto" reads it."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) in DTYPES:
+            return config[key], f"config.json {key}"
+    from safetensors import safe_open
+
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                kind = f.get_slice(key).get_dtype()
+                if kind in names:
+                    return names[kind], "the weights (config.json names no dtype)"
+    return "float32", "transformers' default (neither config.json nor the weights name a float dtype)"
+
+
+def _auto(dtype, path):
+    """A method's compute dtype: "auto" is the checkpoint's own (a run passes its resolved dtype instead)."""
+    return checkpoint_dtype(path)[0] if dtype == "auto" else dtype
 
 
 def _linear_classes(model):
@@ -55,12 +82,22 @@ def _linear_classes(model):
     return sorted(names)
 
 
-def load_float(path, *, device, dtype="float16", trust_remote_code=False):
+def unquantized_linears(model):
+    """The linear layers a quantizer left in float (a plain weight), the output head aside:
+    {'count', 'of', 'names' (the first 10)}."""
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if "Linear" in type(m).__name__ and m is not head]
+    plain = [n for n, m in linears if type(m) is torch.nn.Linear and type(m.weight) in (torch.Tensor, torch.nn.Parameter)
+             and m.weight.dtype.is_floating_point]
+    return {"count": len(plain), "of": len(linears), "names": plain[:10]}
+
+
+def load_float(path, *, device, dtype="auto", trust_remote_code=False):
     """The unquantized baseline. On the CPU, float16 matmuls are slow or missing, so a float16
     request runs in float32 there, and the info says so."""
     from transformers import AutoModelForCausalLM
 
-    used = dtype
+    used = dtype = _auto(dtype, path)
     note = None
     if device == "cpu" and dtype == "float16":
         used = "float32"
@@ -74,11 +111,13 @@ def load_float(path, *, device, dtype="float16", trust_remote_code=False):
     return model, info
 
 
-def load_bnb_4bit(path, *, device, quant_type="nf4", double_quant=True, compute_dtype="float16",
+def load_bnb_4bit(path, *, device, quant_type="nf4", double_quant=True, compute_dtype="auto",
                   trust_remote_code=False):
     """bitsandbytes 4-bit (NF4 or FP4), blocksize 64, as `BitsAndBytesConfig(load_in_4bit=True)`."""
     _require("bitsandbytes", "bnb")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = _auto(compute_dtype, path)
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                 bnb_4bit_use_double_quant=double_quant,
@@ -93,16 +132,17 @@ def load_bnb_4bit(path, *, device, quant_type="nf4", double_quant=True, compute_
     return model, info
 
 
-def load_bnb_int8(path, *, device, threshold=6.0, trust_remote_code=False):
-    """bitsandbytes LLM.int8(): int8 weights, outlier features above `threshold` kept in fp16."""
+def load_bnb_int8(path, *, device, threshold=6.0, compute_dtype="auto", trust_remote_code=False):
+    """bitsandbytes LLM.int8(): int8 weights, outlier features above `threshold` kept in the compute dtype."""
     _require("bitsandbytes", "bnb")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    compute_dtype = _auto(compute_dtype, path)
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map=device,
-                                                 dtype=torch.float16,
+                                                 dtype=_dtype(compute_dtype),
                                                  trust_remote_code=trust_remote_code)
-    info = {"weight_dtype": "int8", "compute_dtype": "float16", "outlier_threshold": threshold,
+    info = {"weight_dtype": "int8", "compute_dtype": compute_dtype, "outlier_threshold": threshold,
             "library": "bitsandbytes", "library_version": library_version("bitsandbytes"),
             "linear_classes": _linear_classes(model)}
     return model, info
@@ -115,7 +155,7 @@ def _save_tokenizer(src, dst):
 
 
 def quantize_gptq(src, dst, *, device, calibration, bits=4, group_size=128, desc_act=True, sym=True,
-                  damp_percent=0.1, trust_remote_code=False):
+                  damp_percent=0.1, dtype="auto", trust_remote_code=False):
     """GPTQ through transformers' GPTQConfig (optimum drives GPTQModel's quantizer), saved to dst."""
     _require("gptqmodel", "gptq")
     _require("optimum", "gptq")
@@ -125,7 +165,7 @@ def quantize_gptq(src, dst, *, device, calibration, bits=4, group_size=128, desc
     config = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
                         dataset=calibration, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map=device,
-                                                 dtype=torch.float16, trust_remote_code=trust_remote_code)
+                                                 dtype=_dtype(_auto(dtype, src)), trust_remote_code=trust_remote_code)
     model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
 
@@ -159,7 +199,7 @@ def _torchao_config(scheme, group_size):
 
 
 def quantize_torchao(src, dst, *, device, calibration=None, scheme="int8wo", group_size=128,
-                     dtype="bfloat16", trust_remote_code=False):
+                     dtype="auto", trust_remote_code=False):
     """torchao through transformers' TorchAoConfig, saved as safetensors to dst."""
     _require("torchao", "torchao")
     if scheme == "int4wo" and device != "cuda":
@@ -169,13 +209,13 @@ def quantize_torchao(src, dst, *, device, calibration=None, scheme="int8wo", gro
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=TorchAoConfig(_torchao_config(scheme, group_size)),
-                                                 device_map=device, dtype=_dtype(dtype),
+                                                 device_map=device, dtype=_dtype(_auto(dtype, src)),
                                                  trust_remote_code=trust_remote_code)
     model.save_pretrained(dst)
     _save_tokenizer(src, dst)
 
 
-def quantize_hqq(src, dst, *, device, calibration=None, bits=4, group_size=64, compute_dtype="float16",
+def quantize_hqq(src, dst, *, device, calibration=None, bits=4, group_size=64, compute_dtype="auto",
                  trust_remote_code=False):
     """HQQ (calibration-free) through the hqq library's own Hugging Face helper, saved to dst.
     transformers 5's HqqConfig cannot load (its new loader raises 'HQQ is not available yet')."""
@@ -184,6 +224,7 @@ def quantize_hqq(src, dst, *, device, calibration=None, bits=4, group_size=64, c
     from hqq.models.hf.base import AutoHQQHFModel
     from transformers import AutoModelForCausalLM
 
+    compute_dtype = _auto(compute_dtype, src)
     if device == "cpu" and compute_dtype == "float16":
         compute_dtype = "float32"  # no float16 matmul on the CPU
     model = AutoModelForCausalLM.from_pretrained(src, dtype=_dtype(compute_dtype), trust_remote_code=trust_remote_code)
@@ -267,12 +308,15 @@ BNB = ("bitsandbytes",)
 GPTQ = ("gptqmodel", "optimum")
 # bitsandbytes quantizes in blocks of 64 weights (its fixed 4-bit blocksize); the double-quant
 # variants also quantize those blocks' absmax scales to 8 bits. Methods with `quantize` are
-# quantized once into the cache and measured after a reload, as deployed.
+# quantized once into the cache and measured after a reload, as deployed. A dtype of "auto" is the
+# run's compute dtype: the checkpoint's own unless --compute-dtype says otherwise (experiment.py).
 METHODS = {
+    "baseline": _method(load_float, "baseline", 16, about="unquantized, in the checkpoint's own dtype: fp16, bf16 or fp32 (--compute-dtype overrides)"),
     "fp16": _method(partial(load_float, dtype="float16"), "baseline", 16, about="unquantized float16 (float32 on the CPU)"),
     "bf16": _method(partial(load_float, dtype="bfloat16"), "baseline", 16, about="unquantized bfloat16"),
-    "nf4": _method(partial(load_bnb_4bit, quant_type="nf4"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, fp16 compute"),
-    "fp4": _method(partial(load_bnb_4bit, quant_type="fp4"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, fp16 compute"),
+    "fp32": _method(partial(load_float, dtype="float32"), "baseline", 32, about="unquantized float32"),
+    "nf4": _method(partial(load_bnb_4bit, quant_type="nf4"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, compute in the run's dtype"),
+    "fp4": _method(partial(load_bnb_4bit, quant_type="fp4"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, compute in the run's dtype"),
     "nf4-nodq": _method(partial(load_bnb_4bit, quant_type="nf4", double_quant=False), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4 without double quant (ablation)"),
     "nf4-bf16": _method(partial(load_bnb_4bit, quant_type="nf4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="NF4, double quant, bf16 compute (ablation)"),
     "fp4-bf16": _method(partial(load_bnb_4bit, quant_type="fp4", compute_dtype="bfloat16"), "bitsandbytes", 4, 64, extra="bnb", modules=BNB, about="FP4, double quant, bf16 compute (ablation)"),
@@ -282,14 +326,16 @@ METHODS = {
     "gptq-w3g128": _method(load_gptq, "gptq", 3, 128, calibration=True, extra="gptq", modules=GPTQ, about="GPTQ 3-bit, group 128 (GPTQModel's torch kernel)", quantize=partial(quantize_gptq, bits=3, group_size=128)),
     "awq-w4g128": _method(load_saved, "awq", 4, 128, calibration=True, gpu=True, extra="gptq", modules=("gptqmodel",), about="AWQ 4-bit, zero point, GEMM format (GPTQModel; its AWQ quantizer needs CUDA)", quantize=partial(quantize_awq, bits=4, group_size=128)),
     "torchao-int8wo": _method(load_saved, "torchao", 8, None, extra="torchao", modules=("torchao",), about="int8 weight-only, per row", quantize=partial(quantize_torchao, scheme="int8wo")),
-    "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm)", quantize=partial(quantize_torchao, scheme="int4wo")),
+    # bfloat16 always: the tinygemm kernel behind this packing takes bfloat16 only.
+    "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm), bf16 compute", quantize=partial(quantize_torchao, scheme="int4wo", dtype="bfloat16")),
     "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8")),
     "hqq-w4g64": _method(load_hqq, "hqq", 4, 64, extra="hqq", modules=("hqq",), about="HQQ 4-bit, group 64, no calibration", quantize=partial(quantize_hqq, bits=4, group_size=64)),
 }
 
 # Methods whose results are the reference: deltas and the KL divergence are measured against a
-# model's first experiment with one of these.
-BASELINE_METHODS = ("fp16", "bf16")
+# model's first experiment with one of these. `baseline` becomes one of them per model (BASELINE_OF).
+BASELINE_METHODS = ("fp16", "bf16", "fp32")
+BASELINE_OF = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 # The course project's experiment names, so its configs and habits still work.
 ALIASES = {
@@ -332,6 +378,32 @@ def method_settings(name):
         if p.kind == p.KEYWORD_ONLY and p.name not in ("device", "trust_remote_code", "calibration"):
             settings[p.name] = fixed.get(p.name, p.default)
     return settings
+
+
+def dtype_setting(name):
+    """The setting that holds a method's compute dtype ('compute_dtype' or 'dtype'), or None."""
+    return next((k for k in ("compute_dtype", "dtype") if k in method_settings(name)), None)
+
+
+def bfloat16_variants(name):
+    """The methods that are `name` with bfloat16 compute (nf4 -> nf4-bf16, fp16 -> bf16)."""
+    key, mine = dtype_setting(name), method_settings(name)
+    return [n for n in METHODS if key and n != name and METHODS[n]["family"] == METHODS[name]["family"]
+            and method_settings(n) == {**mine, key: "bfloat16"}]
+
+
+def group_size_problem(model_path, method, group_size):
+    """Why `method`'s groups cannot tile the model's layers (GPTQ/AWQ/HQQ need a group size that
+    divides each layer's input width), or None."""
+    if not group_size:
+        return None
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size"):
+        width = config.get(key)
+        if isinstance(width, int) and width % group_size:
+            return (f"group size {group_size} does not divide the model's {key} {width}, so "
+                    f"{method} cannot quantize its layers; use a group size that divides {width}")
+    return None
 
 
 def why_not_runnable(name, device, libraries=True):

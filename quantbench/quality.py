@@ -21,11 +21,54 @@ from tqdm.auto import tqdm
 
 from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
 from quantbench.cost import EAGER_ATTENTION, element_bytes, kv_cache_bytes, only_attention
-from quantbench.results import atomic_folder
+from quantbench.results import atomic_folder, write_json
 from quantbench.tasks import generation_bound
 
 SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
+
+
+class NonFinite(Exception):
+    """A quality phase met NaN or infinite logits or numbers: the experiment fails with this reason,
+    and nothing it measured is ranked or compared. `phase`, `dtype` (the compute dtype) and the
+    count of non-finite positions out of all say where."""
+
+    def __init__(self, phase, what, dtype, nonfinite=None, positions=None):
+        super().__init__(f"{phase}: {what}, computing in {dtype}")
+        self.phase, self.dtype, self.nonfinite, self.positions = phase, dtype, nonfinite, positions
+
+
+@contextlib.contextmanager
+def finite_logits(model, phase, dtype):
+    """Raise NonFinite when the block ends if any forward of `model` in it gave logits holding a NaN
+    or an infinity, with how many positions (a sequence's token) did. Counted on the device from the
+    minimum and maximum over the vocabulary (NaN propagates through both; no mask as large as the
+    logits, no host synchronisation per forward)."""
+    seen = {"positions": 0, "nonfinite": 0}
+
+    def hook(module, args, output):
+        logits = getattr(output, "logits", None)
+        if isinstance(logits, torch.Tensor) and logits.numel():
+            low, high = logits.detach().aminmax(dim=-1)
+            seen["positions"] += low.numel()
+            seen["nonfinite"] = seen["nonfinite"] + (~(torch.isfinite(low) & torch.isfinite(high))).sum()
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    bad = int(seen["nonfinite"])
+    if bad:
+        raise NonFinite(phase, f"non-finite logits (NaN or infinite) at {bad} of {seen['positions']} positions",
+                        dtype, nonfinite=bad, positions=seen["positions"])
+
+
+def check_finite(phase, numbers, dtype):
+    """Raise NonFinite if any of `numbers` ({name: value}) is a NaN or an infinity."""
+    bad = [k for k, v in numbers.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFinite(phase, ", ".join(f"{k} is {numbers[k]}" for k in bad), dtype)
 
 
 def without_lm_eval_env_report():
@@ -72,7 +115,10 @@ def _flatten_metrics(task_results):
             continue
         metric, filt = key.split(",", 1)
         name = metric if filt == "none" else f"{metric}/{filt}"
-        out[name] = None if isinstance(value, float) and math.isnan(value) else value
+        # A NaN metric stays, for the phase's check to fail on; a NaN standard error is one lm-eval
+        # could not compute (a single document).
+        undefined = name.endswith("_stderr") and isinstance(value, float) and math.isnan(value)
+        out[name] = None if undefined else value
     return out
 
 
@@ -215,11 +261,12 @@ def _scored_logprobs(model, chunks, batch_size):
                logp.gather(-1, target.unsqueeze(-1)).flatten())
 
 
-def write_reference(model, chunks, folder, *, adds_bos, batch_size=1, about=None):
+def write_reference(model, chunks, folder, *, adds_bos, dtype, batch_size=1, about=None):
     """Write the baseline's scored log-probabilities into `folder` (made atomically); returns its info."""
     n_ctx = chunks.shape[1]
     per_chunk = n_ctx - 1 - n_ctx // 2
-    with atomic_folder(folder) as tmp:
+    # The logits' check ends before the folder is moved into place: a non-finite reference is never kept.
+    with atomic_folder(folder) as tmp, finite_logits(model, "kld reference", dtype):
         logprobs, top1, lp_target, row = None, [], [], 0
         for logp, top, lpt in tqdm(_scored_logprobs(model, chunks, batch_size), desc="kld reference",
                                    total=-(-len(chunks) // batch_size), leave=False):
@@ -238,7 +285,7 @@ def write_reference(model, chunks, folder, *, adds_bos, batch_size=1, about=None
                 "scored": f"positions {n_ctx // 2}..{n_ctx - 2} of each chunk predict the next token",
                 "storage": "log-probabilities as float16 (2 bytes x vocabulary per scored token)",
                 "bytes": sum((tmp / f).stat().st_size for f in REFERENCE_FILES[:2]), **(about or {})}
-        (tmp / "reference.json").write_text(json.dumps(info, indent=1))
+        write_json(tmp / "reference.json", info)
     return info
 
 

@@ -24,13 +24,33 @@ LIBRARIES = ["torch", "transformers", "accelerate", "bitsandbytes", "lm_eval", "
 
 
 def write_json(path, data):
-    """Write JSON so that a reader never sees half a file: a temp file in the same folder, renamed."""
+    """Write JSON so that a reader never sees half a file: a temp file in the same folder, renamed.
+    Strict JSON: a NaN or infinity is written as null (see finite)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
+        json.dump(finite(data), f, indent=1, default=str, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def finite(data):
+    """`data` with every NaN or infinity replaced by null, which JSON has (its NaN and Infinity
+    tokens are not JSON: strict parsers, jq and JSON.parse reject them); in a dict the key
+    `<key>_nonfinite` beside it says what the value was. The measurements that produce such a value
+    fail their experiment with the reason (quality.NonFinite); this keeps the file readable anyway."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out[k] = finite(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                out[f"{k}_nonfinite"] = str(v)
+        return out
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
 
 
 @contextmanager
@@ -195,6 +215,8 @@ def summary_markdown(run_dir):
     docs = {r["experiment"]: documents(run_dir, r) for r in results}  # each file read once
     rows = []
     for r in results:
+        if r["status"] != "ok":  # listed below with the reason: its numbers are not compared
+            continue
         base = baseline(results, r["model"]["name"])
         q, c = r.get("quality", {}), r.get("cost", {})
         ppl = q.get("perplexity")
@@ -240,6 +262,9 @@ def summary_markdown(run_dir):
         for r in problems:
             error, fix = problem(r, run_dir)
             lines.append(f"- **{r['experiment']}** {r['status']}: {error}." + (f" Fix: {fix}" if fix else ""))
+    complaints = _quantizer_lines(results)
+    if complaints:
+        lines += ["", "## What the quantizers reported", ""] + complaints
     skipped_tasks = {(t, i["reason"], i.get("fix")) for r in results
                      for t, i in r.get("quality_info", {}).items() if i.get("status") == "skipped"}
     if skipped_tasks:
@@ -249,6 +274,27 @@ def summary_markdown(run_dir):
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (finish with `quantbench run --resume {run_dir}`)."]
     return "\n".join(lines) + "\n"
+
+
+def _quantizer_lines(results):
+    """Per experiment: the warnings and errors its quantization library gave (counted, the first few
+    shown) and the linear layers it left in float."""
+    out = []
+    for r in results:
+        said = (r.get("quantization") or {}).get("messages") or {}
+        left = (r.get("backend") or {}).get("unquantized_linears") or {}
+        parts = []
+        if said.get("warnings") or said.get("errors"):
+            parts.append(f"{said['errors']} error(s) and {said['warnings']} warning(s) while quantizing"
+                         + ("" if (r.get("quantization") or {}).get("at_load") is None else " (at load)") + ": "
+                         + "; ".join(f"{m['level']} {m['message'].rstrip('.')}" + (f" (x{m['count']})" if m["count"] > 1 else "")
+                                     for m in said["messages"][:3]))
+        if left.get("count"):
+            parts.append(f"{left['count']} of {left['of']} linear layers left unquantized ({', '.join(left['names'][:3])}"
+                         + (", ..." if left["count"] > 3 else "") + ")")
+        if parts:
+            out.append(f"- **{r['experiment']}**: " + "; ".join(parts) + ".")
+    return out
 
 
 def _decode_cell(c, b):
@@ -386,6 +432,9 @@ def _protocol_lines(run, results):
                    "FLOPs = 2 x linear weights x prompt + causal attention, over TTFT.")
     elif rates.get("error"):
         out.append(f"- Roofline: the device's rates could not be measured: {rates['error']}")
+    dtypes = [f"{r['experiment']} {r['compute_dtype']} ({r['compute_dtype_why']})" for r in results if r.get("compute_dtype")]
+    if dtypes:
+        out.append("- Compute dtype: " + "; ".join(dtypes) + ".")
     cal = next((r["quantization"]["calibration"] for r in results if (r.get("quantization") or {}).get("calibration")), None)
     if cal:
         out.append(f"- Calibration (GPTQ/AWQ): {cal['samples']} samples of {cal['tokens_per_sample']} tokens from "

@@ -24,12 +24,13 @@ from pathlib import Path
 
 from quantbench import forkserver
 from quantbench.config import SUITES
-from quantbench.methods import BASELINE_METHODS, why_not_runnable
+from quantbench.methods import BASELINE_METHODS, BASELINE_OF, METHODS, checkpoint_dtype, group_size_problem, why_not_runnable
 from quantbench.models import model_slug, resolve_model
 from quantbench.results import environment, read_json, summary_markdown, write_json
 from quantbench.tasks import hub_reachable, resolve_task
 
 FINISHED = ("ok", "skipped")
+RUN_FORMAT = 2  # run.json's format: 2 records each model's compute dtype
 
 
 class RunError(Exception):
@@ -90,20 +91,37 @@ def create_run(config, cache_dir, device=None):
     tasks = [resolve_task(t, data_dir=config.data_dir, hub=hub, task_dir=run_dir / "tasks") for t in names]
     experiments = []
     for m in models:
+        m["dtype"], m["dtype_from"] = checkpoint_dtype(m["path"])
+        m["compute_dtype"] = config.compute_dtype or m["dtype"]
+        m["compute_dtype_why"] = (f"--compute-dtype {config.compute_dtype}" if config.compute_dtype else
+                                  f"the checkpoint's dtype ({m['dtype_from']}: {m['dtype']})")
         mine = []
-        for e in config.experiments:
+        for e in map(for_model, config.experiments, [m] * len(config.experiments)):
+            if any(x["name"] == e["name"] for x in mine):  # baseline on a float16 model beside fp16
+                continue
             exp_id = e["name"] if len(models) == 1 else f"{model_slug(m['name'])}--{e['name']}"
             mine.append({"id": exp_id, "model": m["name"], **e})
-        # The model's first fp16/bf16 experiment is the baseline whose next-token distributions the
-        # others are compared with (the KL divergence): it runs first.
-        reference = next((e for e in mine if e["method"] in BASELINE_METHODS), None)
+        # The baseline whose next-token distributions the others are compared with (the KL divergence)
+        # runs first: the float method of the model's compute dtype, else the first float method.
+        reference = next((e for e in mine if e["method"] == BASELINE_OF[m["compute_dtype"]]),
+                         next((e for e in mine if e["method"] in BASELINE_METHODS), None))
         m["reference_experiment"] = reference and reference["id"]
         experiments += sorted(mine, key=lambda e: e is not reference)
-    run = {"quantbench_run": 1, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None,
+    run = {"quantbench_run": RUN_FORMAT, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None,
            "status": "running", "device": device, "hub_reachable": hub, "cache_dir": str(cache_dir), "config": dataclasses.asdict(config),
            "environment": environment(), "models": models, "tasks": tasks, "experiments": experiments}
     write_json(run_dir / "run.json", run)
     return run_dir
+
+
+def for_model(exp, model):
+    """The experiment as it runs on `model`: `baseline` becomes the float method of the model's compute
+    dtype (fp16, bf16 or fp32), named so unless the experiment has a name of its own."""
+    if exp["method"] != "baseline":
+        return exp
+    method = BASELINE_OF[model["compute_dtype"]]
+    name = method if exp["name"] == "baseline" else exp["name"]
+    return {**exp, "name": name, "method": method, "baseline_from": model["compute_dtype_why"]}
 
 
 def check_resumable(run_dir):
@@ -119,8 +137,11 @@ def check_resumable(run_dir):
         run = read_json(path)
     except ValueError as e:
         raise RunError(f"--resume {run_dir}: run.json is corrupt ({e}); start a new run instead") from None
-    if not isinstance(run, dict) or run.get("quantbench_run") != 1 or "experiments" not in run:
+    if not isinstance(run, dict) or "quantbench_run" not in run or "experiments" not in run:
         raise RunError(f"--resume {run_dir}: run.json was not written by quantbench; start a new run instead")
+    if run["quantbench_run"] != RUN_FORMAT:
+        raise RunError(f"--resume {run_dir}: its run.json is format {run['quantbench_run']}, this quantbench writes "
+                       f"format {RUN_FORMAT}; start a new run instead")
     for m in run["models"]:
         if not Path(m["path"]).exists():
             raise RunError(f"--resume {run_dir}: the model checkpoint {m['path']} is gone; run it again from scratch")
@@ -192,11 +213,18 @@ def run_child(run_dir, exp, run, server=None):
 
 
 def _skip_unrunnable(run_dir, exp, run):
-    problem = why_not_runnable(exp["method"], run["device"])
-    if problem is None:
+    """Record `exp` as skipped, before its process starts, when it cannot run here: a group size that does
+    not tile the model (first: installing a library would not help), a GPU it needs, a missing library."""
+    model = next(m for m in run["models"] if m["name"] == exp["model"])
+    group = exp["settings"].get("group_size", METHODS[exp["method"]]["group_size"])
+    shape = group_size_problem(model["path"], exp["method"], group)
+    problems = [p for p in [shape and (shape, "pick another method for this model"),
+                            why_not_runnable(exp["method"], run["device"])] if p]
+    if not problems:
         return False
-    write_json(run_dir / f"{exp['id']}.json", {**empty_result(run, exp), "status": "skipped", "error": problem[0],
-                                                "fix": problem[1], "finished": now()})
+    write_json(run_dir / f"{exp['id']}.json", {**empty_result(run, exp), "status": "skipped",
+                                                "error": "; and ".join(p[0] for p in problems),
+                                                "fix": "; ".join(p[1] for p in problems), "finished": now()})
     return True
 
 

@@ -23,12 +23,11 @@ def shared_data():
     return path
 
 
-def build_tiny_model(path, hidden=64, intermediate=128):
-    """A 2-layer Llama (hidden 64 unless asked) and a 400-token BPE tokenizer trained on Python's pydoc topics."""
-    import torch
+def tiny_tokenizer():
+    """A 400-token BPE tokenizer trained on Python's pydoc topics (nothing downloaded)."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,15 +35,28 @@ def build_tiny_model(path, hidden=64, intermediate=128):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(topics.values()), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="</s>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+
+
+def build_tiny_model(path, hidden=64, intermediate=128, model_type="llama", dtype="float16", scale=None):
+    """A 2-layer random-weight model (a Llama with hidden 64 unless asked) saved in `dtype`, with the
+    tiny tokenizer; `scale(model)` may change its weights before it is saved."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                                  max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float16)
-    model.save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if scale:
+        with torch.no_grad():
+            scale(model)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -58,6 +70,19 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_wide_model_dir(tmp_path_factory):
     """Widths that group size 128 and the GPU kernels' tiles divide (256 and 512), for GPU methods."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-wide-llama"), hidden=256, intermediate=512)
+
+
+def _overflow_float16(model):
+    # Gemma's residual stream is known to pass float16's range; here the first layer's MLP output norm
+    # (a weight float16 can hold) lifts the hidden state to about 9e4, past float16's 65504.
+    model.model.layers[0].post_feedforward_layernorm.weight.fill_(3e4)
+
+
+@pytest.fixture(scope="session")
+def tiny_overflow_model_dir(tmp_path_factory):
+    """A bfloat16 Gemma 3 checkpoint whose activations overflow float16 (finite in bfloat16 and float32)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3-bf16"), model_type="gemma3_text", dtype="bfloat16",
+                            scale=_overflow_float16)
 
 
 # Settings that keep a CPU run of the tiny model to seconds.

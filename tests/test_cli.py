@@ -92,6 +92,11 @@ def test_bad_config_file_names_the_line(tmp_path):
     assert_one_line_error(quantbench("run", "--config", str(f)), "sweep.yaml:2", "unknown key 'limits'")
 
 
+def test_bad_compute_dtype(out):
+    r = quantbench("run", "--compute-dtype", "fp8", "--out", str(out))
+    assert r.returncode == 2 and "--compute-dtype" in r.stderr and "float16" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_missing_data_dir(out):
     assert_one_line_error(quantbench("run", "--data-dir", "/no/such/dir", "--out", str(out)), "--data-dir")
 
@@ -99,6 +104,6 @@ def test_missing_data_dir(out):
 def test_methods_lists_every_method_and_whether_it_runs_here():
     r = quantbench("methods")
     assert r.returncode == 0
-    for name in ["fp16", "nf4", "fp4", "int8", "nf4-nodq", "nf4-bf16", "bnb_4bit_nf4 = nf4"]:
+    for name in ["baseline", "fp16", "nf4", "fp4", "int8", "nf4-nodq", "nf4-bf16", "bnb_4bit_nf4 = nf4"]:
         assert name in r.stdout
     assert "runs here (cpu)" in r.stdout and "quantbench[bnb]" in r.stdout

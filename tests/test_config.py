@@ -38,6 +38,8 @@ def test_toml_sweep_file(tmp_path):
     ("methods:\n  - fp16\n  - gptq-w9\n", 3, "unknown method 'gptq-w9'"),
     ("methods:\n  - {method: nf4, double_quant: 'no'}\n", 2, "must be bool"),
     ("batch_sizes: [1, -8]\n", 1, "batch-sizes"),
+    ("methods:\n  - {method: nf4, compute_dtype: half}\n", 2, "must be one of float16, bfloat16, float32 or auto"),
+    ("methods: [nf4]\ncompute_dtype: fp8\n", 2, "--compute-dtype must be one of float16, bfloat16, float32"),
 ])
 def test_bad_yaml_names_the_line(tmp_path, text, line, words):
     f = tmp_path / "bad.yaml"

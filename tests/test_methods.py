@@ -22,9 +22,9 @@ def test_unknown_method_lists_the_known_ones():
 
 def test_every_method_has_its_table_fields_and_settings():
     for name, m in methods.METHODS.items():
-        assert callable(m["load"]) and m["family"] and m["bits"] in (3, 4, 8, 16), name
+        assert callable(m["load"]) and m["family"] and m["bits"] in (3, 4, 8, 16, 32), name
         assert isinstance(methods.method_settings(name), dict)
-    assert methods.method_settings("nf4") == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float16"}
+    assert methods.method_settings("nf4") == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
     assert methods.method_settings("nf4-nodq")["double_quant"] is False
 
 
@@ -127,7 +127,7 @@ def test_quantized_method_table_fields():
     assert m["calibration"] and not m["gpu"] and m["group_size"] == 128 and m["extra"] == "gptq"
     assert methods.METHODS["awq-w4g128"]["gpu"]  # GPTQModel 7.6: "AWQ: CUDA is not available" on the CPU
     assert methods.method_settings("gptq-w3g128") == {"bits": 3, "group_size": 128, "desc_act": True, "sym": True,
-                                                      "damp_percent": 0.1}
+                                                      "damp_percent": 0.1, "dtype": "auto"}
     assert methods.resolve_method_name("awq_4bit_g128") == "awq-w4g128"
     assert not methods.METHODS["hqq-w4g64"]["calibration"] and not methods.METHODS["hqq-w4g64"]["gpu"]
 
@@ -202,3 +202,38 @@ def test_gptq_runs_on_the_cpu_and_is_really_quantized(name, bits, kernel, tolera
     assert "TorchLinear" in other_info["linear_classes"] and other_info["backend"] == "gptq_torch"
     error = ((_logits(other) - _logits(model)).norm() / _logits(model).norm()).item()
     assert error < 1e-2, error
+
+
+def test_the_compute_dtype_follows_the_checkpoint(tiny_model_dir, tiny_overflow_model_dir, tmp_path):
+    import json
+
+    assert methods.checkpoint_dtype(tiny_model_dir) == ("float16", "config.json dtype")
+    assert methods.checkpoint_dtype(tiny_overflow_model_dir) == ("bfloat16", "config.json dtype")
+    # No dtype in config.json: the weights say, as transformers' dtype="auto" reads them.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for f in tiny_overflow_model_dir.glob("*.safetensors"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    assert methods.checkpoint_dtype(tmp_path) == ("bfloat16", "the weights (config.json names no dtype)")
+
+    model, info = methods.METHODS["nf4"]["load"](str(tiny_overflow_model_dir), device="cpu")  # compute_dtype auto
+    assert info["compute_dtype"] == "bfloat16"
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
+    model, info = methods.METHODS["baseline"]["load"](str(tiny_overflow_model_dir), device="cpu")
+    assert info["compute_dtype"] == "bfloat16" and next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_bfloat16_variants_and_the_dtype_setting():
+    assert methods.bfloat16_variants("nf4") == ["nf4-bf16"] and methods.bfloat16_variants("fp4") == ["fp4-bf16"]
+    assert methods.bfloat16_variants("fp16") == ["bf16"] and methods.bfloat16_variants("baseline") == ["bf16"]
+    assert methods.bfloat16_variants("int8") == []
+    assert methods.dtype_setting("nf4") == "compute_dtype" and methods.dtype_setting("gptq-w4g32") == "dtype"
+    assert methods.dtype_setting("awq-w4g128") is None  # GPTQModel's AWQ loader picks it
+    assert methods.method_settings("torchao-int4wo")["dtype"] == "bfloat16"  # tinygemm takes bfloat16 only
+
+
+def test_layers_a_quantizer_left_in_float_are_counted(tiny_model_dir):
+    model, _ = methods.METHODS["nf4"]["load"](tiny_model_dir, device="cpu")
+    assert methods.unquantized_linears(model) == {"count": 0, "of": 14, "names": []}  # lm_head is not counted
+    model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
+    left = methods.unquantized_linears(model)
+    assert left["count"] == left["of"] == 14 and left["names"][0] == "model.layers.0.self_attn.q_proj"

@@ -96,7 +96,7 @@ def _kld_setup(tiny, tmp_path, n_ctx=32, chunks=4):
     model, tokenizer = tiny
     text = tasks.perplexity_corpus(None, hub=False)[0]
     ids, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=n_ctx, max_tokens=n_ctx * chunks + 5)
-    info = quality.write_reference(model, ids, tmp_path / "ref", adds_bos=adds_bos, batch_size=3,
+    info = quality.write_reference(model, ids, tmp_path / "ref", adds_bos=adds_bos, dtype="float32", batch_size=3,
                                    about={"experiment": "fp16"})
     return ids, info
 
@@ -174,3 +174,34 @@ def test_lm_eval_runs_every_local_task_on_tiny_model(tiny, shared_data, tmp_path
         # per-document values for the paired deltas, also where the task names no aggregation (boolq's acc)
         assert len(docs[n]["acc"]) == 3 and sum(docs[n]["acc"]) / 3 == scores[n]["acc"], (n, docs[n])
     assert scores["squad_v1"]["n"] == 3 and 0 <= scores["squad_v1"]["f1"] <= 1
+
+
+def test_non_finite_logits_fail_the_phase_with_where_and_the_dtype(tiny_overflow_model_dir, tmp_path):
+    """The overflow model: float16 activations pass 65504, so every scored position is NaN; in bfloat16
+    the same phases give finite numbers, and no reference is kept from the float16 model."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_overflow_model_dir)
+    text = tasks.perplexity_corpus(None, hub=False)[0]
+    fp16 = AutoModelForCausalLM.from_pretrained(tiny_overflow_model_dir, dtype=torch.float16).eval()
+    with pytest.raises(quality.NonFinite) as e:
+        with quality.finite_logits(fp16, "perplexity", "float16"):
+            quality.perplexity(fp16, tokenizer, text, window=64, max_tokens=64 * 3, batch_size=2)
+    assert (e.value.phase, e.value.dtype, e.value.nonfinite, e.value.positions) == ("perplexity", "float16", 192, 192)
+    assert str(e.value) == "perplexity: non-finite logits (NaN or infinite) at 192 of 192 positions, computing in float16"
+
+    chunks, bos = quality.kld_chunks(tokenizer, text, n_ctx=64, max_tokens=128)
+    with pytest.raises(quality.NonFinite, match="kld reference"):
+        quality.write_reference(fp16, chunks, tmp_path / "ref", adds_bos=bos, dtype="float16")
+    assert not (tmp_path / "ref").exists() and not list(tmp_path.iterdir())  # nothing half-written kept
+
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_overflow_model_dir, dtype=torch.bfloat16).eval()
+    with quality.finite_logits(bf16, "perplexity", "bfloat16"):
+        got = quality.perplexity(bf16, tokenizer, text, window=64, max_tokens=64 * 3)
+    assert math.isfinite(got["perplexity"])
+    quality.write_reference(bf16, chunks, tmp_path / "ref", adds_bos=bos, dtype="bfloat16")
+    assert (tmp_path / "ref" / "reference.json").exists()
+
+
+def test_a_non_finite_result_fails_its_phase():
+    quality.check_finite("kld", {"kld_mean": 0.1, "tokens": 5, "kld_mean_stderr": None}, "bfloat16")
+    with pytest.raises(quality.NonFinite, match=r"^tasks \(arc_easy\): acc is nan, computing in float16$"):
+        quality.check_finite("tasks (arc_easy)", {"acc": float("nan"), "n": 4}, "float16")

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -115,3 +116,47 @@ def test_summary_says_how_compiled_mode_ran_and_where_its_step_broke(tmp_path):
     assert "| int8 | compiled (generate would not compile it; 29 graph breaks) | 1 |" in text
     assert ("- Graph breaks in int8's compiled step (Python runs between its graphs): 25 x Dynamic shape operator: "
             "Operator `bitsandbytes.int8_vectorwise_quant.default`'s output shape depends on input Tensor data.") in text
+
+
+def _strict(text):
+    """Python's json with NaN, Infinity and -Infinity refused, as jq and JSON.parse refuse them."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_number_is_written_as_null_beside_what_it_was(tmp_path):
+    results.write_json(tmp_path / "r.json", {"quality": {"perplexity": float("nan"), "kld": {"kld_max": float("inf")}},
+                                             "points": [1.0, float("-inf")], "ok": 2.5})
+    data = _strict((tmp_path / "r.json").read_text())
+    assert data["quality"] == {"perplexity": None, "perplexity_nonfinite": "nan",
+                               "kld": {"kld_max": None, "kld_max_nonfinite": "inf"}}
+    assert data["points"] == [1.0, None] and data["ok"] == 2.5
+
+
+def test_summary_lists_what_the_quantizers_reported_and_leaves_failed_rows_out_of_the_table(tmp_path):
+    run = {"config": {"batch_sizes": [1], "prompt_tokens": 8, "repeats": 1, "new_tokens": 4, "decode_prompt_tokens": 4},
+           "environment": {}, "device": "cpu", "started": "t", "models": [{"name": "m"}],
+           "experiments": [{"id": e} for e in ["bf16", "gptq-fp16"]]}
+    results.write_json(tmp_path / "run.json", run)
+    results.write_json(tmp_path / "bf16.json", {"experiment": "bf16", "method": "bf16", "model": {"name": "m"},
+                                                "status": "ok", "error": None, "quality": {"perplexity": 12.5}, "cost": {},
+                                                "compute_dtype": "bfloat16", "compute_dtype_why": "the checkpoint's dtype"})
+    messages = {"warnings": 3, "errors": 1, "messages": [
+        {"level": "ERROR", "source": "printed output", "count": 1,
+         "message": "Quantization: Module `hf_optimum` -> Hessian remained non positive-definite."},
+        {"level": "WARNING", "source": "printed output", "count": 3, "message": "Damp recovery failed."}]}
+    results.write_json(tmp_path / "gptq-fp16.json", {
+        "experiment": "gptq-fp16", "method": "gptq-w4g32", "model": {"name": "m"}, "status": "failed",
+        "error": "perplexity: non-finite logits (NaN or infinite) at 8 of 8 positions, computing in float16",
+        "fix": "compute in bfloat16: --compute-dtype bfloat16", "quality": {"perplexity": None}, "cost": {},
+        "quantization": {"quantize_s": 3.0, "messages": messages},
+        "backend": {"unquantized_linears": {"count": 2, "of": 14, "names": ["model.layers.0.mlp.down_proj", "x"]}}})
+    summary = results.summary_markdown(tmp_path)
+    assert "| bf16 | ok |" in summary and "| gptq-fp16 |" not in summary  # failed: not in the comparison
+    assert ("- **gptq-fp16** failed: perplexity: non-finite logits (NaN or infinite) at 8 of 8 positions, computing "
+            "in float16. Fix: compute in bfloat16: --compute-dtype bfloat16") in summary
+    assert ("- **gptq-fp16**: 1 error(s) and 3 warning(s) while quantizing: ERROR Quantization: Module `hf_optimum` -> "
+            "Hessian remained non positive-definite; WARNING Damp recovery failed (x3); 2 of 14 linear layers left "
+            "unquantized (model.layers.0.mlp.down_proj, x).") in summary
+    assert "- Compute dtype: bf16 bfloat16 (the checkpoint's dtype)." in summary

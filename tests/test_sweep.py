@@ -1,5 +1,6 @@
 """Whole runs of the tiny model through the command line: results, isolation, resume, Ctrl-C."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +20,9 @@ def run(*args):
     p = start(*args)
     out, _ = p.communicate(timeout=900)
     return p.returncode, out
+
+
+run_cli = run  # for tests that name a run.json `run`
 
 
 def load(path):
@@ -191,3 +195,72 @@ def test_standard_suite_offline_uses_squad_for_coqa_and_puts_the_baseline_first(
     assert all(t["source"].startswith("local:") for t in run["tasks"])
     assert [e["id"] for e in run["experiments"]] == ["fp16", "nf4", "int8"]  # the KLD reference runs first
     assert run["models"][0]["reference_experiment"] == "fp16"
+
+
+def _strict(text):
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_float16_overflow_fails_with_the_reason_and_fix_and_the_bfloat16_checkpoint_runs_in_bfloat16(
+        tiny_overflow_model_dir, shared_data, tmp_path):
+    """A bfloat16 Gemma 3 whose activations pass float16's range: the default baseline and nf4 compute in
+    bfloat16 and finish with finite numbers; the float16-compute methods fail with the reason and the fix
+    (GPTQ's quantizer saying what it met), are left out of the comparison and every file is strict JSON."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("methods:\n  - baseline\n  - nf4\n  - {name: nf4-fp16, method: nf4, compute_dtype: float16}\n"
+                     "  - {name: gptq-fp16, method: gptq-w4g32, dtype: float16}\n"
+                     "tasks: [arc_easy]\nlimit: 4\ncalibration_samples: 8\ncalibration_tokens: 64\n")
+    code, out = run("run", "--config", str(sweep), "--model", str(tiny_overflow_model_dir), "--data-dir", str(shared_data),
+                    "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"), *TINY_RUN_FLAGS)
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "run001"
+    for path in run_dir.rglob("*.json"):
+        _strict(path.read_text())
+    meta = load(run_dir / "run.json")
+    assert meta["models"][0]["dtype"] == "bfloat16" and meta["models"][0]["compute_dtype"] == "bfloat16"
+    assert [e["id"] for e in meta["experiments"]] == ["bf16", "nf4", "nf4-fp16", "gptq-fp16"]  # baseline: the checkpoint's
+    for name in ["bf16", "nf4"]:
+        r = load(run_dir / f"{name}.json")
+        assert r["status"] == "ok" and r["compute_dtype"] == "bfloat16", r
+        assert r["compute_dtype_why"] == "the checkpoint's dtype (config.json dtype: bfloat16)"
+        assert all(math.isfinite(v) for v in [r["quality"]["perplexity"], r["quality"]["kld"]["kld_mean"],
+                                              r["quality"]["arc_easy"]["acc"]])
+    for name in ["nf4-fp16", "gptq-fp16"]:
+        r = load(run_dir / f"{name}.json")
+        assert r["status"] == "failed" and r["compute_dtype"] == "float16", r
+        assert r["error"] == "sanity generation: non-finite logits (NaN or infinite) at 24 of 24 positions, computing in float16"
+        assert "exceed float16's range" in r["fix"] and "--compute-dtype bfloat16" in r["fix"]
+        assert r["quality_info"]["sanity"]["nonfinite_positions"] == 24 and r["quality"] == {}
+    assert "nf4-bf16" in load(run_dir / "nf4-fp16.json")["fix"]  # its bfloat16 variant, by name
+    said = load(run_dir / "gptq-fp16.json")["quantization"]["messages"]  # GPTQModel's own words on the Hessian
+    assert said["errors"] > 0 and any("Hessian" in m["message"] and m["level"] == "ERROR" for m in said["messages"])
+    summary = (run_dir / "summary.md").read_text()
+    assert "| bf16 | ok |" in summary and "| nf4 | ok |" in summary and "nan%" not in summary and "| nan" not in summary
+    assert "| nf4-fp16 |" not in summary and "- **nf4-fp16** failed: sanity generation" in summary
+    assert "- **gptq-fp16**: " in summary and "Hessian" in summary  # what the quantizer reported
+    report_md = (run_dir / "report.md").read_text()
+    assert "**nf4-fp16** (run001) failed" in report_md and "| nf4-fp16" not in report_md  # never ranked
+
+
+def test_compute_dtype_flag_and_the_default_comparison(tiny_model_dir, tiny_overflow_model_dir, tmp_path):
+    from quantbench import cli, sweep
+
+    args = cli.build_parser().parse_args(["run", "--model", str(tiny_overflow_model_dir), "--compute-dtype", "float16",
+                                          "--out", str(tmp_path), "--tasks", "none", "--device", "cpu"])
+    config = cli.config_from_args(args)
+    assert [e["method"] for e in config.experiments] == ["baseline", "nf4", "fp4", "gptq-w4g128", "awq-w4g128"]
+    run = json.loads((sweep.create_run(config, tmp_path / "cache") / "run.json").read_text())
+    assert run["models"][0]["compute_dtype"] == "float16" and run["models"][0]["compute_dtype_why"] == "--compute-dtype float16"
+    assert run["experiments"][0]["id"] == "fp16" and run["models"][0]["reference_experiment"] == "fp16"
+
+    # The default comparison on a model whose widths group 128 does not tile: the two it cannot run say why.
+    code, out = run_cli("run", "--model", str(tiny_model_dir), "--tasks", "none", "--out", str(tmp_path / "r"), *TINY_RUN_FLAGS)
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "run001"
+    assert [load(run_dir / f"{m}.json")["status"] for m in ["fp16", "nf4", "fp4"]] == ["ok"] * 3
+    for m in ["gptq-w4g128", "awq-w4g128"]:
+        r = load(run_dir / f"{m}.json")
+        assert r["status"] == "skipped" and "group size 128 does not divide the model's hidden_size 64" in r["error"], r
+    assert "needs a CUDA GPU" in load(run_dir / "awq-w4g128.json")["error"]
