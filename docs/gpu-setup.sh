@@ -1,11 +1,10 @@
-# Source on the GPU machine: installs the carried packages once into /tmp/site, joins the demo GGUF
-# when its two parts were staged (bash .device/stage.sh 1, 2), and sets quantbench's environment.
+# Source on the GPU machine from the repository root (docs/gpu.md): installs the carried packages in
+# .dev/pkgs once into /tmp/site, joins the demo GGUF when its parts were staged, sets quantbench's environment.
 if [ ! -f /tmp/site/.done ]; then
   t=$(date +%s)
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
     --target /tmp/site .dev/pkgs/* 2>&1 | grep -v -i warn | tail -5
-  # Bytecode as pip writes it at install by default (--no-compile above, in parallel here), so that
-  # no timed run pays for compiling the first import of these packages.
+  # The bytecode pip writes at install by default (skipped above, in parallel here): no timed run pays for it.
   python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1
   touch /tmp/site/.done; echo "install: $(( $(date +%s)-t )) s"
 fi
