@@ -7,9 +7,9 @@ synchronized), and from torch.profiler traces (17 tokens less 1: the prefill sub
 kernel time and the kernels of a decode step, against the time the weights take to read at the measured copy bandwidth.
   plain            the model compiled (reduce-overhead: CUDA graphs) without tuning: quantbench's
                    loop before 2026-11-27 (663 tok/s on an H200)
-  quantbench       cost.greedy_static with cost.compiled_step, what `--decode-mode compiled` runs:
+  quantbench       engine.greedy_static with engine.compile_step, what `--decode-mode compiled` runs:
                    the same with inductor's coordinate-descent tuning (gpt-fast's setting) and,
-                   on Hopper, programmatic dependent launch (cost.compiled_settings)
+                   on Hopper, programmatic dependent launch (engine.compiled_settings)
   autotune         mode max-autotune (matmul templates benchmarked at compile time), tuned
   eager-attention  quantbench's step with transformers' eager attention (matmul and softmax, which
                    inductor compiles with the rest) in place of SDPA (a cuDNN kernel on Hopper)
@@ -30,14 +30,14 @@ kernel time and the kernels of a decode step, against the time the weights take 
                    (on an H100 on 2026-11-27, without PDL: 701.6 tok/s against 760.5, 151 kernels a step)
   a+b              parts joined: eager-attention+no-pdl is both changes at once
 Each variant's compiled step is checked against its own model run eager: greedy tokens, and the
-logits of every step with the eager greedy tokens fed in turn (cost.forced_logits).
+logits of every step with the eager greedy tokens fed in turn (engine.forced_logits).
 Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context token prompt
 (left-padded rows, as lm-eval's batches) and --gen-tokens new tokens: plain; with lm-eval's
 stop-sequence criteria (which decode the batch's last tokens on the host every step); with a new
 prompt length every call, as lm-eval's batches have (so every step's shape is new: cuDNN attention,
 torch's first choice on Hopper, builds a plan per new shape); and that with cuDNN attention excluded.
 On an H200 on 2026-11-27 (arch:smollm2-135m, batch 64): 35.0, 34.7, 111.0 and 37.3 ms a step, which
-is why quantbench's lm-eval runs exclude cuDNN attention (cost.EAGER_ATTENTION).
+is why quantbench's lm-eval runs exclude cuDNN attention (engine.EAGER_ATTENTION).
 
     python benchmarks/decode_profile.py --arch llama-3.2-1b --batch 1 --gen-arch smollm2-135m
 """
@@ -48,6 +48,7 @@ import time
 import torch
 
 from quantbench import cost, models
+from quantbench.engines import transformers as engine
 
 
 def timed(fn, repeats=3):
@@ -116,7 +117,7 @@ def part1(args, rates):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
-    weights = cost.weight_bytes(model)["weight_bytes"]
+    weights = engine.weight_bytes(model)["weight_bytes"]
     ideal_ms = weights / rates["copy_bytes_s"] * 1000
     ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt), device="cuda")
     print(f"\n## compiled decode, arch:{args.arch} float16, batch {args.batch}, prompt {args.prompt}, "
@@ -130,7 +131,7 @@ def part1(args, rates):
     variants = args.variants.split(",")
     if any(changed & set(name.split("+")) for name in variants):
         with torch.no_grad():  # the unchanged model's greedy tokens, which a changed model should repeat
-            reference = cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cost.static_cache(model, cache_len))
+            reference = engine.greedy_static(model, ids, args.new_tokens, step=model, cache=engine.static_cache(model, cache_len))
     for name in variants:
         parts = set(name.split("+"))  # e.g. eager-attention+no-pdl: both changes at once
         unknown = parts - {"plain", "quantbench", "autotune", "freezing", "no-pdl", "combo"} - changed
@@ -142,25 +143,25 @@ def part1(args, rates):
         inductor.freezing = "freezing" in parts
         inductor.combo_kernels = "combo" in parts
         inductor.triton.enable_pdl = False  # plain and autotune: without it; compiled_step sets its own
-        cache = cost.static_cache(model, cache_len)
+        cache = engine.static_cache(model, cache_len)
         model.set_attn_implementation("eager" if "eager-attention" in parts else "sdpa")
         if "fused-mlp" in parts:  # fused in place: the variants after it run on the fused model
             model = fuse_mlp(model) if not hasattr(model.model.layers[0].mlp, "gate_up") else model
             torch.cuda.empty_cache()
         with torch.no_grad():  # this variant's model run eager: what its compiled step should repeat
-            own = cost.greedy_static(model, ids, args.new_tokens, step=model, cache=cache)
+            own = engine.greedy_static(model, ids, args.new_tokens, step=model, cache=cache)
         if parts & changed:
             same = torch.equal(own, reference)
             print(f"({name}: eager greedy tokens {'equal' if same else 'DIFFER from'} the unchanged model's)")
         if not parts & {"plain", "autotune"}:  # quantbench's step (what --decode-mode compiled runs), changed
-            step = cost.compiled_step(model, "cuda")
+            step = engine.compile_step(model, "cuda")
             if "no-pdl" in parts:  # inductor reads it when it compiles, at the first call
                 inductor.triton.enable_pdl = False
         else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
             step = torch.compile(model, mode="max-autotune" if "autotune" in parts else "reduce-overhead", dynamic=False)
 
         def run(n):
-            return cost.greedy_static(model, ids, n, step=step, cache=cache)
+            return engine.greedy_static(model, ids, n, step=step, cache=cache)
         with torch.no_grad():
             t0 = time.perf_counter()
             run(args.new_tokens)
@@ -170,8 +171,8 @@ def part1(args, rates):
             per_step = (t_n - t_1) / (args.new_tokens - 1)
             gpu_ms, kernels, heaviest = kernel_time_per_step(run, 16, top=args.top_kernels)
             same = torch.equal(run(args.new_tokens), own)
-            eager_logits = cost.forced_logits(model, ids, own, step=model, cache=cache)
-            diff = (cost.forced_logits(model, ids, own, step=step, cache=cache) - eager_logits).abs()
+            eager_logits = engine.forced_logits(model, ids, own, step=model, cache=cache)
+            diff = (engine.forced_logits(model, ids, own, step=step, cache=cache) - eager_logits).abs()
             print(f"({name}: compiled greedy tokens {'equal' if same else 'DIFFER from'} its eager model's; "
                   f"logits with its eager tokens fed, {len(diff)} steps: max |compiled - eager| {diff.max():.4f}, "
                   f"largest |logit| {eager_logits.abs().max():.2f})")
@@ -192,7 +193,7 @@ GENERATE_VARIANTS = [
     ("plain generate", False, False, None),
     ("with lm-eval's stop check", True, False, None),
     ("stop check, new shapes every call", True, True, None),
-    ("stop check, new shapes, cuDNN attention excluded", True, True, cost.EAGER_ATTENTION),
+    ("stop check, new shapes, cuDNN attention excluded", True, True, engine.EAGER_ATTENTION),
 ]
 
 
@@ -220,7 +221,7 @@ def part2(args, device="cuda"):
             mask[::2, :8] = 0
             extra = {"stopping_criteria": stop_sequences_criteria(tokenizer, ["\n"], length, args.gen_batch)} \
                 if stop_check else {}
-            with cost.only_attention(backends):
+            with engine.only_attention(backends):
                 model.generate(ids, attention_mask=mask, max_new_tokens=args.gen_tokens,
                                min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
         with torch.no_grad():

@@ -5,7 +5,7 @@ new shape; the warm-up of each decode point meets a new shape at every step. Thi
 `cost.measure_speed` with the default sweep (prompt lengths 128/512/2048, batch sizes 1/8/32, 64 new
 tokens, TTFT from 3 timed runs and decode from --decode-runs, after a warm-up) on a float16 arch:
 model with synthetic prompt tokens, with the eager attention kernels of the variant (default:
-torch's order; no-cudnn: cost.EAGER_ATTENTION, what the sweep uses since 2026-11-27), and prints
+torch's order; no-cudnn: engine.EAGER_ATTENTION, what the sweep uses since 2026-11-27), and prints
 the sweep's wall time, each point's (`point_s`) and tokens/s. Run each variant in its own process
 (cuDNN's plans are cached in the process). On an H200 on 2026-11-27, arch:smollm2-135m, with the
 protocol of then (3 timed runs of 64 and 3 of 1 token per batch size): 32.0 and 30.9 s with
@@ -20,6 +20,7 @@ import time
 import torch
 
 from quantbench import cost, models
+from quantbench.engines import transformers as engine
 from quantbench.methods import METHODS
 
 
@@ -33,14 +34,14 @@ def main():
     model, _ = METHODS["fp16"]["load"](str(models.prepare_arch(args.arch, models.cache_folder())), device=device)
     stream = torch.arange(30000) % 250 + 3  # synthetic prompt tokens: speed does not depend on them
     start = time.perf_counter()
-    r = cost.measure_speed(model, stream, device=device, pad_token_id=0, prompt_lengths=[128, 512, 2048],
+    r = cost.measure_speed(engine, model, stream, device=device, pad_token_id=0, prompt_lengths=[128, 512, 2048],
                            decode_prompt_tokens=32, new_tokens=64, batch_sizes=[1, 8, 32], repeats=3,
-                           decode_runs=args.decode_runs, weight_bytes=cost.weight_bytes(model)["weight_bytes"],
-                           eager_attention=cost.EAGER_ATTENTION if args.variant == "no-cudnn" else None)
+                           decode_runs=args.decode_runs, weight_bytes=engine.weight_bytes(model)["weight_bytes"],
+                           attention=engine.EAGER_ATTENTION if args.variant == "no-cudnn" else None)
     print(f"arch:{args.arch}, {device}, {args.variant}: sweep {time.perf_counter() - start:.1f} s")
     for length, v in r["prefill"].items():
         print(f"  prefill {length}: {v.get('point_s')} s, TTFT {v.get('ttft_ms', 0):.1f} ms")
-    for b, v in r["decode"].items():
+    for b, v in r["decode"]["eager"].items():
         print(f"  decode batch {b}: {v.get('point_s')} s, {v.get('tok_s', 0):.1f} tok/s")
 
 

@@ -3,4 +3,5 @@ import sys
 
 from quantbench.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # an experiment's process imports this module as __mp_main__, and must not run it
+    sys.exit(main())

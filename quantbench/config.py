@@ -1,7 +1,9 @@
-"""The run's configuration: one dataclass, filled from a sweep file and then the command line.
+"""The run's configuration: one dataclass, each setting declared once with its help, group and check.
 
-A sweep file (YAML or TOML) takes the same things as the flags. Methods are names, or tables that
-name a method and change its settings:
+The `quantbench run` flags, the keys of a sweep file (YAML or TOML) and the validation are all made
+from the fields of RunConfig. Flags override the file, which overrides the defaults; the result is
+written into run.json as it was used, and each experiment rebuilds it from there (`from_run`).
+A sweep file takes the same settings; methods are names, or tables that change a method's settings:
 
     models: [smollm2-135m]
     methods:
@@ -11,11 +13,13 @@ name a method and change its settings:
     tasks: [coqa]
     limit: 100
 
-Unknown keys and bad values are errors that name the file and line.
+Unknown keys and bad values are errors that name the flag, or the file and line.
 
-    >>> config = load_sweep_file(Path("sweep.yaml"))   # -> dict of RunConfig fields
+    >>> config = from_args(run_parser().parse_args(["--methods", "fp16,nf4"]))
 """
+import argparse
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,84 +31,264 @@ class ConfigError(Exception):
     """A bad configuration value; the message says where and what to do."""
 
 
-# --eval-batch-size auto: lm-eval's detection on a GPU, starting from as many sequences as its probe
-# fits in the free memory (quality.eval_batch_start), at least lm-eval's own start (EVAL_MIN_START)
-# and at most EVAL_MAX_BATCH; a fixed batch on the CPU (see eval_batch). A small model's generation
-# steps are bound by the host, so fewer, larger batches finish a generation task sooner: on an H200
-# (2026-11-27) the demo's tasks phase on 500 SQuAD documents took 10.9 s (fp16) and 12.1 s (nf4)
-# at batch 206 against 14.5 and 15.9 s at 64.
+# --eval-batch-size auto on a GPU: lm-eval's detection, started at what its probe fits in the free
+# memory (quality.eval_batch_start), never below lm-eval's own start nor above EVAL_MAX_BATCH: a small
+# model's generation steps are bound by the host, so fewer, larger batches finish sooner.
 EVAL_MIN_START, EVAL_MAX_BATCH, EVAL_CPU_BATCH = 64, 256, 16
+DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
+BACKEND_CHOICES = ["local", "ray", "modal"]
+COMPUTE_DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
+GROUPS = {"compare": "what to compare", "quality": "quality budget", "speed": "speed sweep", "where": "where to run"}
+
+
+def _whole(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+
+
+def _whole_list(text):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
+
+
+def _tokens(text):
+    return "all" if text == "all" else _whole(text)  # a word until the config is built (None there: not given)
+
+
+def _batch(text):
+    return "auto" if text == "auto" else _whole(text)
+
+
+def _names(text):
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def parse_tasks(text):
+    """'coqa,lambada_openai' -> ['coqa', 'lambada_openai']; 'none' -> []."""
+    names = _names(text)
+    return [] if names in ([], ["none"]) else names
+
+
+def _positive(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0  # True is an int to Python
+
+
+def _is_positive(value):
+    return None if value is None or _positive(value) else "must be a positive whole number"
+
+
+def _are_positive(values):
+    return None if values and all(_positive(v) for v in values) else "must be positive whole numbers"
+
+
+def _one_of(choices):
+    return lambda value: None if value is None or value in choices else f"must be one of {', '.join(choices)}"
+
+
+def setting(default, group, help, *, parse=None, check=None, choices=None, flag=None, action=None, keys=()):
+    """A RunConfig field declared once: its default, the --help group and text, how a flag's text is
+    parsed, the check of its value (a function returning what is wrong, or None), its flag name if not
+    the field's, and other sweep-file keys it answers to."""
+    meta = {"group": group, "help": help, "parse": parse, "check": check or (choices and _one_of(choices)),
+            "choices": choices, "flag": flag, "action": action, "keys": keys}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class RunConfig:
-    models: list = field(default_factory=lambda: ["smollm2-135m"])
-    # Each experiment: {'name': id in results, 'method': canonical method, 'settings': {...}}.
-    experiments: list = field(default_factory=list)
-    tasks: list = field(default_factory=lambda: ["coqa"])
-    limit: int | None = None                 # documents per task (None: all)
-    data_dir: str | None = None              # local evaluation data (../shared/data layout)
-    out: str = "results"
-    cache_dir: str | None = None
-    device: str = "auto"                     # auto, cuda, cpu
-    trust_remote_code: bool = False
-    # What the baseline and every method whose recipe does not fix its dtype compute in; None: each
-    # model's checkpoint dtype (config.json), as transformers' dtype="auto" loads it.
-    compute_dtype: str | None = None
-    # HFLM batch size for lm-eval, or "auto": on a GPU lm-eval's own detection (from what its probe
-    # fits in free memory, EVAL_MIN_START to EVAL_MAX_BATCH, 0.9x on each out-of-memory), on the CPU EVAL_CPU_BATCH.
-    eval_batch_size: int | str = "auto"
-    max_length: int | None = None            # lm-eval context; None: min(model positions, 2048)
-    max_gen_toks: int = 128                  # bound on generated tokens per lm-eval request
-    ppl_window: int = 2048                   # perplexity window (capped at the model's positions)
-    ppl_tokens: int | None = 16384           # corpus tokens scored for perplexity (None: all)
-    kld_tokens: int | None = 8192            # corpus tokens for the divergence from the baseline (None: all; 0: off)
-    kld_ctx: int = 512                       # llama.cpp's n_ctx: chunk length; its second half is scored
-    prompt_lengths: list = field(default_factory=lambda: [128, 512, 2048])  # TTFT / prefill prompt lengths
-    decode_prompt_tokens: int = 32
-    new_tokens: int = 64                     # decode length
-    batch_sizes: list = field(default_factory=lambda: [1, 8, 32])
-    # eager (what users get by default), compiled, or both. Eager by default: torch.compile adds a
-    # compilation for every method and batch size, which the default comparison should not pay.
-    decode_mode: str = "eager"
-    repeats: int = 3                         # timed TTFT runs per prompt length, after one warm-up
-    # Timed decode runs per batch size, after one warm-up run; each of a run's new_tokens - 1 steps is
-    # a sample (cost.py). One run of 64 tokens gives 63 samples; more runs also catch run-to-run drift.
-    decode_runs: int = 1
-    all_methods: bool = False
-    calibration: str | None = None           # GPTQ/AWQ calibration text file (None: WikiText-2 valid / c4)
-    calibration_samples: int = 128
-    calibration_tokens: int = 512            # tokens per calibration sample
-    suite: str | None = None                 # a preset of tasks and limit (SUITES); None: the tasks above
-    backend: str = "local"                   # where experiments run: local, ray, modal (BACKEND_CHOICES)
-    ray_address: str | None = None           # an existing Ray cluster (None: $RAY_ADDRESS, else a local one)
-    gpu: str | None = None                   # Modal's card (None: modal_app.DEFAULT_GPU)
+    models: list = setting(["smollm2-135m"], "compare", "hub id, local safetensors directory, smollm2-135m (default) "
+                           "or arch:<name>; comma-separated or repeated", parse=_names, flag="--model", action="append",
+                           keys=("model",))
+    # Each experiment: {'name': its id in results, 'method': a METHODS name, 'settings': {...}}.
+    experiments: list = setting([], "compare", "comma-separated methods (see `quantbench methods`; default baseline, "
+                                "nf4, fp4, gptq-w4g128, awq-w4g128)", parse=_names, flag="--methods", keys=("methods",))
+    all_methods: bool = setting(False, "compare", "every method that can run on this machine", flag="--all",
+                                action="store_true", keys=("all",))
+    tasks: list = setting(["coqa"], "compare", "comma-separated lm-eval tasks, or 'none' (default coqa)", parse=parse_tasks)
+    suite: str | None = setting(None, "compare", "a preset: quick = perplexity, KLD, lambada_openai and arc_easy, 500 "
+                                "documents each; standard = perplexity, KLD, lambada_openai, arc_easy, piqa, boolq, "
+                                "winogrande and coqa (squad_v1 offline), 1000 each; --tasks and --limit override",
+                                choices=["quick", "standard"])
+    compute_dtype: str | None = setting(None, "compare", "what the baseline and every method whose recipe does not fix its "
+                                        "dtype compute in (default: each model's checkpoint dtype)",
+                                        choices=COMPUTE_DTYPE_CHOICES)
+    limit: int | None = setting(None, "quality", "documents per task (default all)", parse=_whole, check=_is_positive)
+    data_dir: str | None = setting(None, "quality", "local evaluation data (default $QUANTBENCH_DATA_DIR)")
+    ppl_tokens: int | None = setting(16384, "quality", "corpus tokens scored for perplexity, or 'all' (default 16384)",
+                                     parse=_tokens, check=_is_positive)
+    ppl_window: int = setting(2048, "quality", "perplexity window in tokens, capped at the model's positions (default 2048)",
+                              parse=_whole, check=_is_positive)
+    kld_tokens: int | None = setting(8192, "quality", "corpus tokens for the KL divergence from the baseline, 'all', or 0 "
+                                     "for none (default 8192: 16 chunks, 4080 tokens scored)", parse=_tokens,
+                                     check=lambda v: None if v is None or (_positive(v) or v == 0 and not isinstance(v, bool))
+                                     else "must be a whole number, 'all', or 0 to turn the divergence off")
+    kld_ctx: int = setting(512, "quality", "KLD chunk length, llama.cpp's n_ctx; the second half of each chunk is scored "
+                           "(default 512)", parse=_whole,
+                           check=lambda v: None if _positive(v) and v >= 4 and v % 2 == 0 else "must be an even number of at least 4")
+    max_length: int | None = setting(None, "quality", "lm-eval context length (default min(model positions, 2048))",
+                                     parse=_whole, check=_is_positive)
+    max_gen_toks: int = setting(128, "quality", "bound on tokens generated per lm-eval request (default 128)",
+                                parse=_whole, check=_is_positive)
+    eval_batch_size: int | str = setting("auto", "quality", "lm-eval batch size, or 'auto' (default: on a GPU lm-eval's "
+                                         "detection, from what its probe fits in free memory, 64 to 256; on the CPU 16)",
+                                         parse=_batch, check=lambda v: None if v == "auto" or _positive(v)
+                                         else "must be a positive whole number or 'auto'")
+    calibration: str | None = setting(None, "quality", "GPTQ/AWQ calibration text file (default WikiText-2 validation "
+                                      "from --data-dir, else c4 from the hub)")
+    calibration_samples: int = setting(128, "quality", "calibration samples (default 128)", parse=_whole, check=_is_positive)
+    calibration_tokens: int = setting(512, "quality", "tokens per calibration sample (default 512)", parse=_whole,
+                                      check=_is_positive)
+    prompt_lengths: list = setting([128, 512, 2048], "speed", "prompt lengths for time to first token and prefill "
+                                   "tokens/s (default 128,512,2048)", parse=_whole_list, check=_are_positive)
+    batch_sizes: list = setting([1, 8, 32], "speed", "decode batch sizes (default 1,8,32)", parse=_whole_list,
+                                check=_are_positive)
+    new_tokens: int = setting(64, "speed", "tokens generated when timing decode, at least 2 (default 64)", parse=_whole,
+                              check=lambda v: None if _positive(v) and v >= 2
+                              else "must be at least 2 (decode speed excludes the first token)")
+    decode_prompt_tokens: int = setting(32, "speed", "prompt length of the decode points (default 32)", parse=_whole,
+                                        check=_is_positive)
+    # Eager by default: torch.compile adds a compilation for every method and batch size.
+    decode_mode: str = setting("eager", "speed", "eager generate (default), compiled (greedy loop with a static KV cache "
+                               "and a torch.compile'd step, CUDA graphs on a GPU: one compilation per method and batch "
+                               "size), or both", choices=DECODE_MODE_CHOICES)
+    repeats: int = setting(3, "speed", "timed runs per TTFT point, after a warm-up (default 3)", parse=_whole,
+                           check=_is_positive)
+    decode_runs: int = setting(1, "speed", "timed decode runs per batch size, after a warm-up run; every step of each is "
+                               "a sample, the median step is reported (default 1)", parse=_whole, check=_is_positive)
+    device: str = setting("auto", "where", "auto (default), cuda or cpu", choices=["auto", "cuda", "cpu"])
+    backend: str = setting("local", "where", "where experiments run: here (local, default), on a Ray cluster (ray: one "
+                           "experiment per GPU), or on Modal's cloud GPUs (modal); results land here either way",
+                           choices=BACKEND_CHOICES)
+    ray_address: str | None = setting(None, "where", "an existing Ray cluster (default $RAY_ADDRESS, else a local one)")
+    gpu: str | None = setting(None, "where", "Modal's card for --backend modal (default A100; any card Modal offers: L40S, A10G, T4, ...)")
+    out: str = setting("results", "where", "folder for run folders (default results/)")
+    cache_dir: str | None = setting(None, "where", "demo, arch: and quantized checkpoints (default $QUANTBENCH_CACHE or "
+                                    "~/.cache/quantbench)")
+    trust_remote_code: bool = setting(False, "where", "allow a hub model's own code to run", action="store_true")
 
 
-# Presets that answer the question fast. Perplexity and the KL divergence run in every suite (and
-# without one); a suite sets the tasks and the documents per task, which --tasks and --limit
-# override. Offline, CoQA (one story in ../shared/data) is replaced by its stand-in, SQuAD v1.1.
+def _flag(f):
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+FILE_KEYS = {key: f.name for f in FIELDS.values() for key in (f.name, *f.metadata["keys"])}
+
+# Presets that answer the question fast; perplexity and the KL divergence run in every suite. Offline,
+# CoQA (one story in ../shared/data) is replaced by its stand-in, SQuAD v1.1.
 SUITES = {
     "quick": {"tasks": ["lambada_openai", "arc_easy"], "limit": 500},
     "standard": {"tasks": ["lambada_openai", "arc_easy", "piqa", "boolq", "winogrande", "coqa"], "limit": 1000,
                  "offline": {"coqa": "squad_v1"}},
 }
+# The course project's comparison: the float baseline, bitsandbytes NF4 and FP4, GPTQ and AWQ (each
+# that cannot run here is skipped with its reason: AWQ needs CUDA, group 128 does not tile every model).
+DEFAULT_METHODS = ["baseline", "nf4", "fp4", "gptq-w4g128", "awq-w4g128"]
 
 
-DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
-COMPUTE_DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
-BACKEND_CHOICES = ["local", "ray", "modal"]
+def add_run_arguments(parser):
+    """The `quantbench run` flags, grouped by purpose, one per RunConfig field (and --experiment, the
+    course project's one-method flag, beside --methods), plus --config and --resume."""
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for f in FIELDS.values():
+        m = f.metadata
+        kwargs = {"help": m["help"], "dest": f.name, "default": None}
+        if m["action"] != "store_true" and not m["choices"]:
+            kwargs["metavar"] = _flag(f)[2:].upper().replace("-", "_")
+        if m["action"] == "store_true":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=m["parse"] or str, choices=m["choices"], action=m["action"])
+        groups[m["group"]].add_argument(_flag(f), **kwargs)
+        if f.name == "experiments":
+            groups["compare"].add_argument("--experiment", action="append", dest="experiment", default=None,
+                                           help="one method by name, the original names included; repeatable")
+    groups["compare"].add_argument("--config", help="a YAML or TOML sweep file with the same settings")
+    groups["where"].add_argument("--resume", help="a run folder to finish (its settings, unless a flag says otherwise)")
+    return parser
 
 
-def prompt_lengths(config):
-    """The TTFT prompt lengths of a run's config dict (a run from before the sweep had one: prompt_tokens)."""
-    return config.get("prompt_lengths") or [config.get("prompt_tokens")]
+def run_parser():
+    return add_run_arguments(argparse.ArgumentParser(prog="quantbench run"))
+
+
+def from_args(args):
+    """Defaults <- sweep file <- flags, validated and with paths made absolute. Raises ConfigError."""
+    values = load_sweep_file(args.config) if args.config else {}
+    for name, f in FIELDS.items():
+        value = getattr(args, name)
+        if value is None or name == "experiments":
+            continue
+        if f.metadata["action"] == "append":  # --model a,b --model c
+            value = [item for part in value for item in part]
+        values[name] = None if value == "all" else value  # --ppl-tokens all: None, the whole corpus
+    names = list(args.experiments or []) + list(args.experiment or [])
+    if args.experiments is not None and not names:
+        raise ConfigError("--methods is empty; name at least one method (see `quantbench methods`)")
+    if names:
+        values["experiments"] = [make_experiment(n) for n in names]
+    values.setdefault("data_dir", os.environ.get("QUANTBENCH_DATA_DIR") or None)
+    return finish(values)
+
+
+def finish(values):
+    """A RunConfig from field values: the suite's tasks and limit where nothing names them, the
+    default methods where none are given, validated, paths made absolute."""
+    suite = values.get("suite")
+    if suite in SUITES:
+        values.setdefault("tasks", list(SUITES[suite]["tasks"]))
+        values.setdefault("limit", SUITES[suite]["limit"])
+    config = RunConfig(**values)
+    if not config.experiments and not config.all_methods:
+        config.experiments = [make_experiment(n) for n in DEFAULT_METHODS]
+    validate(config)
+    for name, what in (("calibration", "file"), ("data_dir", "folder")):
+        value = getattr(config, name)
+        if value is not None:
+            path = Path(value)
+            if not (path.is_file() if what == "file" else path.is_dir()):
+                raise ConfigError(f"{_flag(FIELDS[name])} {value}: no such {what}")
+            setattr(config, name, str(path.resolve()))
+    return config
+
+
+def from_run(run):
+    """The RunConfig a run was made with, from its run.json."""
+    return RunConfig(**run["config"])
+
+
+def validate(config):
+    """Each field's own check, then what depends on several; ConfigError naming the flag."""
+    for name, f in FIELDS.items():
+        check = f.metadata["check"]
+        problem = check and check(getattr(config, name))
+        if problem:
+            raise ConfigError(f"{_flag(f)} {problem}, got {getattr(config, name)!r}")
+    if config.kld_tokens and config.kld_tokens < config.kld_ctx:
+        raise ConfigError(f"--kld-tokens {config.kld_tokens} is less than one chunk of --kld-ctx {config.kld_ctx}")
+    if config.ray_address and config.backend != "ray":
+        raise ConfigError("--ray-address is for --backend ray")
+    if config.gpu and config.backend != "modal":
+        raise ConfigError("--gpu picks Modal's card; it is for --backend modal (locally and on Ray every visible GPU is used)")
+    names = [e["name"] for e in config.experiments]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"experiment names must be unique; repeated: {', '.join(dupes)} "
+                          "(give a method table its own 'name')")
+    if not config.models:
+        raise ConfigError("no model given")
 
 
 def eval_batch(value, device):
     """The HFLM batch size of --eval-batch-size on this device: a number as given; "auto" is lm-eval's
-    detection on a GPU (its batch_size "auto", from quality.eval_batch_start) and EVAL_CPU_BATCH on the CPU,
-    where a trial batch at the full context would take the machine's memory instead of failing."""
+    detection on a GPU (from quality.eval_batch_start) and EVAL_CPU_BATCH on the CPU, where a trial
+    batch at the full context would take the machine's memory instead of failing."""
     if value != "auto":
         return value
     return "auto" if device == "cuda" else EVAL_CPU_BATCH
@@ -113,14 +297,6 @@ def eval_batch(value, device):
 def decode_modes(choice):
     """The decode modes a run measures, in order."""
     return ["eager", "compiled"] if choice == "both" else [choice]
-
-
-POSITIVE_INTS = ["limit", "max_length", "max_gen_toks", "ppl_window", "ppl_tokens", "kld_ctx",
-                 "decode_prompt_tokens", "new_tokens", "repeats", "decode_runs", "calibration_samples",
-                 "calibration_tokens"]
-# The course project's comparison: the float baseline, bitsandbytes NF4 and FP4, GPTQ and AWQ (each
-# that cannot run here is skipped with its reason: AWQ needs CUDA, group 128 does not tile every model).
-DEFAULT_METHODS = ["baseline", "nf4", "fp4", "gptq-w4g128", "awq-w4g128"]
 
 
 def make_experiment(entry, where=""):
@@ -155,54 +331,6 @@ def make_experiment(entry, where=""):
     return {"name": name, "method": method, "settings": entry}
 
 
-def _positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0  # True is an int to Python
-
-
-def validate(config):
-    """Check values a flag or file can get wrong; raise ConfigError with the fix."""
-    for key in POSITIVE_INTS:
-        value = getattr(config, key)
-        if value is not None and not _positive_int(value):
-            raise ConfigError(f"--{key.replace('_', '-')} must be a positive whole number, got {value!r}")
-    if config.eval_batch_size != "auto" and not _positive_int(config.eval_batch_size):
-        raise ConfigError(f"--eval-batch-size must be a positive whole number or 'auto', got {config.eval_batch_size!r}")
-    for key in ("batch_sizes", "prompt_lengths"):
-        values = getattr(config, key)
-        if not values or not all(_positive_int(v) for v in values):
-            raise ConfigError(f"--{key.replace('_', '-')} must be positive whole numbers, got {values!r}")
-    if config.kld_tokens is not None and (not isinstance(config.kld_tokens, int) or isinstance(config.kld_tokens, bool)
-                                          or config.kld_tokens < 0):
-        raise ConfigError(f"--kld-tokens must be a whole number, 'all', or 0 to turn the divergence off, got {config.kld_tokens!r}")
-    if config.kld_ctx < 4 or config.kld_ctx % 2:
-        raise ConfigError(f"--kld-ctx must be an even number of at least 4, got {config.kld_ctx!r}")
-    if config.kld_tokens and config.kld_tokens < config.kld_ctx:
-        raise ConfigError(f"--kld-tokens {config.kld_tokens} is less than one chunk of --kld-ctx {config.kld_ctx}")
-    if config.decode_mode not in DECODE_MODE_CHOICES:
-        raise ConfigError(f"--decode-mode must be one of {', '.join(DECODE_MODE_CHOICES)}, got {config.decode_mode!r}")
-    if config.suite is not None and config.suite not in SUITES:
-        raise ConfigError(f"--suite must be one of {', '.join(SUITES)}, got {config.suite!r}")
-    if config.compute_dtype is not None and config.compute_dtype not in COMPUTE_DTYPE_CHOICES:
-        raise ConfigError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPE_CHOICES)}, got {config.compute_dtype!r}")
-    if config.device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"--device must be auto, cuda or cpu, got {config.device!r}")
-    if config.backend not in BACKEND_CHOICES:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {config.backend!r}")
-    if config.ray_address and config.backend != "ray":
-        raise ConfigError("--ray-address is for --backend ray")
-    if config.gpu and config.backend != "modal":
-        raise ConfigError("--gpu picks Modal's card; it is for --backend modal (locally and on Ray every visible GPU is used)")
-    if config.new_tokens < 2:
-        raise ConfigError("--new-tokens must be at least 2 (decode speed excludes the first token)")
-    names = [e["name"] for e in config.experiments]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"experiment names must be unique; repeated: {', '.join(dupes)} "
-                          "(give a method table its own 'name')")
-    if not config.models:
-        raise ConfigError("no model given")
-
-
 def _yaml_lines(text):
     """Top-level key -> line, and per method entry index -> line, from the YAML's node marks."""
     import yaml
@@ -220,23 +348,14 @@ def _yaml_lines(text):
 def _toml_lines(text):
     keys = {}
     for i, line in enumerate(text.splitlines(), 1):
-        m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=", line)
-        if m and m.group(1) not in keys:
-            keys[m.group(1)] = i
-        m = re.match(r"\s*\[\[?\s*([A-Za-z_][A-Za-z0-9_-]*)", line)
+        m = re.match(r"\s*\[?\[?\s*([A-Za-z_][A-Za-z0-9_-]*)\s*[=\]]", line)
         if m and m.group(1) not in keys:
             keys[m.group(1)] = i
     return keys, {}
 
 
-FILE_KEYS = {"model", "models", "methods", "experiment", "tasks", "limit", "data_dir", "out", "cache_dir",
-             "device", "trust_remote_code", "compute_dtype", "eval_batch_size", "max_length", "max_gen_toks", "ppl_window",
-             "ppl_tokens", "kld_tokens", "kld_ctx", "prompt_lengths", "decode_prompt_tokens", "new_tokens", "batch_sizes", "decode_mode", "repeats",
-             "decode_runs", "all", "calibration", "calibration_samples", "calibration_tokens", "suite", "backend", "ray_address", "gpu"}
-
-
 def load_sweep_file(path):
-    """Parse and validate a YAML or TOML sweep file -> dict of RunConfig fields it sets."""
+    """Parse and check a YAML or TOML sweep file -> dict of the RunConfig fields it sets."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -245,13 +364,11 @@ def load_sweep_file(path):
         if path.suffix == ".toml":
             import tomllib
 
-            data = tomllib.loads(text)
-            lines, entry_lines = _toml_lines(text)
+            data, (lines, entry_lines) = tomllib.loads(text), _toml_lines(text)
         else:
             import yaml
 
-            data = yaml.safe_load(text)
-            lines, entry_lines = _yaml_lines(text)
+            data, (lines, entry_lines) = yaml.safe_load(text), _yaml_lines(text)
     except Exception as e:  # both parsers say where the syntax broke
         raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]} {getattr(e, 'problem_mark', '')}".strip()) from None
     if not isinstance(data, dict):
@@ -262,34 +379,26 @@ def load_sweep_file(path):
 
     out = {}
     for key, value in data.items():
-        k = key.replace("-", "_")
-        if k not in FILE_KEYS:
+        name = FILE_KEYS.get(key.replace("-", "_"))
+        if name is None:
             raise ConfigError(f"{at(key)}unknown key '{key}'; known keys: {', '.join(sorted(FILE_KEYS))}")
-        if k in ("model", "models"):
-            out["models"] = [value] if isinstance(value, str) else list(value)
-        elif k in ("methods", "experiment"):
+        if name == "experiments":
             items = value if isinstance(value, list) else [value]
-            out["experiments"] = [make_experiment(v, f"{path}:{entry_lines.get(i, lines.get(key, '?'))}: ")
-                                  for i, v in enumerate(items)]
-        elif k == "tasks":
-            out["tasks"] = parse_tasks(value if isinstance(value, str) else ",".join(map(str, value)))
-        elif k in ("batch_sizes", "prompt_lengths"):
-            out[k] = value if isinstance(value, list) else [value]
-        elif k == "all":
-            out["all_methods"] = bool(value)
-        elif k in ("ppl_tokens", "kld_tokens") and value == "all":
-            out[k] = None  # the whole corpus
+            out[name] = [make_experiment(v, f"{path}:{entry_lines.get(i, lines.get(key, '?'))}: ")
+                         for i, v in enumerate(items)]
+        elif name == "tasks":
+            out[name] = parse_tasks(value if isinstance(value, str) else ",".join(map(str, value)))
+        elif name in ("models", "batch_sizes", "prompt_lengths"):
+            out[name] = value if isinstance(value, list) else [value]
+        elif name in ("ppl_tokens", "kld_tokens") and value == "all":
+            out[name] = None  # the whole corpus
+        elif name == "all_methods":
+            out[name] = bool(value)
         else:
-            out[k] = value
+            out[name] = value
     try:
         validate(dataclasses.replace(RunConfig(), **out))
     except ConfigError as e:
-        bad = next((k for k in data if str(e).startswith(f"--{k.replace('_', '-')}")), None)
+        bad = next((k for k in data if str(e).startswith(_flag(FIELDS[FILE_KEYS[k.replace("-", "_")]]) + " ")), None)
         raise ConfigError(f"{at(bad) if bad else str(path) + ': '}{e}") from None
     return out
-
-
-def parse_tasks(text):
-    """'coqa,lambada_openai' -> ['coqa', 'lambada_openai']; 'none' -> []."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    return [] if names in ([], ["none"]) else names

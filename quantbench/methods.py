@@ -299,9 +299,10 @@ def load_hqq(path, *, device, trust_remote_code=False):
 
 
 def _method(load, family, bits, group_size=None, calibration=False, gpu=False, extra=None,
-            modules=(), about="", quantize=None):
+            modules=(), about="", quantize=None, engine="transformers"):
     return {"load": load, "quantize": quantize, "family": family, "bits": bits, "group_size": group_size,
-            "calibration": calibration, "gpu": gpu, "extra": extra, "modules": modules, "about": about}
+            "calibration": calibration, "gpu": gpu, "extra": extra, "modules": modules, "about": about,
+            "engine": engine}
 
 
 BNB = ("bitsandbytes",)

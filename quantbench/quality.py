@@ -1,16 +1,21 @@
-"""Quality of a loaded model: perplexity, lm-evaluation-harness tasks, and a sanity generation.
+"""Quality of a loaded model, in any engine: a sanity generation, perplexity, the KL divergence from
+the baseline, and lm-evaluation-harness tasks. Each phase returns its part of the result; what it
+asks of the model goes through the engine (engines/*.py), so the numbers of two engines come from
+the same code on the same token ids.
 
 Perplexity follows the GPTQ/AWQ papers: the corpus is tokenized once, cut into non-overlapping
 windows of `window` tokens (the tail that does not fill a window is dropped), each window is scored
 on its own, and perplexity is exp(total negative log-likelihood / tokens predicted), where every
-window predicts its tokens 2..window.
+window predicts its tokens 2..window. A NaN or an infinity in the logits or the results fails the
+phase (NonFinite): such a number is never "ok".
 
-    >>> perplexity(model, tokenizer, text, window=2048, max_tokens=16384)
-    {'perplexity': 15.1, 'tokens_scored': 16376, 'windows': 8, 'window': 2048, 'stride': 2048}
-    >>> run_tasks(model, tokenizer, [{'name': 'coqa', 'lm_eval_task': 'coqa_local'}], ...)
+    >>> perplexity(engine, model, tokenizer, text, window=2048, max_tokens=16384, dtype="float16")
+    (15.1, {'tokens_scored': 16376, 'windows': 8, 'window': 2048, 'stride': 2048, ...})
+    >>> run_tasks(engine, model, tokenizer, [{'name': 'coqa', 'lm_eval_task': 'coqa_local'}], ...)
 """
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -20,9 +25,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
-from quantbench.cost import EAGER_ATTENTION, element_bytes, kv_cache_bytes, only_attention
-from quantbench.results import atomic_folder, write_json
+from quantbench.cost import kv_cache_bytes
+from quantbench.results import SCHEMA, atomic_folder, write_json
 from quantbench.tasks import generation_bound
+
+# lm-eval warns that the generation bound quantbench passes overrides the tasks' own: on purpose.
+logging.getLogger("lm_eval.evaluator").addFilter(lambda record: "specified through cli" not in record.getMessage())
 
 SANITY_PROMPT = "The capital of France is"
 SANITY_NEW_TOKENS = 24
@@ -39,29 +47,14 @@ class NonFinite(Exception):
 
 
 @contextlib.contextmanager
-def finite_logits(model, phase, dtype):
-    """Raise NonFinite when the block ends if any forward of `model` in it gave logits holding a NaN
-    or an infinity, with how many positions (a sequence's token) did. Counted on the device from the
-    minimum and maximum over the vocabulary (NaN propagates through both; no mask as large as the
-    logits, no host synchronisation per forward)."""
-    seen = {"positions": 0, "nonfinite": 0}
-
-    def hook(module, args, output):
-        logits = getattr(output, "logits", None)
-        if isinstance(logits, torch.Tensor) and logits.numel():
-            low, high = logits.detach().aminmax(dim=-1)
-            seen["positions"] += low.numel()
-            seen["nonfinite"] = seen["nonfinite"] + (~(torch.isfinite(low) & torch.isfinite(high))).sum()
-
-    handle = model.register_forward_hook(hook)
-    try:
+def finite_logits(engine, model, phase, dtype, *, varying_shapes=False):
+    """The engine's forwards within the block (engine.forwards), and NonFinite when it ends if any gave
+    logits holding a NaN or an infinity, with how many positions did."""
+    with engine.forwards(model, varying_shapes=varying_shapes) as seen:
         yield
-    finally:
-        handle.remove()
-    bad = int(seen["nonfinite"])
-    if bad:
-        raise NonFinite(phase, f"non-finite logits (NaN or infinite) at {bad} of {seen['positions']} positions",
-                        dtype, nonfinite=bad, positions=seen["positions"])
+    if seen["nonfinite"]:
+        raise NonFinite(phase, f"non-finite logits (NaN or infinite) at {seen['nonfinite']} of {seen['positions']} "
+                        "positions", dtype, nonfinite=seen["nonfinite"], positions=seen["positions"])
 
 
 def check_finite(phase, numbers, dtype):
@@ -71,22 +64,28 @@ def check_finite(phase, numbers, dtype):
         raise NonFinite(phase, ", ".join(f"{k} is {numbers[k]}" for k in bad), dtype)
 
 
-def without_lm_eval_env_report():
-    """A context in which lm-eval's simple_evaluate skips the environment report it adds to its
-    results (torch's collect_env, which runs pip, nvidia-smi and compilers in subprocesses: 6.3 s per
-    call on an H200 machine on 2026-11-27, so per experiment). quantbench records the environment
-    in run.json and does not keep lm-eval's. The evaluation itself is untouched."""
-    from unittest import mock
-
-    from lm_eval import evaluator
-
-    if not hasattr(evaluator, "add_env_info"):  # a lm-eval that no longer has it: nothing to skip
-        return contextlib.nullcontext()
-    return mock.patch.object(evaluator, "add_env_info", lambda results: None)
+def is_degenerate(token_ids, text):
+    """Why a generation looks broken (empty, one token repeated, a short loop), or None."""
+    if not text.strip():
+        return "empty output"
+    if len(token_ids) >= 8 and len(set(token_ids)) == 1:
+        return "one token repeated"
+    if len(token_ids) >= 12 and len(set(token_ids)) <= len(token_ids) // 6:
+        return f"only {len(set(token_ids))} distinct tokens in {len(token_ids)}"
+    return None
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, text, *, window, max_tokens=None, batch_size=1):
+def sanity(engine, model, tokenizer, dtype):
+    """A short greedy answer to a fixed prompt, flagged if empty or degenerate."""
+    with finite_logits(engine, model, "sanity generation", dtype, varying_shapes=True):
+        new, text = engine.generate(model, tokenizer, SANITY_PROMPT, SANITY_NEW_TOKENS)
+    problem = is_degenerate(new, text)
+    return {"prompt": SANITY_PROMPT, "output": text, "new_tokens": len(new),
+            "degenerate": problem is not None, "problem": problem}
+
+
+def perplexity(engine, model, tokenizer, text, *, window, max_tokens=None, batch_size=1, dtype):
+    """(perplexity, how it was measured) on `text` in non-overlapping windows of `window` tokens."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     total_tokens = ids.numel()
     if max_tokens is not None:
@@ -96,15 +95,17 @@ def perplexity(model, tokenizer, text, *, window, max_tokens=None, batch_size=1)
         raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than one window of {window}")
     windows = ids[: n_windows * window].view(n_windows, window)
     nll = 0.0
-    device = model.device
-    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False):
-        batch = windows[start:start + batch_size].to(device)
-        logits = model(batch).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
-                               reduction="sum").item()
+    with finite_logits(engine, model, "perplexity", dtype):
+        batches = engine.logprobs(model, windows, first=0, batch_size=batch_size)
+        for start, logp in zip(tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False), batches):
+            targets = windows[start:start + batch_size, 1:].reshape(-1).to(logp.device)
+            nll += F.nll_loss(logp.reshape(-1, logp.size(-1)), targets, reduction="sum").item()
     scored = n_windows * (window - 1)
-    return {"perplexity": math.exp(nll / scored), "nll_mean": nll / scored, "tokens_scored": scored,
-            "windows": n_windows, "window": window, "stride": window, "corpus_tokens": total_tokens}
+    info = {"nll_mean": nll / scored, "tokens_scored": scored, "windows": n_windows, "window": window,
+            "stride": window, "corpus_tokens": total_tokens}
+    value = math.exp(nll / scored) if nll / scored < 700 else float("inf")  # exp overflows past about 709
+    check_finite("perplexity", {"perplexity": value, **info}, dtype)
+    return value, info
 
 
 def _flatten_metrics(task_results):
@@ -122,7 +123,7 @@ def _flatten_metrics(task_results):
     return out
 
 
-def eval_batch_start(model, max_length, free_bytes=None):
+def eval_batch_start(shapes, max_length, free_bytes=None):
     """Where lm-eval's batch detection ("auto") starts on a GPU: as many sequences as its probe of a
     generation task fits in the free device memory (`free_bytes`, default: free now, the allocator's
     cached blocks included), at most EVAL_MAX_BATCH and never below lm-eval's own start of
@@ -131,51 +132,62 @@ def eval_batch_start(model, max_length, free_bytes=None):
     times and holds three [batch, max_length, vocabulary] tensors of logits at once (an output, its
     log-softmax and the previous log-softmax) besides the KV cache the forward builds; a tenth of
     the memory is left for activations. Each attempt that does not fit is a whole forward pass,
-    retried at 0.9x the batch: started at 256, the demo's probe on an H200 failed at 256 and 230
-    before 207 fit; started here, 206 fit at once."""
+    retried at 0.9x the batch: starting where it fits saves those passes."""
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    size = element_bytes(model)
-    per_sequence = max_length * (3 * model.config.vocab_size * size + kv_cache_bytes(model.config, 1, 1, size))
+    size = shapes["element_bytes"]
+    per_sequence = max_length * (3 * shapes["vocab"] * size + kv_cache_bytes(shapes, 1, 1))
     return max(EVAL_MIN_START, min(EVAL_MAX_BATCH, int(0.9 * free_bytes // per_sequence)))
 
 
-def run_tasks(model, tokenizer, tasks, *, task_dir, limit, batch_size, max_length, max_gen_toks,
+def without_lm_eval_env_report():
+    """A context in which lm-eval's simple_evaluate skips the environment report it adds to its results
+    (torch's collect_env, which runs pip, nvidia-smi and compilers in subprocesses: seconds per call,
+    so per experiment); run.json keeps the environment. The evaluation itself is untouched."""
+    from unittest import mock
+
+    from lm_eval import evaluator
+
+    if not hasattr(evaluator, "add_env_info"):  # a lm-eval that no longer has it: nothing to skip
+        return contextlib.nullcontext()
+    return mock.patch.object(evaluator, "add_env_info", lambda results: None)
+
+
+def run_tasks(engine, model, tokenizer, tasks, *, task_dir, limit, batch_size, max_length, max_gen_toks, dtype,
               max_batch_size=EVAL_MAX_BATCH):
-    """Evaluate the already-loaded model on resolved tasks with lm-eval's simple_evaluate.
+    """Evaluate the loaded model on resolved tasks with lm-eval's simple_evaluate, on the engine's
+    lm-eval LM (engine.lm: the batch size is set there, "auto" being lm-eval's detection from
+    max_batch_size down).
 
     Returns (scores, per_document): scores is {user task name: {metric: value, metric_stderr: se,
     'n': documents}}; per_document is {user task name: {'doc_ids': [...], metric: [value per doc]}}
     for the metrics lm-eval aggregates by their mean, so that two methods can be compared document
-    by document. lm-eval ignores simple_evaluate's batch_size for a model object, so the batch size
-    is set on HFLM itself ("auto": lm-eval finds the largest that fits, from max_batch_size down), and
-    max_length is explicit so it never falls back to the model's full position count. Attention
-    runs on the kernels in EAGER_ATTENTION; lm-eval's environment report is skipped."""
+    by document. lm-eval's environment report is skipped."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              max_batch_size=max_batch_size)
+    lm = engine.lm(model, tokenizer, batch_size=batch_size, max_length=max_length, max_batch_size=max_batch_size)
     # Index only the task files needed: lm-eval's own ~26,000 task YAMLs take seconds per experiment
-    # to index (11 s on a 2-core CPU), so they are skipped when every task is a local copy.
+    # to index, so they are skipped when every task is a local copy.
     local = [t for t in tasks if t["lm_eval_task"] != t["name"]]
     manager = TaskManager(include_path=str(task_dir) if local else None, include_defaults=len(local) < len(tasks))
     by_bound = {}  # lm-eval takes one generation bound per call: one call per bound (most runs: one)
     for t in tasks:
         by_bound.setdefault(generation_bound(t["name"], max_gen_toks), []).append(t)
     outs = {}
-    for bound, group in by_bound.items():
-        with only_attention(EAGER_ATTENTION), without_lm_eval_env_report():
-            out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
-                                  task_manager=manager, gen_kwargs={"max_gen_toks": bound},
-                                  log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
-        outs.update({t["lm_eval_task"]: out for t in group})
+    with finite_logits(engine, model, "tasks", dtype, varying_shapes=True):
+        for bound, group in by_bound.items():
+            with without_lm_eval_env_report():
+                out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
+                                      task_manager=manager, gen_kwargs={"max_gen_toks": bound},
+                                      log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
+            outs.update({t["lm_eval_task"]: out for t in group})
     scores, per_document = {}, {}
     for t in tasks:
         key, out = t["lm_eval_task"], outs[t["lm_eval_task"]]
         metrics = _flatten_metrics(out["results"][key])
         metrics["n"] = out["n-samples"][key]["effective"]
+        check_finite(f"tasks ({t['name']})", metrics, dtype)
         scores[t["name"]] = metrics
         means = averaged_metrics(out["configs"][key].get("metric_list", []))
         samples = sorted((s for s in out["samples"][key] if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
@@ -192,31 +204,6 @@ def averaged_metrics(metric_list):
 
     return [m["metric"] for m in metric_list
             if m.get("aggregation") == "mean" or ("aggregation" not in m and get_metric_aggregation(m["metric"]) is mean)]
-
-
-def is_degenerate(token_ids, text):
-    """Why a generation looks broken (empty, one token repeated, a short loop), or None."""
-    if not text.strip():
-        return "empty output"
-    if len(token_ids) >= 8 and len(set(token_ids)) == 1:
-        return "one token repeated"
-    if len(token_ids) >= 12 and len(set(token_ids)) <= len(token_ids) // 6:
-        return f"only {len(set(token_ids))} distinct tokens in {len(token_ids)}"
-    return None
-
-
-@torch.no_grad()
-def sanity_generation(model, tokenizer):
-    """A short greedy answer to a fixed prompt, flagged if empty or degenerate."""
-    enc = tokenizer(SANITY_PROMPT, return_tensors="pt").to(model.device)
-    with only_attention(EAGER_ATTENTION):  # every step a new shape, as in lm-eval's batches
-        out = model.generate(**enc, max_new_tokens=SANITY_NEW_TOKENS, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    new = out[0, enc.input_ids.shape[1]:].tolist()
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    problem = is_degenerate(new, text)
-    return {"prompt": SANITY_PROMPT, "output": text, "new_tokens": len(new),
-            "degenerate": problem is not None, "problem": problem}
 
 
 # ---- Divergence from the baseline, as llama.cpp's `perplexity --kl-divergence` measures it ----
@@ -249,26 +236,24 @@ def kld_chunks(tokenizer, text, *, n_ctx, max_tokens=None):
     return chunks, adds_bos
 
 
-@torch.no_grad()
-def _scored_logprobs(model, chunks, batch_size):
+def _scored_logprobs(engine, model, chunks, batch_size):
     """Per batch of chunks: (log-probs [tokens, vocab] float32, top-1 ids, log p(next token))."""
     first = chunks.shape[1] // 2
-    for start in range(0, len(chunks), batch_size):
-        batch = chunks[start:start + batch_size].to(model.device)
-        logp = torch.log_softmax(model(batch).logits[:, first:-1].float(), dim=-1)
-        target = batch[:, first + 1:]
+    batches = engine.logprobs(model, chunks, first=first, batch_size=batch_size)
+    for start, logp in zip(range(0, len(chunks), batch_size), batches):
+        target = chunks[start:start + batch_size, first + 1:].to(logp.device)
         yield (logp.flatten(0, 1), logp.argmax(-1).flatten(),
                logp.gather(-1, target.unsqueeze(-1)).flatten())
 
 
-def write_reference(model, chunks, folder, *, adds_bos, dtype, batch_size=1, about=None):
+def write_reference(engine, model, chunks, folder, *, adds_bos, dtype, batch_size=1, about=None):
     """Write the baseline's scored log-probabilities into `folder` (made atomically); returns its info."""
     n_ctx = chunks.shape[1]
     per_chunk = n_ctx - 1 - n_ctx // 2
     # The logits' check ends before the folder is moved into place: a non-finite reference is never kept.
-    with atomic_folder(folder) as tmp, finite_logits(model, "kld reference", dtype):
+    with atomic_folder(folder) as tmp, finite_logits(engine, model, "kld reference", dtype):
         logprobs, top1, lp_target, row = None, [], [], 0
-        for logp, top, lpt in tqdm(_scored_logprobs(model, chunks, batch_size), desc="kld reference",
+        for logp, top, lpt in tqdm(_scored_logprobs(engine, model, chunks, batch_size), desc="kld reference",
                                    total=-(-len(chunks) // batch_size), leave=False):
             if logprobs is None:
                 logprobs = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float16,
@@ -281,7 +266,7 @@ def write_reference(model, chunks, folder, *, adds_bos, dtype, batch_size=1, abo
         del logprobs
         np.savez(tmp / "tokens.npz", chunks=chunks.numpy(), top1=torch.cat(top1).numpy(),
                  logp_target=torch.cat(lp_target).numpy())
-        info = {"n_ctx": n_ctx, "chunks": len(chunks), "tokens_scored": row, "bos_first": adds_bos,
+        info = {"schema": SCHEMA, "n_ctx": n_ctx, "chunks": len(chunks), "tokens_scored": row, "bos_first": adds_bos,
                 "scored": f"positions {n_ctx // 2}..{n_ctx - 2} of each chunk predict the next token",
                 "storage": "log-probabilities as float16 (2 bytes x vocabulary per scored token)",
                 "bytes": sum((tmp / f).stat().st_size for f in REFERENCE_FILES[:2]), **(about or {})}
@@ -289,27 +274,30 @@ def write_reference(model, chunks, folder, *, adds_bos, dtype, batch_size=1, abo
     return info
 
 
-def compare_to_reference(model, folder, *, batch_size=1):
-    """The method's divergence from the baseline reference in `folder`, token by token, summarised."""
+def compare_to_reference(engine, model, folder, *, dtype, batch_size=1):
+    """(the method's divergence from the baseline reference in `folder`, token by token, summarised;
+    how it was measured)."""
     folder = Path(folder)
     info = json.loads((folder / "reference.json").read_text())
     base = np.load(folder / "logprobs.npy", mmap_mode="r")
     saved = np.load(folder / "tokens.npz")
     chunks = torch.from_numpy(saved["chunks"])
     kld, same_top, lp_target, row = [], [], [], 0
-    for logp, top, lpt in tqdm(_scored_logprobs(model, chunks, batch_size), desc="kld", leave=False,
-                               total=-(-len(chunks) // batch_size)):
-        n, vocab = logp.shape
-        if vocab != base.shape[1]:
-            raise ValueError(f"the model has {vocab} output tokens but the baseline reference {base.shape[1]}")
-        lp_base = torch.from_numpy(np.array(base[row:row + n])).to(logp.device).float()
-        lp_q = logp.half().float()  # the baseline's rounding, so a model against itself gives 0
-        kld.append((lp_base.exp() * (lp_base - lp_q)).sum(-1).double().cpu())
-        same_top.append((top.cpu().numpy() == saved["top1"][row:row + n]))
-        lp_target.append(lpt.double().cpu())
-        row += n
+    with finite_logits(engine, model, "kld", dtype):
+        for logp, top, lpt in tqdm(_scored_logprobs(engine, model, chunks, batch_size), desc="kld", leave=False,
+                                   total=-(-len(chunks) // batch_size)):
+            n, vocab = logp.shape
+            if vocab != base.shape[1]:
+                raise ValueError(f"the model has {vocab} output tokens but the baseline reference {base.shape[1]}")
+            lp_base = torch.from_numpy(np.array(base[row:row + n])).to(logp.device).float()
+            lp_q = logp.half().float()  # the baseline's rounding, so a model against itself gives 0
+            kld.append((lp_base.exp() * (lp_base - lp_q)).sum(-1).double().cpu())
+            same_top.append((top.cpu().numpy() == saved["top1"][row:row + n]))
+            lp_target.append(lpt.double().cpu())
+            row += n
     stats = kld_statistics(torch.cat(kld).numpy(), np.concatenate(same_top), torch.cat(lp_target).numpy(),
                            saved["logp_target"].astype(np.float64))
+    check_finite("kld", stats, dtype)
     return stats, {k: info[k] for k in ("n_ctx", "chunks", "tokens_scored", "bos_first", "scored", "storage",
                                         "bytes") if k in info} | {"reference": info.get("experiment")}
 

@@ -1,12 +1,12 @@
-"""Experiments on other machines: a Ray cluster or Modal's cloud GPUs, results back in the local run folder.
+"""Experiments on other machines: the Ray launcher, and what every remote launcher (Ray; Modal, in
+modal_app.py) shares: packing a run for a worker and running an experiment there.
 
     quantbench run --backend ray                          # $RAY_ADDRESS's cluster, or a local one
     quantbench run --backend ray --ray-address ray://head:10001
-    quantbench run --backend modal --gpu A100             # Modal (an account and `modal token new` once)
 
 The launching machine keeps the run folder. Each experiment travels as the run's files (run.json,
 the task files, the data directory and, for every experiment but the baseline, the baseline's
-reference log-probabilities), runs on a worker exactly as it runs locally (`sweep.run_child`: its own
+reference log-probabilities), runs on a worker exactly as it runs locally (`local.run_child`: its own
 process, in a scratch copy of the run folder), and its result files come back and are written here
 the moment it finishes, so `--resume` and `quantbench report` work unchanged. The baseline runs
 first; its reference is computed once and shared with the others (in Ray's object store). A worker
@@ -16,9 +16,8 @@ Nothing from the environment travels in either direction: a hub token stays in t
 environment (Modal: a secret) and never reaches a result file or a log.
 
     >>> files = pack(run_dir, run)                        # {'run/run.json': b'...', 'data/...': b'...'}
-    >>> outputs = run_packed(files, "nf4", reference)     # on the worker: {'run/nf4.json': b'...', ...}
+    >>> outputs = run_packed(files, "nf4", reference)     # on the worker: {'nf4.json': b'...', ...}
 """
-import concurrent.futures
 import datetime
 import json
 import os
@@ -27,13 +26,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import quantbench
 from quantbench.models import cache_folder, model_slug, resolve_model
 from quantbench.results import read_json, write_json
-from quantbench.sweep import RunError, empty_result, finish, measure_device_rates, record_phases, run_child, unfinished
+from quantbench.local import run_child
+from quantbench.sweep import RunError, measure_device_rates
 
 
 def _files_under(folder, prefix):
@@ -53,6 +52,18 @@ def pack(run_dir, run):
 def reference_files(run_dir, model_name):
     """The baseline's reference log-probabilities of one model (empty when it has none)."""
     return _files_under(Path(run_dir) / "reference" / model_slug(model_name), f"run/reference/{model_slug(model_name)}")
+
+
+def inputs(run_dir, run, exp, kept, put=lambda files: files):
+    """(the run's files, the baseline's reference or None for a baseline) that `exp`'s worker needs,
+    each read once into `kept` and passed through `put` (Ray: into its object store)."""
+    if "files" not in kept:
+        kept["files"] = put(pack(run_dir, run))
+    if exp["id"] == next(m for m in run["models"] if m["name"] == exp["model"]).get("reference_experiment"):
+        return kept["files"], None
+    if exp["model"] not in kept:
+        kept[exp["model"]] = put(reference_files(run_dir, exp["model"]))
+    return kept["files"], kept[exp["model"]]
 
 
 def _translate(data, pairs):
@@ -90,16 +101,19 @@ def run_packed(files, exp_id, reference=None):
         write_json(here_run / "run.json", run)
         exp = next(e for e in run["experiments"] if e["id"] == exp_id)
         _children_import_this_quantbench()
-        result = run_child(here_run, exp, run)
+        import multiprocessing
+
+        run_child(here_run, exp, run, multiprocessing.get_context("spawn"))  # a fresh interpreter: what the worker holds stays out
+        result = read_json(here_run / f"{exp_id}.json")
         result["worker"] = {"host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         write_json(here_run / f"{exp_id}.json", result)
         model = next(m for m in run["models"] if m["name"] == exp["model"])
-        out = {f"run/{exp_id}.json": (here_run / f"{exp_id}.json").read_bytes()}
+        out = {f"{exp_id}.json": (here_run / f"{exp_id}.json").read_bytes()}
         if (here_run / f"{exp_id}.docs.json").exists():
-            out[f"run/{exp_id}.docs.json"] = (here_run / f"{exp_id}.docs.json").read_bytes()
+            out[f"{exp_id}.docs.json"] = (here_run / f"{exp_id}.docs.json").read_bytes()
         if exp_id == model.get("reference_experiment"):
-            out.update(reference_files(here_run, exp["model"]))
-        return {k: _translate(v, back) if k.endswith(".json") else v for k, v in out.items()}
+            out.update({k.removeprefix("run/"): v for k, v in reference_files(here_run, exp["model"]).items()})
+        return {k: _translate(v, back) if k.endswith(".json") else v for k, v in out.items()}  # paths in the run folder
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -126,86 +140,9 @@ def worker_facts(device):
     return {"device_rates": measure_device_rates(device), "environment": worker_env}
 
 
-def unpack(run_dir, outputs):
-    """Write a finished experiment's files into the launching machine's run folder."""
-    for name, data in outputs.items():
-        path = Path(run_dir) / name.removeprefix("run/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-
-
-def _lost(run_dir, exp, run, status, error, seconds):
-    """An experiment whose worker sent no result back (lost, or stopped by Ctrl-C): recorded, to be resumed."""
-    write_json(Path(run_dir) / f"{exp['id']}.json", {
-        **empty_result(run, exp), "status": status, "error": error,
-        "fix": f"run again with: quantbench run --resume {run_dir}", "duration_s": round(seconds, 3)})
-
-
-def execute_remote(run_dir, backend, submit, facts, share=lambda files: files, cancel=lambda future: future.cancel()):
-    """The launching side, for any backend. facts() -> worker_facts of a worker, measured first (the
-    experiments' roofline shares need its rates in run.json); share(files) -> what a worker is sent
-    for a dict of files (Ray: one copy in its object store); submit(files, exp, reference) -> a
-    concurrent.futures.Future of run_packed's output. Baselines first, then every other experiment
-    at once, each written here as it finishes. Returns the exit code."""
-    run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json")
-    todo = unfinished(run_dir, run)
-    total, done = len(run["experiments"]), len(run["experiments"]) - len(todo)
-    interrupted, running = False, {}
-    try:
-        if todo and "device_rates" not in run:
-            print(f"Measuring the device's copy bandwidth and matmul rate on a {backend} worker...", flush=True)
-            try:
-                got = facts()
-            except Exception as e:  # noqa: BLE001 - no roofline then; the experiments still run
-                got = {"device_rates": {"error": f"{type(e).__name__}: {str(e).strip()[:300]}", "device": run["device"]},
-                       "environment": run["environment"]}
-            run.update(device_rates=got["device_rates"], environment=got["environment"],
-                       launcher_environment=run["environment"])
-            write_json(run_dir / "run.json", run)
-        files = share(pack(run_dir, run)) if todo else None  # after the facts: run.json with the rates
-        references = {m["reference_experiment"] for m in run["models"] if m.get("reference_experiment")}
-        shared = {}  # model -> its baseline's reference files, read and shared once
-        for wave in ([e for e in todo if e["id"] in references], [e for e in todo if e["id"] not in references]):
-            for exp in wave:
-                reference = None
-                if exp["id"] not in references:
-                    if exp["model"] not in shared:
-                        shared[exp["model"]] = share(reference_files(run_dir, exp["model"]))
-                    reference = shared[exp["model"]]
-                running[submit(files, exp, reference)] = (exp, time.perf_counter())
-                print(f"[{exp['id']}] ({exp['method']} on {exp['model']}): sent to {backend}", flush=True)
-            while running:
-                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    exp, started = running.pop(future)
-                    try:
-                        unpack(run_dir, future.result())
-                    except Exception as e:  # noqa: BLE001 - a lost worker, a dead node, a cancelled call
-                        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-                        _lost(run_dir, exp, run, "failed", f"the {backend} worker running it failed or was lost: "
-                              f"{type(e).__name__}: {why}", time.perf_counter() - started)
-                    result = read_json(run_dir / f"{exp['id']}.json")
-                    record_phases(run_dir, run, exp, result, time.perf_counter() - started)
-                    done += 1
-                    extra = f": {result['error']}" if result.get("error") else ""
-                    print(f"[{done}/{total}] {exp['id']} ({exp['method']} on {exp['model']}): {result['status']} "
-                          f"in {time.perf_counter() - started:.1f} s{extra}", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        for future, (exp, started) in running.items():
-            cancel(future)
-            _lost(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
-    flag_shared_hosts(run_dir, run)
-    return finish(run_dir, interrupted)
-
-
 def flag_shared_hosts(run_dir, run):
     """Record in each result the experiments that ran on the same worker host at the same time
-    (`shared_host_with`): side by side on one host they slow each other's timings (on two H200s
-    of one host, eager decode lost 30-48% at batch 8 and 32: docs/verification/issue-7-gpu.md);
+    (`shared_host_with`): side by side on one host they slow each other's timings (docs/benchmarks.md);
     the summary and the report mark such speed numbers."""
     spans = {}
     for exp in run["experiments"]:
@@ -222,13 +159,11 @@ def flag_shared_hosts(run_dir, run):
             write_json(path, r)
 
 
-def cluster_device(backend, *, ray_address=None):
-    """The device the experiments will see: 'cuda' on Modal (always a card) and where the Ray cluster has GPUs."""
-    if backend == "modal":
-        return "cuda"
+def ray_device(address=None):
+    """The device the experiments will see on the Ray cluster: 'cuda' where it has GPUs."""
     import ray
 
-    _ray_init(ray_address)
+    _ray_init(address)
     return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
 
 
@@ -254,55 +189,36 @@ def _ray_init(address):
                        "for a local cluster") from None
 
 
-def execute_ray(run_dir, address=None):
-    """Every unfinished experiment as a Ray task: one GPU each where the cluster has GPUs (so they
-    spread over all of them), one CPU otherwise; no retries, so a lost worker is recorded, not rerun."""
+def ray_launcher(address=None):
+    """Every experiment as a Ray task: one GPU each where the cluster has GPUs (so they spread over all
+    of them), one CPU otherwise; no retries, so a lost worker is recorded, not rerun. What every
+    experiment needs travels once through Ray's object store."""
     import ray
 
     _ray_init(address)
-    run = read_json(Path(run_dir) / "run.json")
-    need = {"num_gpus": 1} if run["device"] == "cuda" else {"num_cpus": 1}
-    task = ray.remote(max_retries=0, **need)(run_packed)
-    refs = {}
+    refs, shared = {}, {}
 
-    def submit(files, exp, reference):  # files and reference: object refs, each put in the store once
-        ref = task.remote(files, exp["id"], reference)
+    def need(run):
+        return {"num_gpus": 1} if run["device"] == "cuda" else {"num_cpus": 1}
+
+    def facts(run):
+        got = ray.get(ray.remote(max_retries=0, **need(run))(worker_facts).remote(run["device"]))
+        return {**got, "launcher_environment": run["environment"]}
+
+    def submit(run_dir, run, exp):
+        files, reference = inputs(run_dir, run, exp, shared, put=ray.put)
+        ref = ray.remote(max_retries=0, **need(run))(run_packed).remote(files, exp["id"], reference)
         future = ref.future()
         refs[future] = ref
+        print(f"[{exp['id']}] ({exp['method']} on {exp['model']}): sent to ray", flush=True)
         return future
 
-    def facts():
-        return ray.get(ray.remote(max_retries=0, **need)(worker_facts).remote(run["device"]))
+    def cancel(future):
+        ray.cancel(refs[future], force=True)
+        return True
 
-    return execute_remote(run_dir, "ray", submit, facts, share=ray.put, cancel=lambda f: ray.cancel(refs[f], force=True))
-
-
-def execute_modal(run_dir, gpu):
-    """Every unfinished experiment as a call of the Modal app's `run_experiment` on the card `gpu`,
-    all at once (Modal starts a container per call)."""
-    import modal
-
-    from quantbench import modal_app
-
-    run = read_json(Path(run_dir) / "run.json")
-    function = modal_app.run_experiment.with_options(gpu=gpu)
-    facts_function = modal_app.worker_facts.with_options(gpu=gpu)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(run["experiments"])))
-
-    def go():
-        return execute_remote(run_dir, "modal", lambda files, exp, ref: pool.submit(function.remote, files, exp["id"], ref),
-                              lambda: facts_function.remote(run["device"]))
-    try:
-        if modal_app.RUNNING:  # `modal run` has started the app already
-            return go()
-        with modal_app.app.run():
-            return go()
-    except (modal.exception.AuthError, modal.exception.ConnectionError) as e:
-        raise RunError(f"Modal refused or could not be reached ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                       f"set up an account and token with `modal token new`, then `quantbench run --resume {run_dir} "
-                       f"--backend modal`") from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    return {"name": "ray", "facts": facts, "submit": submit, "cancel": cancel, "close": lambda: None,
+            "after": flag_shared_hosts}
 
 
 if __name__ == "__main__":

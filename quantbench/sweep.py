@@ -1,20 +1,21 @@
 """A run: a numbered folder under --out, every experiment in its own process, results kept.
 
-    >>> run_dir = create_run(config)          # results/run001/run.json
-    >>> execute(run_dir)                      # one child process per experiment, summary.md at the end
+    >>> run_dir = new_run(config)                 # results/run001/run.json
+    >>> execute(run_dir, local.local_launcher())  # each experiment, summary.md and the report at the end
 
-Each experiment runs in a process of its own, forked from a server that has imported torch,
-transformers and lm-eval once for the run (quantbench.forkserver; where it cannot run, as `python -m
-quantbench.experiment RUN_DIR ID`), so a crash, a CUDA error or an out-of-memory in one method
-cannot take the sweep down or leave memory behind for the next.
-The child writes its own result; if it dies without finishing (killed, segfault), the parent
-records it as failed with the signal or exit code and whatever the child had measured. `--resume`
-runs the experiments whose result is missing or not finished; Ctrl-C stops the current child,
-keeps everything finished and says how to resume.
+The one run loop (execute) sends each unfinished experiment to a launcher: a process of its own on
+this machine (local.local_launcher), a Ray task (remote.ray_launcher) or a Modal call
+(modal_app.modal_launcher). The baselines go first (the others' KLD needs their reference),
+every result is written the moment it comes back, a crash or a lost worker is recorded as failed
+with what it had measured, Ctrl-C stops what runs (recorded as interrupted) and keeps the rest, and
+`--resume` runs whatever is not finished.
 """
+import concurrent.futures
 import dataclasses
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,15 +23,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quantbench import forkserver
-from quantbench.config import SUITES
-from quantbench.methods import BASELINE_METHODS, BASELINE_OF, METHODS, checkpoint_dtype, group_size_problem, why_not_runnable
-from quantbench.models import model_slug, resolve_model
-from quantbench.results import environment, read_json, summary_markdown, write_json
-from quantbench.tasks import hub_reachable, resolve_task
+from quantbench.config import SUITES, ConfigError, from_args, from_run, make_experiment
+from quantbench.methods import (BASELINE_METHODS, BASELINE_OF, METHODS, checkpoint_dtype, group_size_problem,
+                                why_not_runnable)
+from quantbench.models import ModelError, cache_folder, model_slug, resolve_model
+from quantbench.results import SCHEMA, ResultsError, environment, read_json, read_run_file, write_files, write_json
+from quantbench.tasks import LOCAL_TASKS, hub_reachable, resolve_task
 
 FINISHED = ("ok", "skipped")
-RUN_FORMAT = 2  # run.json's format: 2 records each model's compute dtype
 
 
 class RunError(Exception):
@@ -76,9 +76,33 @@ def check_writable(out):
         raise RunError(f"cannot write results to {out}: no write permission on {existing}; pass another --out")
 
 
+def new_run(config, *, sweep_file=None, device=None):
+    """The run folder for `config`: the methods `--all` adds, task names checked, run.json written, the
+    sweep file copied in. `device`: the workers' when the experiments run elsewhere (Ray, Modal)."""
+    if config.all_methods:
+        have = {e["name"] for e in config.experiments}
+        device = device or resolve_device(config.device)
+        here = config.backend == "local"  # elsewhere, a missing library is found (and recorded as skipped) on the worker
+        config.experiments += [make_experiment(n) for n in METHODS  # the baselines by name, not `baseline`
+                               if n not in have and n != "baseline" and why_not_runnable(n, device, libraries=here) is None]
+    if config.tasks and not set(config.tasks) <= set(LOCAL_TASKS):  # quantbench's own names need no index
+        from quantbench.tasks import known_task_names
+
+        unknown = [t for t in config.tasks if t not in known_task_names()]
+        if unknown:
+            raise ConfigError(f"unknown task(s) {', '.join(unknown)}: not an lm-eval task name "
+                              "(lm-eval's `lm_eval ls tasks` lists them), or 'none'")
+    cache_dir = cache_folder(config.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = create_run(config, cache_dir, device=device)
+    if sweep_file:
+        shutil.copy(sweep_file, run_dir / ("sweep" + Path(sweep_file).suffix))
+    print(f"Run folder: {run_dir}", flush=True)
+    return run_dir
+
+
 def create_run(config, cache_dir, device=None):
-    """Resolve models and tasks, make the run folder and write run.json; returns the folder.
-    `device`: the workers' device when the experiments run elsewhere (Ray, Modal)."""
+    """Resolve models and tasks, make the run folder and write run.json; returns the folder."""
     out = Path(config.out)
     check_writable(out)
     device = device or resolve_device(config.device)
@@ -107,8 +131,8 @@ def create_run(config, cache_dir, device=None):
                          next((e for e in mine if e["method"] in BASELINE_METHODS), None))
         m["reference_experiment"] = reference and reference["id"]
         experiments += sorted(mine, key=lambda e: e is not reference)
-    run = {"quantbench_run": RUN_FORMAT, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None,
-           "status": "running", "device": device, "hub_reachable": hub, "cache_dir": str(cache_dir), "config": dataclasses.asdict(config),
+    run = {"schema": SCHEMA, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None, "status": "running",
+           "device": device, "hub_reachable": hub, "cache_dir": str(cache_dir), "config": dataclasses.asdict(config),
            "environment": environment(), "models": models, "tasks": tasks, "experiments": experiments}
     write_json(run_dir / "run.json", run)
     return run_dir
@@ -125,58 +149,41 @@ def for_model(exp, model):
 
 
 def check_resumable(run_dir):
-    """Check that run_dir is a quantbench run that can be finished; RunError for a missing, corrupt or
-    foreign folder, or one whose model checkpoint is gone."""
+    """The run.json of a quantbench run that can be finished; RunError for a missing, corrupt or foreign
+    folder, one of another schema, or one whose model checkpoint is gone."""
     run_dir = Path(run_dir)
-    path = run_dir / "run.json"
     if not run_dir.is_dir():
         raise RunError(f"--resume {run_dir}: no such folder")
-    if not path.exists():
+    if not (run_dir / "run.json").exists():
         raise RunError(f"--resume {run_dir}: no run.json there, so it is not a quantbench run folder")
     try:
-        run = read_json(path)
-    except ValueError as e:
-        raise RunError(f"--resume {run_dir}: run.json is corrupt ({e}); start a new run instead") from None
-    if not isinstance(run, dict) or "quantbench_run" not in run or "experiments" not in run:
-        raise RunError(f"--resume {run_dir}: run.json was not written by quantbench; start a new run instead")
-    if run["quantbench_run"] != RUN_FORMAT:
-        raise RunError(f"--resume {run_dir}: its run.json is format {run['quantbench_run']}, this quantbench writes "
-                       f"format {RUN_FORMAT}; start a new run instead")
+        run = read_run_file(run_dir / "run.json")
+    except ResultsError as e:
+        raise RunError(f"--resume {run_dir}: {e}; start a new run instead") from None
     for m in run["models"]:
         if not Path(m["path"]).exists():
             raise RunError(f"--resume {run_dir}: the model checkpoint {m['path']} is gone; run it again from scratch")
+    return run
 
 
-def _status_of(run_dir, exp_id):
-    path = run_dir / f"{exp_id}.json"
+def status_of(run_dir, exp_id):
     try:
-        return read_json(path).get("status")
+        return read_json(Path(run_dir) / f"{exp_id}.json").get("status")
     except (OSError, ValueError):
         return None
-
-
-def _describe_exit(code):
-    """How an experiment's process ended without its result; None: its forking server ended first."""
-    if code is None:
-        return "the preloaded server that forked the experiment's process ended, and the process with it"
-    if code < 0:
-        name = signal.Signals(-code).name
-        why = {"SIGKILL": " (killed: out of host memory, or by hand)", "SIGSEGV": " (segmentation fault in native code)",
-               "SIGABRT": " (aborted in native code)"}.get(name, "")
-        return f"the experiment process died by {name}{why}"
-    return f"the experiment process exited with code {code} before writing its result"
 
 
 def empty_result(run, exp):
     """The result of an experiment that measured nothing (skipped, or ended before it wrote one)."""
     model = next(m for m in run["models"] if m["name"] == exp["model"])
-    return {"experiment": exp["id"], "method": exp["method"], "settings": exp["settings"], "model": model,
-            "device": run["device"], "quality": {}, "quality_info": {}, "cost": {}, "phases_s": {}}
+    return {"schema": SCHEMA, "experiment": exp["id"], "method": exp["method"], "engine": METHODS[exp["method"]]["engine"],
+            "settings": exp["settings"], "model": model, "device": run["device"], "quality": {}, "quality_info": {},
+            "cost": {}, "phases_s": {}}
 
 
-def _record_unfinished(run_dir, exp, run, status, error, duration):
-    """The child ended without a final result: keep what it measured, say why it stopped."""
-    path = run_dir / f"{exp['id']}.json"
+def record_unfinished(run_dir, exp, run, status, error, duration):
+    """The experiment ended without a final result: keep what it measured, say why it stopped."""
+    path = Path(run_dir) / f"{exp['id']}.json"
     try:
         result = read_json(path)
     except (OSError, ValueError):
@@ -186,132 +193,136 @@ def _record_unfinished(run_dir, exp, run, status, error, duration):
     write_json(path, result)
 
 
-def run_child(run_dir, exp, run, server=None):
-    """Run one experiment in its own process and return its result: a child forked from the preloaded
-    `server` (quantbench.forkserver, ready) when there is one, else `python -m quantbench.experiment
-    RUN_DIR ID`. A child that ends without a result is recorded as failed with the reason, and Ctrl-C
-    stops it, records it as interrupted and propagates."""
-    started = time.perf_counter()
-    try:
-        if server is not None:
-            code = forkserver.run(server, run_dir, exp["id"])
-        else:
-            child = subprocess.Popen([sys.executable, "-m", "quantbench.experiment", str(run_dir), exp["id"]],
-                                     preexec_fn=forkserver.ignore_sigint)
-            try:
-                code = child.wait()
-            except KeyboardInterrupt:
-                child.terminate()
-                child.wait()
-                raise
-    except KeyboardInterrupt:
-        _record_unfinished(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
-        raise
-    if _status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
-        _record_unfinished(run_dir, exp, run, "failed", _describe_exit(code), time.perf_counter() - started)
-    return read_json(run_dir / f"{exp['id']}.json")
-
-
-def _skip_unrunnable(run_dir, exp, run):
+def skip_unrunnable(run_dir, exp, run, libraries=True):
     """Record `exp` as skipped, before its process starts, when it cannot run here: a group size that does
-    not tile the model (first: installing a library would not help), a GPU it needs, a missing library."""
+    not tile the model (first: installing a library would not help), a GPU it needs, a missing library
+    (`libraries`: looked for on this machine; a worker elsewhere finds its own)."""
     model = next(m for m in run["models"] if m["name"] == exp["model"])
     group = exp["settings"].get("group_size", METHODS[exp["method"]]["group_size"])
     shape = group_size_problem(model["path"], exp["method"], group)
     problems = [p for p in [shape and (shape, "pick another method for this model"),
-                            why_not_runnable(exp["method"], run["device"])] if p]
+                            why_not_runnable(exp["method"], run["device"], libraries=libraries)] if p]
     if not problems:
         return False
-    write_json(run_dir / f"{exp['id']}.json", {**empty_result(run, exp), "status": "skipped",
-                                                "error": "; and ".join(p[0] for p in problems),
-                                                "fix": "; ".join(p[1] for p in problems), "finished": now()})
+    write_json(Path(run_dir) / f"{exp['id']}.json", {**empty_result(run, exp), "status": "skipped",
+                                                      "error": "; and ".join(p[0] for p in problems),
+                                                      "fix": "; ".join(p[1] for p in problems), "finished": now()})
     return True
 
 
 def measure_device_rates(device):
     """The device's copy bandwidth and matmul rate (the roofline's ceilings), measured once per run in
     a child process so this one never holds the GPU; an error is recorded instead of the rates."""
-    import json
-
     print("Measuring the device's copy bandwidth and matmul rate...", flush=True)
-    r = subprocess.run([sys.executable, "-m", "quantbench.cost", device], capture_output=True, text=True,
-                       timeout=600, preexec_fn=forkserver.ignore_sigint)
+    r = subprocess.run([sys.executable, "-m", "quantbench.cost", device], capture_output=True, text=True, timeout=600,
+                       preexec_fn=_ignore_sigint)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300], "device": device}
 
 
-def unfinished(run_dir, run):
-    """The experiments still to run, after saying how many are done; marks the run as running."""
-    todo = [e for e in run["experiments"] if _status_of(run_dir, e["id"]) not in FINISHED]
-    done = len(run["experiments"]) - len(todo)
+def _ignore_sigint():
+    """In a child of the sweep, before Python starts: Ctrl-C is the sweep's to handle (it stops the child
+    itself), and on Linux the child dies with its parent (no orphan keeps the GPU)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def execute(run_dir, launcher):
+    """Run every unfinished experiment of the run through `launcher` (baselines first, then the rest);
+    returns the exit code. A launcher is a dict of plain functions: facts(run) -> what run.json adds
+    (the device's rates); submit(run_dir, run, exp) -> a future of the result files to write here (None
+    when the experiment wrote them itself); cancel(future); close(); and optionally after(run_dir, run)."""
+    run_dir = Path(run_dir)
+    run = read_run_file(run_dir / "run.json")
+    todo = [e for e in run["experiments"] if status_of(run_dir, e["id"]) not in FINISHED]
+    total, done = len(run["experiments"]), len(run["experiments"]) - len(todo)
     if done:
         print(f"Resuming {run_dir}: {done} experiment(s) already finished, {len(todo)} to run.", flush=True)
     # The folder may have moved since it was made; the experiments read their task files from here.
     run.update(status="running", resumed=now() if done else None, run_dir=str(run_dir.resolve()))
     write_json(run_dir / "run.json", run)
-    return todo
-
-
-def record_phases(run_dir, run, exp, result, seconds):
-    """The time of each phase of each experiment, in run.json (only the launching process writes it)."""
-    run.setdefault("phases_s", {})[exp["id"]] = {**result.get("phases_s", {}), "total": round(seconds, 3)}
-    write_json(run_dir / "run.json", run)
-
-
-def execute(run_dir, server=None):
-    """Run every unfinished experiment of the run in its own process; returns the exit code.
-    `server`: the preloaded server, if the caller started it already (`quantbench run` does, first
-    thing, so that its imports overlap the run's set-up); it is stopped here either way."""
-    run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json")
-    todo = unfinished(run_dir, run)
-    done = len(run["experiments"]) - len(todo)
-    interrupted = False
+    references = {m["reference_experiment"] for m in run["models"] if m.get("reference_experiment")}
+    pending, interrupted = {}, False
     try:
-        if todo and server is None:
-            server = forkserver.start()
         if todo and "device_rates" not in run:
-            # The server imports while a GPU's rates are measured; on a CPU its imports would take a
-            # core from the matmul rate being measured, so there they are waited for first.
-            if run["device"] != "cuda":
-                forkserver.ready(server)
-            run["device_rates"] = measure_device_rates(run["device"])
+            try:
+                run.update(launcher["facts"](run))
+            except Exception as e:  # noqa: BLE001 - no roofline then; the experiments still run
+                run["device_rates"] = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}", "device": run["device"]}
             write_json(run_dir / "run.json", run)
-        for i, exp in enumerate(todo, done + 1):
-            label = f"[{i}/{len(run['experiments'])}] {exp['id']} ({exp['method']} on {exp['model']})"
-            if _skip_unrunnable(run_dir, exp, run):
-                print(f"{label}: skipped: {read_json(run_dir / (exp['id'] + '.json'))['error']}", flush=True)
-                continue
-            print(f"{label}: running", flush=True)
-            started = time.perf_counter()
-            if server and not forkserver.ready(server):
-                print(f"quantbench: {server['problem']}; each experiment starts its own interpreter instead", flush=True)
-                server = None
-            if server and "forkserver_import_s" not in run:  # what the experiments did not each pay
-                run["forkserver_import_s"] = server["ready"].get("import_s")
-            result = run_child(run_dir, exp, run, server)
-            record_phases(run_dir, run, exp, result, time.perf_counter() - started)
-            extra = f": {result['error']}" if result.get("error") else ""
-            print(f"{label}: {result['status']} in {time.perf_counter() - started:.1f} s{extra}", flush=True)
+        for wave in ([e for e in todo if e["id"] in references], [e for e in todo if e["id"] not in references]):
+            for exp in wave:
+                if skip_unrunnable(run_dir, exp, run, libraries=launcher["name"] == "local"):
+                    done += 1
+                    print(f"[{done}/{total}] {exp['id']} ({exp['method']} on {exp['model']}): skipped: "
+                          f"{read_json(run_dir / (exp['id'] + '.json'))['error']}", flush=True)
+                    continue
+                pending[launcher["submit"](run_dir, run, exp)] = (exp, time.perf_counter())
+            while pending:
+                finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    exp, started = pending.pop(future)
+                    try:
+                        write_files(run_dir, future.result() or {})
+                    except Exception as e:  # noqa: BLE001 - a lost worker, a dead node, a cancelled call
+                        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                        record_unfinished(run_dir, exp, run, "failed", f"the {launcher['name']} worker running it "
+                                          f"failed or was lost: {type(e).__name__}: {why}", time.perf_counter() - started)
+                    result = read_json(run_dir / f"{exp['id']}.json")
+                    run.setdefault("phases_s", {})[exp["id"]] = {**result.get("phases_s", {}),
+                                                                "total": round(time.perf_counter() - started, 3)}
+                    write_json(run_dir / "run.json", run)
+                    done += 1
+                    extra = f": {result['error']}" if result.get("error") else ""
+                    print(f"[{done}/{total}] {exp['id']} ({exp['method']} on {exp['model']}): {result['status']} "
+                          f"in {time.perf_counter() - started:.1f} s{extra}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
+        stopped = [(exp, started) for future, (exp, started) in pending.items() if launcher["cancel"](future)]
+        launcher["close"]()
+        for exp, started in stopped:
+            record_unfinished(run_dir, exp, run, "interrupted", "stopped by Ctrl-C", time.perf_counter() - started)
     finally:
-        forkserver.stop(server)
+        launcher["close"]()
+    if launcher.get("after"):
+        launcher["after"](run_dir, run)
     return finish(run_dir, interrupted)
 
 
+def run_command(args, launcher_for):
+    """`quantbench run` with its parsed flags: finish the run of --resume (its settings, unless a flag
+    names another backend) or make a new run folder, then run it through the launcher that
+    `launcher_for(config)` gives with the device its experiments see."""
+    if args.resume:
+        config = from_run(check_resumable(args.resume))
+        config.backend, config.ray_address = args.backend or config.backend, args.ray_address or config.ray_address
+        config.gpu = args.gpu or config.gpu
+        return execute(Path(args.resume), launcher_for(config)[0])
+    config = from_args(args)
+    launcher, device = launcher_for(config)  # first: a local forkserver's imports overlap the set-up below
+    try:
+        run_dir = new_run(config, sweep_file=args.config, device=device)
+    except BaseException:
+        launcher["close"]()
+        raise
+    return execute(run_dir, launcher)
+
+
 def finish(run_dir, interrupted):
-    """Close the run: status in run.json, summary.md, the report; returns the exit code."""
+    """Close the run: status in run.json, summary.md (printed), the report; returns the exit code."""
+    from quantbench import report
+
     run = read_json(run_dir / "run.json")
     run.update(status="interrupted" if interrupted else "finished", finished=now())
     write_json(run_dir / "run.json", run)
-    summary = summary_markdown(run_dir)
+    summary = report.summary_markdown(run_dir)
     (run_dir / "summary.md").write_text(summary)
     try:  # the page to decide from; a failure here never costs the results
-        from quantbench import report
-
         report_md, report_html = report.build([run_dir])
         summary += f"\nThe page to decide from: {report_html} (and {report_md.name}).\n"
     except Exception as e:  # noqa: BLE001 - any plotting or file error is reported, the run stands
@@ -322,3 +333,6 @@ def finish(run_dir, interrupted):
         print(f"Stopped. Finished results are kept; continue with: quantbench run --resume {run_dir}", flush=True)
         return 130
     return 0
+
+
+USER_ERRORS = (ConfigError, RunError, ModelError, ResultsError, FileNotFoundError)  # one line and exit code 2, no traceback

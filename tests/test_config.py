@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from quantbench.config import ConfigError, RunConfig, load_sweep_file, make_experiment, parse_tasks, validate
+from quantbench.config import (FIELDS, FILE_KEYS, ConfigError, RunConfig, from_args, from_run, load_sweep_file,
+                               make_experiment, parse_tasks, run_parser, validate)
 
 
 def test_yaml_sweep_file_with_method_settings(tmp_path):
@@ -78,10 +79,8 @@ def test_parse_tasks():
 
 
 def test_suites_set_tasks_and_limit_unless_flags_do(tmp_path):
-    from quantbench.cli import build_parser, config_from_args
-
     def config(*argv):
-        return config_from_args(build_parser().parse_args(["run", *argv]))
+        return from_args(run_parser().parse_args(argv))
 
     quick = config("--suite", "quick")
     assert quick.suite == "quick" and quick.tasks == ["lambada_openai", "arc_easy"] and quick.limit == 500
@@ -107,11 +106,9 @@ def test_decode_modes():
 
 
 def test_all_tokens_means_the_whole_corpus():
-    from quantbench.cli import build_parser, config_from_args
-
-    c = config_from_args(build_parser().parse_args(["run", "--ppl-tokens", "all", "--kld-tokens", "all"]))
+    c = from_args(run_parser().parse_args(["--ppl-tokens", "all", "--kld-tokens", "all"]))
     assert c.ppl_tokens is None and c.kld_tokens is None
-    c = config_from_args(build_parser().parse_args(["run", "--kld-tokens", "0"]))
+    c = from_args(run_parser().parse_args(["--kld-tokens", "0"]))
     assert c.kld_tokens == 0 and c.ppl_tokens == 16384
 
 
@@ -122,14 +119,38 @@ def test_all_tokens_in_a_sweep_file(tmp_path):
 
 
 def test_eval_batch_is_lm_evals_detection_on_a_gpu_and_16_on_the_cpu():
-    from quantbench.cli import build_parser, config_from_args
     from quantbench.config import eval_batch
 
     def config(*argv):
-        return config_from_args(build_parser().parse_args(["run", *argv]))
+        return from_args(run_parser().parse_args(argv))
 
     assert config().eval_batch_size == "auto" and config("--eval-batch-size", "64").eval_batch_size == 64
     assert eval_batch("auto", "cuda") == "auto" and eval_batch("auto", "cpu") == 16 and eval_batch(8, "cuda") == 8
     for bad in (0, "big", True):
         with pytest.raises(ConfigError, match="--eval-batch-size"):
             validate(dataclasses.replace(RunConfig(), eval_batch_size=bad, experiments=[make_experiment("fp16")]))
+
+
+def test_every_setting_has_a_flag_and_a_sweep_file_key_and_travels_through_run_json(tmp_path):
+    """Declared once on RunConfig: the parser, the file keys and the checks come from the fields, so a
+    new field without a flag or key cannot exist."""
+    flags = {a.dest: a.option_strings for a in run_parser()._actions}
+    for name in FIELDS:
+        assert flags.get(name), f"RunConfig.{name} has no flag"
+        assert FILE_KEYS.get(name) == name, f"RunConfig.{name} has no sweep-file key"
+    assert flags["experiments"] == ["--methods"] and flags["models"] == ["--model"] and flags["all_methods"] == ["--all"]
+    assert flags["decode_prompt_tokens"] == ["--decode-prompt-tokens"]
+    assert FILE_KEYS["model"] == "models" and FILE_KEYS["methods"] == "experiments" and FILE_KEYS["all"] == "all_methods"
+    c = from_args(run_parser().parse_args(["--model", "a,b", "--model", "c", "--methods", "nf4", "--experiment", "bnb_8bit",
+                                           "--decode-prompt-tokens", "16", "--batch-sizes", "1,4"]))
+    assert c.models == ["a", "b", "c"] and [e["method"] for e in c.experiments] == ["nf4", "int8"]
+    assert c.decode_prompt_tokens == 16 and c.batch_sizes == [1, 4]
+    assert from_run({"config": dataclasses.asdict(c)}) == c  # an experiment rebuilds the same config from run.json
+
+
+def test_run_help_groups_the_flags_by_purpose():
+    text = run_parser().format_help()
+    text = text[text.index("what to compare:"):]  # after the usage line, which names every flag
+    order = [text.index(title) for title in ("what to compare:", "quality budget:", "speed sweep:", "where to run:")]
+    assert order == sorted(order) and text.index("--methods") < text.index("quality budget:")
+    assert text.index("--decode-mode") > text.index("speed sweep:") > text.index("--limit")

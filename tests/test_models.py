@@ -125,7 +125,7 @@ def test_arch_model_run_measures_cost_and_labels_quality_skipped(tmp_path):
         assert res["status"] == "ok" and res["model"]["kind"] == "arch" and "random weights" in res["model"]["note"]
         assert res["quality"] == {} and res["quality_info"]["perplexity"]["status"] == "skipped"
         assert res["quality_info"]["coqa"]["reason"].startswith("random weights")
-        assert res["cost"]["decode_tok_s"]["1"] > 0 and res["cost"]["weight_bytes"] > 0
+        assert res["cost"]["decode"]["eager"]["1"]["tok_s"] > 0 and res["cost"]["weight_bytes"] > 0
     fp16 = json.loads((run_dir / "fp16.json").read_text())["cost"]["weight_bytes"]
     # float32 on the CPU, tied embeddings counted once, plus the rotary embedding's two buffers of
     # head_dim / 2 = 32 float32 frequencies.

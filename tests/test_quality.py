@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantbench import quality, tasks
+from quantbench.engines import transformers as engine
 from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START
 
 
@@ -19,7 +20,8 @@ def tiny(tiny_model_dir):
 def test_perplexity_matches_float64_recomputation(tiny):
     model, tokenizer = tiny
     text = tasks.perplexity_corpus(None, hub=False)[0]
-    got = quality.perplexity(model, tokenizer, text, window=64, max_tokens=64 * 5 + 17, batch_size=2)
+    value, got = quality.perplexity(engine, model, tokenizer, text, window=64, max_tokens=64 * 5 + 17, batch_size=2,
+                                    dtype="float32")
 
     # Independent: float64 log-softmax over each window, token by token.
     ids = tokenizer(text, return_tensors="pt").input_ids[0][: 64 * 5]
@@ -31,13 +33,13 @@ def test_perplexity_matches_float64_recomputation(tiny):
                 nll -= logp[pos, w[pos + 1]].item()
                 count += 1
     assert got["windows"] == 5 and got["tokens_scored"] == count == 5 * 63
-    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert value == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
 def test_perplexity_too_short_corpus_is_an_error(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="fewer than one window"):
-        quality.perplexity(model, tokenizer, "a b c", window=64)
+        quality.perplexity(engine, model, tokenizer, "a b c", window=64, dtype="float32")
 
 
 def test_degenerate_detection():
@@ -49,7 +51,7 @@ def test_degenerate_detection():
 
 def test_sanity_generation_records_prompt_and_output(tiny):
     model, tokenizer = tiny
-    s = quality.sanity_generation(model, tokenizer)
+    s = quality.sanity(engine, model, tokenizer, "float32")
     assert s["prompt"] == quality.SANITY_PROMPT
     assert 1 <= s["new_tokens"] <= quality.SANITY_NEW_TOKENS
     assert isinstance(s["degenerate"], bool)
@@ -67,7 +69,7 @@ def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path, monkey
     # lm-eval's forward passes run without cuDNN attention (a plan per new shape); torch's flags return after
     cudnn_seen = []
     hook = model.register_forward_pre_hook(lambda *_: cudnn_seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
-    scores, docs = quality.run_tasks(model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4,
+    scores, docs = quality.run_tasks(engine, model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4, dtype="float32",
                                      max_length=256, max_gen_toks=16)
     hook.remove()
     assert env_reports == []
@@ -87,16 +89,16 @@ def test_lm_evals_batch_detection_starts_at_what_its_probe_fits(tiny):
     c, element = model.config, torch.finfo(model.dtype).bits // 8
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * element
     per_sequence = 128 * (3 * c.vocab_size * element + kv_per_token)  # three logits tensors and the KV cache
-    assert quality.eval_batch_start(model, 128, free_bytes=100 * per_sequence / 0.9 + 1) == 100
-    assert quality.eval_batch_start(model, 128, free_bytes=0) == EVAL_MIN_START  # lm-eval's own start at least
-    assert quality.eval_batch_start(model, 128, free_bytes=10**15) == EVAL_MAX_BATCH
+    assert quality.eval_batch_start(engine.shapes(model), 128, free_bytes=100 * per_sequence / 0.9 + 1) == 100
+    assert quality.eval_batch_start(engine.shapes(model), 128, free_bytes=0) == EVAL_MIN_START  # lm-eval's own start at least
+    assert quality.eval_batch_start(engine.shapes(model), 128, free_bytes=10**15) == EVAL_MAX_BATCH
 
 
 def _kld_setup(tiny, tmp_path, n_ctx=32, chunks=4):
     model, tokenizer = tiny
     text = tasks.perplexity_corpus(None, hub=False)[0]
     ids, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=n_ctx, max_tokens=n_ctx * chunks + 5)
-    info = quality.write_reference(model, ids, tmp_path / "ref", adds_bos=adds_bos, dtype="float32", batch_size=3,
+    info = quality.write_reference(engine, model, ids, tmp_path / "ref", adds_bos=adds_bos, dtype="float32", batch_size=3,
                                    about={"experiment": "fp16"})
     return ids, info
 
@@ -104,7 +106,7 @@ def _kld_setup(tiny, tmp_path, n_ctx=32, chunks=4):
 def test_kld_of_the_baseline_against_itself_is_exactly_zero(tiny, tmp_path):
     ids, info = _kld_setup(tiny, tmp_path)
     assert ids.shape == (4, 32) and info["tokens_scored"] == 4 * (32 - 1 - 16)
-    stats, used = quality.compare_to_reference(tiny[0], tmp_path / "ref", batch_size=2)
+    stats, used = quality.compare_to_reference(engine, tiny[0], tmp_path / "ref", dtype="float32", batch_size=2)
     assert stats["tokens"] == info["tokens_scored"] and used["reference"] == "fp16"
     assert stats["kld_mean"] == 0.0 and stats["kld_max"] == 0.0 and stats["same_top_p"] == 1.0
     assert stats["delta_p_mean"] == 0.0 and stats["delta_p_rms"] == 0.0 and stats["ppl_ratio"] == 1.0
@@ -120,7 +122,7 @@ def test_kld_against_a_perturbed_copy_matches_float64_recomputation(tiny, tmp_pa
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.3 * p.std())
-    stats, _ = quality.compare_to_reference(other, tmp_path / "ref", batch_size=4)
+    stats, _ = quality.compare_to_reference(engine, other, tmp_path / "ref", dtype="float32", batch_size=4)
 
     # Independent: both models' full distributions in float64, the second half of each chunk.
     with torch.no_grad():
@@ -166,7 +168,7 @@ def test_lm_eval_runs_every_local_task_on_tiny_model(tiny, shared_data, tmp_path
     names = ["arc_easy", "piqa", "boolq", "winogrande", "squad_v1"]
     resolved = [tasks.resolve_task(n, data_dir=shared_data, hub=False, task_dir=tmp_path) for n in names]
     # squad_v1's own bound (48) is below the cap: two lm-eval calls, one per bound, one result
-    scores, docs = quality.run_tasks(model, tokenizer, resolved, task_dir=tmp_path, limit=3, batch_size=4,
+    scores, docs = quality.run_tasks(engine, model, tokenizer, resolved, task_dir=tmp_path, limit=3, batch_size=4, dtype="float32",
                                      max_length=512, max_gen_toks=64)
     assert set(docs["squad_v1"]) == {"doc_ids", "em", "f1"} and set(docs["arc_easy"]) == {"doc_ids", "acc", "acc_norm"}
     for n in names[:4]:
@@ -183,21 +185,19 @@ def test_non_finite_logits_fail_the_phase_with_where_and_the_dtype(tiny_overflow
     text = tasks.perplexity_corpus(None, hub=False)[0]
     fp16 = AutoModelForCausalLM.from_pretrained(tiny_overflow_model_dir, dtype=torch.float16).eval()
     with pytest.raises(quality.NonFinite) as e:
-        with quality.finite_logits(fp16, "perplexity", "float16"):
-            quality.perplexity(fp16, tokenizer, text, window=64, max_tokens=64 * 3, batch_size=2)
+        quality.perplexity(engine, fp16, tokenizer, text, window=64, max_tokens=64 * 3, batch_size=2, dtype="float16")
     assert (e.value.phase, e.value.dtype, e.value.nonfinite, e.value.positions) == ("perplexity", "float16", 192, 192)
     assert str(e.value) == "perplexity: non-finite logits (NaN or infinite) at 192 of 192 positions, computing in float16"
 
     chunks, bos = quality.kld_chunks(tokenizer, text, n_ctx=64, max_tokens=128)
     with pytest.raises(quality.NonFinite, match="kld reference"):
-        quality.write_reference(fp16, chunks, tmp_path / "ref", adds_bos=bos, dtype="float16")
+        quality.write_reference(engine, fp16, chunks, tmp_path / "ref", adds_bos=bos, dtype="float16")
     assert not (tmp_path / "ref").exists() and not list(tmp_path.iterdir())  # nothing half-written kept
 
     bf16 = AutoModelForCausalLM.from_pretrained(tiny_overflow_model_dir, dtype=torch.bfloat16).eval()
-    with quality.finite_logits(bf16, "perplexity", "bfloat16"):
-        got = quality.perplexity(bf16, tokenizer, text, window=64, max_tokens=64 * 3)
-    assert math.isfinite(got["perplexity"])
-    quality.write_reference(bf16, chunks, tmp_path / "ref", adds_bos=bos, dtype="bfloat16")
+    value, _ = quality.perplexity(engine, bf16, tokenizer, text, window=64, max_tokens=64 * 3, dtype="bfloat16")
+    assert math.isfinite(value)
+    quality.write_reference(engine, bf16, chunks, tmp_path / "ref", adds_bos=bos, dtype="bfloat16")
     assert (tmp_path / "ref" / "reference.json").exists()
 
 

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,15 +22,20 @@ def _files_mention(folder, text):
 
 
 def _experiment_child(exp_id):
-    """The pid of a Ray worker's experiment process for exp_id, and its parent (the worker), if running."""
-    out = subprocess.run(["pgrep", "-f", f"quantbench.experiment .*quantbench-worker-.* {exp_id}$"],
-                         capture_output=True, text=True).stdout.split()
-    for pid in out:
+    """The pid of a Ray worker's experiment process for exp_id, and its parent (the worker), if running:
+    from the result the experiment writes in the worker's scratch copy of the run folder."""
+    import glob
+    import json
+
+    for path in glob.glob(f"{tempfile.gettempdir()}/quantbench-worker-*/run/{exp_id}.json"):
         try:
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            r = json.loads(Path(path).read_text())
+            if r.get("status") != "running":
+                continue
+            ppid = int(Path(f"/proc/{r['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError, KeyError):
             continue
-        return int(pid), ppid
+        return r["pid"], ppid
     return None
 
 
@@ -66,7 +72,7 @@ def test_a_ray_sweep_on_a_local_cluster_survives_a_killed_worker_and_resumes(tin
         assert r["status"] == "ok" and r["worker"]["host"], r
         # The workers were sent run.json after the rates were measured: roofline shares as in a local run.
         # (A point may be 'not measurable' when a loaded 2-core machine's noise swamps 8 tokens: seen once.)
-        ok = [p for p in r["cost"]["decode"].values() if p["status"] == "ok"]
+        ok = [p for p in r["cost"]["decode"]["eager"].values() if p["status"] == "ok"]
         assert ok and all(p["bandwidth_share"] > 0 for p in ok), r["cost"]["decode"]
     # The baseline's reference came back once and int8 was compared with it on its worker.
     assert (run_dir / "reference").is_dir() and read_json(run_dir / "int8.json")["quality"]["kld"]["same_top_p"] > 0.5
@@ -79,7 +85,7 @@ def test_a_ray_sweep_on_a_local_cluster_survives_a_killed_worker_and_resumes(tin
     again = read_json(run_dir / "nf4.json")
     assert again["status"] == "ok" and again["quality"]["kld"]["kld_mean"] > 0
     assert again["worker"]["host"]  # resumed on Ray, the run's backend, without naming it again
-    assert "| nf4 | ok |" in (run_dir / "summary.md").read_text()
+    assert "| nf4 |" in (run_dir / "summary.md").read_text()
     # The token was in every process's environment and went nowhere.
     assert not _files_mention(run_dir, SECRET) and SECRET not in out + resumed.stdout + resumed.stderr
 
@@ -90,27 +96,29 @@ def test_the_modal_app_runs_experiments_locally_without_network_or_credentials(t
     .local(), write what they return into the run folder."""
     pytest.importorskip("modal")
     pytest.importorskip("bitsandbytes")
-    from quantbench import cli, modal_app, sweep
+    from quantbench import config as settings
+    from quantbench import modal_app, sweep
+    from quantbench.results import write_files
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     for var in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "no-modal.toml"))  # no credentials at all
-    args = cli.build_parser().parse_args(["run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4",
-                                          "--tasks", "none", "--backend", "modal", "--data-dir", str(shared_data),
-                                          "--out", str(tmp_path / "r"), *TINY_RUN_FLAGS])
-    config = cli.config_from_args(args)
+    args = settings.run_parser().parse_args(["--model", str(tiny_model_dir), "--methods", "fp16,nf4",
+                                             "--tasks", "none", "--backend", "modal", "--data-dir", str(shared_data),
+                                             "--out", str(tmp_path / "r"), *TINY_RUN_FLAGS])
+    config = settings.from_args(args)
     run_dir = sweep.create_run(config, tmp_path / "cache", device="cpu")
     run = read_json(run_dir / "run.json")
     files = remote.pack(run_dir, run)
     facts = modal_app.worker_facts.local("cpu")
     assert facts["device_rates"]["copy_bytes_s"] > 0 and facts["environment"]["python"]
 
-    remote.unpack(run_dir, modal_app.run_experiment.local(files, "fp16"))
+    write_files(run_dir, modal_app.run_experiment.local(files, "fp16"))
     reference = remote.reference_files(run_dir, run["models"][0]["name"])
     assert reference and all(k.startswith("run/reference/") for k in reference)
-    remote.unpack(run_dir, modal_app.run_experiment.local(files, "nf4", reference))
+    write_files(run_dir, modal_app.run_experiment.local(files, "nf4", reference))
     for exp in ("fp16", "nf4"):
         r = read_json(run_dir / f"{exp}.json")
         assert r["status"] == "ok" and r["cost"]["weight_bytes"] > 0, r

@@ -1,5 +1,6 @@
-"""`quantbench report` from fixture result files: failed and skipped experiments, one method alone,
-two runs side by side, and the page opened in a headless browser where one is installed."""
+"""The pages, from fixture result files: the run's summary.md, `quantbench report` with failed and
+skipped experiments, one method alone, two runs side by side, the recorded GPU run, and the page
+opened in a headless browser where one is installed."""
 import re
 import shutil
 import subprocess
@@ -7,13 +8,20 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+
 from quantbench import report
-from quantbench.results import read_json, summary_markdown, write_json
+from quantbench.report import summary_markdown
+from quantbench.results import SCHEMA, read_json, write_json
+
+
+def _write(path, data):
+    write_json(path, {"schema": SCHEMA, **data})
 
 
 def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "nf4", "int8", "gptq-w4g128", "awq-w4g128", "hqq-w4g64")):
     folder.mkdir(parents=True)
-    write_json(folder / "run.json", {
+    _write(folder / "run.json", {
         "config": {"batch_sizes": [1, 8], "prompt_lengths": [128, 512], "repeats": 3, "new_tokens": 64,
                    "decode_prompt_tokens": 32, "tasks": ["arc_easy"], "suite": None, "out": str(folder.parent)},
         "environment": {"gpu": gpu, "cpu_count": 16, "libraries": {"transformers": transformers}},
@@ -24,33 +32,35 @@ def _run(folder, *, gpu="NVIDIA H200", transformers="5.17.0", methods=("fp16", "
     kld = {"fp16": 0.0, "nf4": 0.08, "int8": 0.004}
     for i, m in enumerate(methods):
         if m == "gptq-w4g128":
-            write_json(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
-                                              "status": "skipped", "error": "group size 128 does not divide 576",
+            _write(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
+                                          "status": "skipped", "error": "group size 128 does not divide 576",
                                               "fix": "use a group size that divides 576", "quality": {}, "cost": {}})
             continue
         if m == "hqq-w4g64":  # its process was killed with the run: no error recorded
-            write_json(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
-                                              "status": "running", "quality": {}, "cost": {}})
+            _write(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
+                                          "status": "running", "quality": {}, "cost": {}})
             continue
         if m == "awq-w4g128":
-            write_json(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
-                                              "status": "failed", "error": "CUDA out of memory", "quality": {}, "cost": {}})
+            _write(folder / f"{m}.json", {"experiment": m, "method": m, "model": {"name": "smollm2-135m"},
+                                          "status": "failed", "error": "CUDA out of memory", "quality": {}, "cost": {}})
             continue
         ones = {"fp16": 60, "nf4": 50, "int8": 59}[m]  # nf4 loses ten documents, int8 one
         acc = [1.0] * ones + [0.0] * (100 - ones)
         pct = [kld[m] * q / 50 for q in range(101)]
-        write_json(folder / f"{m}.docs.json", {"arc_easy": {"doc_ids": list(range(100)), "acc": acc}})
-        write_json(folder / f"{m}.json", {
+        _write(folder / f"{m}.docs.json", {"arc_easy": {"doc_ids": list(range(100)), "acc": acc}})
+        _write(folder / f"{m}.json", {
             "shared_host_with": ["fp16"] if m == "int8" else [],  # int8 was timed beside fp16 on one host
             "experiment": m, "method": m, "model": {"name": "smollm2-135m"}, "status": "ok", "error": None,
             "quality": {"perplexity": 19 + 5 * i, "arc_easy": {"acc": sum(acc) / 100, "acc_stderr": 0.049, "n": 100},
                         "kld": {"kld_mean": kld[m], "kld_mean_stderr": kld[m] / 20, "same_top_p": 1 - kld[m],
-                                "kld_max": 3 * kld[m], "kld_percentiles": pct}},
+                                "same_top_p_stderr": 0.001, "kld_p99": 2 * kld[m], "kld_max": 3 * kld[m],
+                                "kld_percentiles": pct, "ppl_ratio": 1 + kld[m], "ppl_ratio_stderr": 0.001}},
             "cost": {"weight_bytes": weights[m] * 2**20, "peak_bytes": (weights[m] + 40) * 2**20,
                      "resident_after_load_bytes": (weights[m] + (300 if m == "int8" else 0)) * 2**20,
-                     "decode": {str(b): {"status": "ok", "tok_s": b * (50 - 5 * i), "bytes_per_step": weights[m] * 2**20}
-                                for b in (1, 8)},
-                     "decode_compiled": {"1": {"status": "ok", "tok_s": 400 - 50 * i, "compiled": True}},
+                     "decode": {"eager": {str(b): {"status": "ok", "tok_s": b * (50 - 5 * i), "bytes_per_step": weights[m] * 2**20,
+                                                   "achieved_bytes_s": 1e11, "kv_cache_bytes": 2**20} for b in (1, 8)},
+                                "compiled": {"1": {"status": "ok", "tok_s": 400 - 50 * i, "compiled": True,
+                                                   "achieved_bytes_s": 1e11, "kv_cache_bytes": 2**20}}},
                      "prefill": {"128": {"status": "ok", "ttft_ms": 20 + i}, "512": {"status": "ok", "ttft_ms": 30 + i}}}})
     return folder
 
@@ -123,12 +133,13 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     assert shot.stat().st_size > 50_000  # a rendered page with its tables and plots, not a blank one
 
 
-GPU_RUN = Path(__file__).resolve().parent.parent / "docs" / "verification" / "runs" / "2026-11-27-standard-h200"
+GPU_RUN = Path(__file__).resolve().parent / "fixtures" / "standard-h200"  # trimmed: two tasks' per-document scores
 
 
 def test_report_of_the_recorded_gpu_run(tmp_path):
-    """The result files of the H200 run of `--suite standard` (docs/verification/issue-4-gpu.md) make
-    the page their numbers say: what was measured, the recommendation, and the four skipped methods."""
+    """The result files of an H200 run of `--suite standard` (docs/benchmarks.md; kept with the
+    per-document scores of LAMBADA and Winogrande) make the page their numbers say: what was measured,
+    the recommendation, and the four skipped methods."""
     md, page = report.build([GPU_RUN], out=tmp_path)
     text = md.read_text()
     assert ("Quality: perplexity, KLD from the baseline and 6 tasks (the standard suite: arc_easy, boolq, "
@@ -147,8 +158,100 @@ def test_a_run_without_quality_has_no_quality_table(tmp_path):
     for m in ("fp16", "nf4"):  # an arch: model: speed and memory only
         r = read_json(run / f"{m}.json")
         r["quality"] = {}
-        write_json(run / f"{m}.json", r)
+        write_json(run / f"{m}.json", r)  # read_json kept its schema
         (run / f"{m}.docs.json").unlink()
     text = report.build([run])[0].read_text()
     assert "Quality: not measured; cost: memory and speed." in text
     assert "**Quality**" not in text and "**Cost**" in text
+
+
+def _tiny_run(folder, results, docs=None, **run):
+    """A run folder of the given results ({name: result fields}), written as quantbench writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / "run.json", {"config": {"batch_sizes": [1], "prompt_lengths": [8], "tasks": [], "suite": None},
+                                 "environment": {"cpu_count": 2}, "device": "cpu", "started": "t", "models": [{"name": "m"}],
+                                 "experiments": [{"id": name} for name in results], **run})
+    for name, r in results.items():
+        _write(folder / f"{name}.json", {"experiment": name, "method": name, "model": {"name": "m"}, "status": "ok",
+                                         "error": None, "quality": {}, "cost": {}, **r})
+    for name, d in (docs or {}).items():
+        _write(folder / f"{name}.docs.json", d)
+    return folder
+
+
+def test_summary_shows_paired_deltas_with_error_bars_and_noise(tmp_path):
+    """From result files alone: deltas paired on documents, ± their standard error, noise marked."""
+    acc = {"fp16": [1.0] * 60 + [0.0] * 40, "nf4": [1.0] * 40 + [0.0] * 60, "int8": [1.0] * 59 + [0.0] * 41}
+    info = {"arc_easy": {"source": "local: arc", "lm_eval_task": "arc_easy_local", "n": 100, "batch_size": 16,
+                         "max_length": 2048, "max_gen_toks": 128, "attention_kernels": ["FLASH_ATTENTION", "MATH"]}}
+    folder = _tiny_run(tmp_path, {name: {"quality": {"arc_easy": {"acc": sum(v) / 100, "acc_stderr": 0.05, "n": 100}},
+                                         "quality_info": info} for name, v in acc.items()},
+                       {name: {"arc_easy": {"doc_ids": list(range(100)), "acc": v}} for name, v in acc.items()})
+    summary = summary_markdown(folder)
+    rows = {}  # each experiment's first row: the quality table's
+    for line in summary.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0][2:], line)
+    # the protocol says how lm-eval ran: batch, context, generation bound, attention kernels
+    assert ("- arc_easy: lm-eval arc_easy_local from local: arc; n = 100 documents; ± is lm-eval's standard error; "
+            "batch 16, max_length 2048, max_gen_toks 128; attention kernels FLASH_ATTENTION, MATH.") in summary
+    d = np.array(acc["nf4"]) - np.array(acc["fp16"])
+    assert f"(Δ -0.2000 ± {d.std(ddof=1) / 10:.4f})" in rows["nf4"]  # 20 documents lost: real
+    assert "(Δ -0.0100 ± 0.0100, noise)" in rows["int8"]              # one document lost: noise
+    assert rows["fp16 (baseline)"].startswith("| fp16 (baseline) |")
+
+
+def test_summary_names_memory_a_loaded_model_holds_beyond_its_weights(tmp_path):
+    """A GPTQ group-32 (Marlin) reload of Llama-3.2-1B kept 1072 MiB allocated beyond its 1026 MiB of
+    weights on an H200; the summary must say so, and stay quiet where the two agree."""
+    mib = 2**20
+    folder = _tiny_run(tmp_path, {name: {"cost": {"weight_bytes": w, "resident_after_load_bytes": r}} for name, w, r in
+                                  [("fp16", 2357 * mib, 2358 * mib), ("gptq-w4g32", 1026 * mib, 2098 * mib)]})
+    line = next(x for x in summary_markdown(folder).splitlines() if x.startswith("Held after loading"))
+    assert "gptq-w4g32 +1072 MiB" in line and "fp16" not in line
+
+
+def test_summary_says_how_the_speed_was_measured_and_where_a_compiled_step_broke(tmp_path):
+    """The decode protocol and compiled settings in the protocol line; a compiled step with graph breaks
+    says how many in the decode sweep and why under it (the reason as cost records it, from dynamo)."""
+    point = {"status": "ok", "tok_s": 50.0, "achieved_bytes_s": 1e11, "kv_cache_bytes": 2**20, "compiled": True}
+    broken = {**point, "graph_breaks": 29, "note": "transformers' generate would not compile this quantization",
+              "graph_break_reasons": ["25 x Dynamic shape operator: Operator `bitsandbytes.int8_vectorwise_quant.default`'s "
+                                      "output shape depends on input Tensor data."]}
+    settings = {"mode": "reduce-overhead", "dynamic": False, "coordinate_descent_tuning": True,
+                "programmatic_dependent_launch": True}
+    timing = {"decode_runs": 1, "decode_modes": ["eager", "compiled"], "repeats": 3, "new_tokens": 64,
+              "decode_prompt_tokens": 32, "attention_kernels": {"eager": ["FLASH_ATTENTION", "MATH"]}, "compiled_settings": settings}
+    folder = _tiny_run(tmp_path, {name: {"cost": {"decode": {"eager": {"1": point}, "compiled": {"1": p}}, **timing}}
+                                  for name, p in [("fp16", {**point, "graph_breaks": 0}), ("int8", broken)]})
+    text = summary_markdown(folder)
+    speed = next(x for x in text.splitlines() if x.startswith("- Speed"))
+    assert "median step time over the 64 - 1 steps after the first token of 1 run(s), from 32-token prompts" in speed
+    assert "eager attention kernels: FLASH_ATTENTION, MATH" in speed
+    assert ("compiled step: torch.compile mode reduce-overhead (CUDA graphs), static shapes, inductor's "
+            "coordinate-descent tuning, programmatic dependent launch;") in speed
+    assert "| fp16 | compiled | 1 |" in text
+    assert "| int8 | compiled (generate would not compile it; 29 graph breaks) | 1 |" in text
+    assert ("- Graph breaks in int8's compiled step (Python runs between its graphs): 25 x Dynamic shape operator: "
+            "Operator `bitsandbytes.int8_vectorwise_quant.default`'s output shape depends on input Tensor data.") in text
+
+
+def test_summary_lists_what_the_quantizers_reported_and_leaves_failed_rows_out_of_the_table(tmp_path):
+    messages = {"warnings": 3, "errors": 1, "messages": [
+        {"level": "ERROR", "source": "printed output", "count": 1,
+         "message": "Quantization: Module `hf_optimum` -> Hessian remained non positive-definite."},
+        {"level": "WARNING", "source": "printed output", "count": 3, "message": "Damp recovery failed."}]}
+    folder = _tiny_run(tmp_path, {
+        "bf16": {"quality": {"perplexity": 12.5}, "compute_dtype": "bfloat16", "compute_dtype_why": "the checkpoint's dtype"},
+        "gptq-fp16": {"method": "gptq-w4g32", "status": "failed", "quality": {"perplexity": None},
+                      "error": "perplexity: non-finite logits (NaN or infinite) at 8 of 8 positions, computing in float16",
+                      "fix": "compute in bfloat16: --compute-dtype bfloat16", "quantization": {"quantize_s": 3.0, "messages": messages},
+                      "backend": {"unquantized_linears": {"count": 2, "of": 14, "names": ["model.layers.0.mlp.down_proj", "x"]}}}})
+    summary = summary_markdown(folder)
+    assert "| bf16 (baseline) |" in summary and "| gptq-fp16 |" not in summary  # failed: not in the comparison
+    assert ("- **gptq-fp16** failed: perplexity: non-finite logits (NaN or infinite) at 8 of 8 positions, computing "
+            "in float16. Fix: compute in bfloat16: --compute-dtype bfloat16") in summary
+    assert ("- **gptq-fp16**: 1 error(s) and 3 warning(s) while quantizing: ERROR Quantization: Module `hf_optimum` -> "
+            "Hessian remained non positive-definite; WARNING Damp recovery failed (x3); 2 of 14 linear layers left "
+            "unquantized (model.layers.0.mlp.down_proj, x).") in summary
+    assert "- Compute dtype: bf16 bfloat16 (the checkpoint's dtype)." in summary

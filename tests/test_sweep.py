@@ -10,8 +10,8 @@ import time
 from tests.conftest import REPO, TINY_RUN_FLAGS
 
 
-def start(*args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def start(*args, env=None, **kw):
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "quantbench", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
@@ -68,14 +68,15 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
     for name in ["fp16", "nf4", "int8"]:
         r = load(run_dir / f"{name}.json")
         assert r["status"] == "ok" and r["error"] is None, r
-        assert r["process"] == "forked from the preloaded server" and r["pid"] not in pids  # one process each
+        assert r["process"] == "forked from the preloaded forkserver" and r["pid"] not in pids  # one process each
         pids.add(r["pid"])
         assert r["quality"]["perplexity"] > 1
         assert set(r["quality"]["coqa"]) >= {"em", "f1", "n"} and r["quality"]["coqa"]["n"] == 1
         assert r["quality_info"]["coqa"]["source"].startswith("local:")
         c = r["cost"]
-        assert c["weight_bytes"] > 0 and c["peak_bytes"] > 0 and c["load_s"] > 0 and c["ttft_ms"] > 0
-        assert set(c["decode_tok_s"]) == {"1", "2"}
+        assert c["weight_bytes"] > 0 and c["peak_bytes"] > 0 and c["load_s"] > 0 and c["prefill"]["16"]["ttft_ms"] > 0
+        assert set(c["decode"]) == {"eager"} and set(c["decode"]["eager"]) == {"1", "2"}
+        assert r["schema"] == meta["schema"] and r["engine"] == "transformers"
         assert r["sanity"]["prompt"] and set(r["phases_s"]) == {"load", "sanity", "perplexity", "kld", "tasks", "speed"}
         assert r["quality"]["kld"]["tokens"] == 4 * (64 - 1 - 32) and r["quality_info"]["kld"]["reference"] == "fp16"
     kld = {name: load(run_dir / f"{name}.json")["quality"]["kld"] for name in ["fp16", "nf4", "int8"]}
@@ -86,9 +87,10 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
     assert load(run_dir / "nf4.json")["cost"]["weight_bytes"] < load(run_dir / "fp16.json")["cost"]["weight_bytes"]
     assert load(run_dir / "fp16.json")["backend"]["weight_dtype"] == "float32"  # fp16 on the CPU
     summary = (run_dir / "summary.md").read_text()
-    assert "| fp16 | ok |" in summary and "| nf4 | ok |" in summary and "coqa f1" in summary and "KLD mean" in summary
+    assert "| fp16 (baseline) |" in summary and "| nf4 |" in summary and "coqa f1" in summary and "KLD mean" in summary
     assert summary.splitlines()[0] in out  # printed to the terminal too
     assert "paired difference from the baseline" in summary
+    _documented(run_dir)
 
     # A second run gets the next number and leaves the first alone.
     code, out = run("run", "--model", str(tiny_model_dir), "--experiment", "fp16_baseline", "--tasks", "none",
@@ -96,6 +98,22 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
     assert code == 0, out
     assert (tmp_path / "r" / "run002" / "fp16.json").exists()
     assert load(tmp_path / "r" / "run002" / "fp16.json")["quality_info"]["perplexity"]["corpus"].startswith("pydoc_data")
+
+
+def _documented(run_dir):
+    """Every key a run writes is named in docs/results.md, the result files' schema."""
+    import re
+
+    doc = (REPO / "docs" / "results.md").read_text()
+    named = {w for phrase in re.findall(r"`([^`]+)`", doc) for w in re.split(r"[^A-Za-z0-9_]+", phrase) if w}
+    keys = set(load(run_dir / "run.json"))
+    for path in run_dir.glob("*.json"):
+        if path.name.endswith(".docs.json") or path.name == "run.json":
+            continue
+        r = load(path)
+        keys |= set(r) | set(r["cost"]) | set(r["backend"]) | {k for p in r["cost"]["decode"]["eager"].values() for k in p}
+        keys |= {k for p in r["cost"]["prefill"].values() for k in p} | {k for i in r["quality_info"].values() for k in i}
+    assert keys <= named, f"not in docs/results.md: {sorted(keys - named)}"
 
 
 def test_tasks_without_data_are_skipped_with_the_flag_that_supplies_them(tiny_model_dir, tmp_path):
@@ -237,7 +255,7 @@ def test_float16_overflow_fails_with_the_reason_and_fix_and_the_bfloat16_checkpo
     said = load(run_dir / "gptq-fp16.json")["quantization"]["messages"]  # GPTQModel's own words on the Hessian
     assert said["errors"] > 0 and any("Hessian" in m["message"] and m["level"] == "ERROR" for m in said["messages"])
     summary = (run_dir / "summary.md").read_text()
-    assert "| bf16 | ok |" in summary and "| nf4 | ok |" in summary and "nan%" not in summary and "| nan" not in summary
+    assert "| bf16 (baseline) |" in summary and "| nf4 |" in summary and "nan%" not in summary and "| nan" not in summary
     assert "| nf4-fp16 |" not in summary and "- **nf4-fp16** failed: sanity generation" in summary
     assert "- **gptq-fp16**: " in summary and "Hessian" in summary  # what the quantizer reported
     report_md = (run_dir / "report.md").read_text()
@@ -245,11 +263,12 @@ def test_float16_overflow_fails_with_the_reason_and_fix_and_the_bfloat16_checkpo
 
 
 def test_compute_dtype_flag_and_the_default_comparison(tiny_model_dir, tiny_overflow_model_dir, tmp_path):
-    from quantbench import cli, sweep
+    from quantbench import config as settings
+    from quantbench import sweep
 
-    args = cli.build_parser().parse_args(["run", "--model", str(tiny_overflow_model_dir), "--compute-dtype", "float16",
-                                          "--out", str(tmp_path), "--tasks", "none", "--device", "cpu"])
-    config = cli.config_from_args(args)
+    args = settings.run_parser().parse_args(["--model", str(tiny_overflow_model_dir), "--compute-dtype", "float16",
+                                             "--out", str(tmp_path), "--tasks", "none", "--device", "cpu"])
+    config = settings.from_args(args)
     assert [e["method"] for e in config.experiments] == ["baseline", "nf4", "fp4", "gptq-w4g128", "awq-w4g128"]
     run = json.loads((sweep.create_run(config, tmp_path / "cache") / "run.json").read_text())
     assert run["models"][0]["compute_dtype"] == "float16" and run["models"][0]["compute_dtype_why"] == "--compute-dtype float16"
@@ -264,3 +283,59 @@ def test_compute_dtype_flag_and_the_default_comparison(tiny_model_dir, tiny_over
         r = load(run_dir / f"{m}.json")
         assert r["status"] == "skipped" and "group size 128 does not divide the model's hidden_size 64" in r["error"], r
     assert "needs a CUDA GPU" in load(run_dir / "awq-w4g128.json")["error"]
+
+
+def test_an_experiment_runs_forked_from_the_preloaded_forkserver_and_how_it_ended_is_recorded(tmp_path):
+    from quantbench import local
+
+    context = local.process_context()
+    assert context.get_start_method() == "forkserver"
+    local.start_forkserver(context)
+    run = {"models": [{"name": "m"}], "device": "cpu"}
+    exp = {"id": "fp16", "model": "m", "method": "fp16", "settings": {}}
+    assert local.run_child(tmp_path, exp, run, context) == 1  # no run.json there: the experiment fails
+    r = load(tmp_path / "fp16.json")
+    assert r["status"] == "failed" and r["error"] == "the experiment process exited with code 1 before writing its result"
+    assert local.run_child(tmp_path, {**exp, "id": "nf4", "method": "nf4"}, run, context) == 1  # and the next one
+
+
+def test_quantbench_forkserver_0_starts_each_experiment_in_its_own_interpreter(tiny_model_dir, tmp_path, monkeypatch):
+    from quantbench import local
+
+    monkeypatch.setenv("QUANTBENCH_FORKSERVER", "0")
+    assert local.process_context().get_start_method() == "spawn"
+    p = start("run", "--model", str(tiny_model_dir), "--methods", "fp16", "--tasks", "none", "--out", str(tmp_path),
+              *TINY_RUN_FLAGS, env={**os.environ, "QUANTBENCH_FORKSERVER": "0", "HF_HUB_OFFLINE": "1"})
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    r = load(tmp_path / "run001" / "fp16.json")
+    assert r["status"] == "ok" and r["process"] == "its own interpreter"
+
+
+def _parent(pid):
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_forkserver_that_dies_mid_run_costs_one_experiment_and_the_rest_run(tiny_model_dir, tmp_path):
+    p = start("run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4,fp4", "--tasks", "none",
+              "--out", str(tmp_path), *TINY_RUN_FLAGS)
+    run_dir = tmp_path / "run001"
+    victim = wait_for(lambda: (r := status(run_dir / "nf4.json")) and r.get("status") == "running" and r)
+    os.kill(_parent(victim["pid"]), signal.SIGKILL)  # the forkserver: the experiment goes with it
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    nf4 = load(run_dir / "nf4.json")
+    assert nf4["status"] == "failed" and "forkserver ended" in nf4["error"] and "--resume" in nf4["fix"]
+    fp4 = load(run_dir / "fp4.json")  # a new forkserver serves the rest
+    assert fp4["status"] == "ok" and fp4["process"] == "forked from the preloaded forkserver"
+
+
+def test_an_experiment_ends_when_the_sweep_that_started_it_dies(tiny_model_dir, tmp_path):
+    """No orphan keeps the GPU: the sweep killed outright (no Ctrl-C to handle), its running experiment ends too."""
+    p = start("run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4", "--tasks", "none",
+              "--out", str(tmp_path), *TINY_RUN_FLAGS)
+    victim = wait_for(lambda: (r := status(tmp_path / "run001" / "nf4.json")) and r.get("status") == "running" and r)
+    p.kill()
+    p.communicate(timeout=60)
+    wait_for(lambda: not os.path.exists(f"/proc/{victim['pid']}") or
+             open(f"/proc/{victim['pid']}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", timeout=30)

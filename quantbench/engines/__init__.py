@@ -1,0 +1,10 @@
+"""The engines an experiment can be measured in: one module each, one line here.
+
+An experiment is (model, method, engine); each method names the engine that runs it (METHODS). An
+engine module gives the same functions (see engines/transformers.py): load, logprobs, forwards, lm,
+generate, time_prefill, time_decode, compile_step, compiled_settings, compiled_state, graph_breaks,
+weight_bytes, reset_peak, peak_bytes, resident_bytes, release, device_name, shapes.
+"""
+from quantbench.engines import transformers
+
+ENGINES = {"transformers": transformers}

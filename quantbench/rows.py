@@ -1,0 +1,205 @@
+"""One row per experiment, from the result files alone: the numbers every table, note and plot of
+the pages shows (report.py), with the paired differences from the baseline worked out once; and the
+comparison tables made from the rows, the same in summary.md and the report.
+
+    >>> rows = rows_of("run001", run_dir, *load_run(run_dir))
+"""
+import math
+import statistics
+from pathlib import Path
+
+from quantbench.methods import BASELINE_METHODS
+from quantbench.results import documents, load_run
+
+NOISE_Z = 1.96  # a delta within this many standard errors of 0 is marked as noise (95%)
+
+
+def paired_difference(base, other):
+    """other - base on the documents both scored: {doc_id: value} each -> mean difference, its standard
+    error (of the per-document differences), the documents used, and whether it is within noise."""
+    common = sorted(set(base) & set(other))
+    if not common:
+        return None
+    d = [other[i] - base[i] for i in common]
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    noise = se is not None and abs(mean) <= NOISE_Z * se
+    return {"delta": mean, "stderr": se, "n": len(common), "within_noise": noise}
+
+
+def baseline(results, model_name):
+    """The model's first finished float result (its KLD reference runs first): what deltas are measured against."""
+    return next((r for r in results if r["model"]["name"] == model_name and r["method"] in BASELINE_METHODS
+                 and r["status"] == "ok"), None)
+
+
+def kernel_of(result):
+    """A short name for what ran the matmuls: the quantized layer class, torchao tensor or HQQ backend."""
+    b = result.get("backend") or {}
+    parts = [c for c in b.get("linear_classes", []) if c != "Linear"]
+    if b.get("torchao_tensor"):
+        parts.append(b["torchao_tensor"])
+    if b.get("backend_fallback"):
+        parts.append(f"fallback {b['backend_fallback']['backend']}")
+    if b.get("hqq_backend"):
+        parts.append(b["hqq_backend"].replace("HQQBackend.", "HQQ "))
+    return ", ".join(parts) or ("torch Linear" if b else "-")
+
+
+def problem(result, run_dir):
+    """(error, fix) of a result that is not ok; a result still "running" without an error is one whose
+    process has not finished or was stopped with its run."""
+    if result["status"] == "running" and not result.get("error"):
+        return ("not finished: still running, or the run was stopped while it ran",
+                f"when the run has stopped: quantbench run --resume {run_dir}")
+    return result.get("error"), result.get("fix")
+
+
+def held_beyond_weights(cost):
+    """Bytes the loaded model holds beyond its weights as counted, when more than 5% (CUDA only)."""
+    resident, weights = cost.get("resident_after_load_bytes"), cost.get("weight_bytes")
+    if resident is None or not weights or resident - weights <= 0.05 * weights:
+        return None
+    return resident - weights
+
+
+def load_runs(run_dirs):
+    """[(run folder, run.json, [results])] for each folder given."""
+    return [(Path(d), *load_run(d)) for d in run_dirs]
+
+
+def rows_of(label, run_dir, run, results):
+    """One flat row per experiment: what every table, note and plot shows."""
+    docs = {r["experiment"]: documents(run_dir, r) for r in results}
+    rows = []
+    for r in results:
+        q, c = r.get("quality", {}), r.get("cost", {})
+        base = baseline(results, r["model"]["name"])
+        qz = r.get("quantization") or {}
+        decode = c.get("decode", {})
+        row = {"run": label, "experiment": r["experiment"], "method": r["method"], "model": r["model"]["name"],
+               "status": r["status"], "is_baseline": r is base, "result": r,
+               "weights_mib": c["weight_bytes"] / 2**20 if c.get("weight_bytes") else None,
+               "peak_mib": c["peak_bytes"] / 2**20 if c.get("peak_bytes") else None,
+               "quantize_s": qz.get("quantize_s"), "cached": qz.get("reused_from_cache"), "load_s": c.get("load_s"),
+               "held_beyond_weights_bytes": held_beyond_weights(c), "shared_host_with": r.get("shared_host_with") or [],
+               "perplexity": q.get("perplexity"), "kld": q.get("kld"), "tasks": {}, "deltas": {},
+               "ppl_delta": None, "kernel": kernel_of(r), "sanity": r.get("sanity"),
+               "decode": {mode: {int(b): p for b, p in decode.get(mode, {}).items() if p.get("status") == "ok"}
+                          for mode in ("eager", "compiled")},
+               "prefill": {int(n): p for n, p in c.get("prefill", {}).items() if p.get("status") == "ok"}}
+        row["error"], row["fix"] = problem(r, run_dir)
+        if base is not None and r is not base and row["perplexity"] and base["quality"].get("perplexity"):
+            row["ppl_delta"] = row["perplexity"] / base["quality"]["perplexity"] - 1
+        for task, metrics in q.items():
+            if task in ("perplexity", "kld"):
+                continue
+            for m, v in metrics.items():
+                if m == "n" or m.endswith("_stderr") or not isinstance(v, (int, float)):
+                    continue
+                row["tasks"][f"{task} {m}"] = (v, metrics.get(f"{m}_stderr"))
+                if base is not None and r is not base:
+                    pair = paired_difference(docs[base["experiment"]].get(task, {}).get(m, {}), docs[r["experiment"]].get(task, {}).get(m, {}))
+                    b = base["quality"].get(task, {}).get(m)
+                    # metrics lm-eval does not average per document (LAMBADA's perplexity): the plain difference
+                    row["deltas"][f"{task} {m}"] = pair or ({"delta": v - b, "stderr": None, "within_noise": False}
+                                                            if isinstance(b, (int, float)) else None)
+        rows.append(row)
+    return rows
+
+
+LOWER_IS_BETTER = ("perplexity",)
+
+
+def mib(v):
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+
+def comparison_tables(rows, several_runs):
+    """The comparison as two Markdown tables, quality and cost, each (title, header, lines), of the
+    experiments that finished (the others are listed with their reasons): the best of each column in
+    bold, a task cell with its value, standard error and paired difference from the baseline, decode
+    cells with their share of the measured copy bandwidth."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    task_cols = sorted({t for r in ok for t in r["tasks"]})
+    speed_cols = [(mode, f"{mode} tok/s b={b}", b) for mode in ("eager", "compiled")
+                  for b in sorted({b for r in ok for b in r["decode"][mode]})]
+    first = (["run"] if several_runs else []) + ["experiment"]
+    quality_head = first + ["KLD mean", "KLD p99", "same top %", "PPL(Q)/PPL(base)", "perplexity"] + task_cols + ["sanity"]
+    shortest = min((n for r in ok for n in r["prefill"]), default=None)
+    cost_head = first + ["weights MiB", "peak MiB", "quantize s", "load s"] + [name for _, name, _ in speed_cols]
+    cost_head += [f"TTFT ms @{shortest}" if shortest else "TTFT ms", "kernel"]
+
+    def kld(r, key="kld_mean"):
+        return r["kld"][key] if r["kld"] and not r["is_baseline"] else None  # the baseline's is 0 by construction
+
+    def ttft(r):
+        return r["prefill"][shortest]["ttft_ms"] if shortest in r["prefill"] else None
+
+    columns = [("KLD mean", kld, min), ("KLD p99", lambda r: kld(r, "kld_p99"), min),
+               ("same top %", lambda r: kld(r, "same_top_p"), max), ("perplexity", lambda r: r["perplexity"], min),
+               ("weights MiB", lambda r: r["weights_mib"], min), ("peak MiB", lambda r: r["peak_mib"], min),
+               ("TTFT ms", ttft, min)]
+    columns += [(name, lambda r, mode=mode, b=b: r["decode"][mode].get(b, {}).get("tok_s"), max) for mode, name, b in speed_cols]
+    columns += [(t, lambda r, t=t: r["tasks"].get(t, (None,))[0], min if t.split(" ")[-1] in LOWER_IS_BETTER else max)
+                for t in task_cols]
+    best = {}
+    for name, key, pick in columns:
+        values = [key(r) for r in ok if key(r) is not None]
+        best[name] = pick(values) if values else None
+
+    def cell(name, value, text):
+        return f"**{text}**" if value is not None and value == best.get(name) else text
+
+    def pm(value, se, fmt):
+        return fmt.format(value) + (f" ± {fmt.format(se)}" if isinstance(se, (int, float)) else "")
+
+    def task_cell(r, t):
+        v, se = r["tasks"].get(t, (None, None))
+        if v is None:
+            return "-"
+        text = cell(t, v, pm(v, se, "{:.4f}"))
+        d = r["deltas"].get(t)
+        if d and d["stderr"] is not None:
+            text += f" (Δ {d['delta']:+.4f} ± {d['stderr']:.4f}{', noise' if d['within_noise'] else ''})"
+        elif d:
+            text += f" (Δ {d['delta']:+.4f})"
+        return text
+
+    def decode_cell(r, mode, name, b):
+        p = r["decode"][mode].get(b)
+        if p is None:
+            return "-"
+        share = 100 * (p.get("bandwidth_share") or 0)
+        return cell(name, p["tok_s"], f"{p['tok_s']:.1f}") + (f" ({share:.{0 if share >= 10 else 1}f}% BW)" if share else "")
+
+    quality_lines, cost_lines = [], []
+    for r in ok:
+        k = r["kld"]
+        cells = ([r["run"]] if several_runs else []) + [r["experiment"] + (" (baseline)" if r["is_baseline"] else "")]
+        q = cells + ([cell("KLD mean", kld(r), pm(k["kld_mean"], k["kld_mean_stderr"], "{:.5f}")),
+                      cell("KLD p99", kld(r, "kld_p99"), f"{k['kld_p99']:.4f}"),
+                      cell("same top %", kld(r, "same_top_p"), pm(100 * k["same_top_p"], k["same_top_p_stderr"] and
+                                                                  100 * k["same_top_p_stderr"], "{:.2f}")),
+                      pm(k["ppl_ratio"], k["ppl_ratio_stderr"], "{:.4f}")] if k else ["-"] * 4)
+        q.append(cell("perplexity", r["perplexity"], f"{r['perplexity']:.3f}")
+                 + (f" ({100 * r['ppl_delta']:+.1f}%)" if r["ppl_delta"] is not None else "") if r["perplexity"] else "-")
+        q += [task_cell(r, t) for t in task_cols]
+        s = r["sanity"]
+        q.append("-" if not s else f"DEGENERATE: {s['problem']}" if s["degenerate"] else "ok")
+        c = cells[:-1] + [cells[-1] + (" †" if r["shared_host_with"] else "")]  # † timed beside others on its host
+        c.append(cell("weights MiB", r["weights_mib"], f"{r['weights_mib']:.1f}") if r["weights_mib"] else "-")
+        c.append(cell("peak MiB", r["peak_mib"], f"{r['peak_mib']:.1f}") if r["peak_mib"] else "-")
+        c.append("-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}" + (" (cached)" if r["cached"] else ""))
+        c.append("-" if r["load_s"] is None else f"{r['load_s']:.1f}")
+        c += [decode_cell(r, mode, name, b) for mode, name, b in speed_cols]
+        v = ttft(r)
+        c += ["-" if v is None else cell("TTFT ms", v, f"{v:.1f}"), r["kernel"]]
+        quality_lines.append("| " + " | ".join(q) + " |")
+        cost_lines.append("| " + " | ".join(c) + " |")
+    has_quality = any(r["kld"] or r["perplexity"] or r["tasks"] for r in ok)
+    return ([("Quality", quality_head, quality_lines)] if has_quality else []) + [("Cost", cost_head, cost_lines)]
+
+
+def table(title, head, lines):
+    return [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *lines, ""]
