@@ -6,28 +6,22 @@ default): for each variant, tokens/s over `--new-tokens` (median of 3 after a wa
 synchronized), and from torch.profiler traces (17 tokens less 1: the prefill subtracted) the GPU
 kernel time and the kernels of a decode step, against the time the weights take to read at the measured copy bandwidth.
   plain            the model compiled (reduce-overhead: CUDA graphs) without tuning: quantbench's
-                   loop before 2026-11-27 (663 tok/s on an H200)
+                   first compiled loop
   quantbench       engine.greedy_static with engine.compile_step, what `--decode-mode compiled` runs:
                    the same with inductor's coordinate-descent tuning (gpt-fast's setting) and,
                    on Hopper, programmatic dependent launch (engine.compiled_settings)
   autotune         mode max-autotune (matmul templates benchmarked at compile time), tuned
   eager-attention  quantbench's step with transformers' eager attention (matmul and softmax, which
                    inductor compiles with the rest) in place of SDPA (a cuDNN kernel on Hopper)
-                   (on an H200 on 2026-11-27: 834.7 tok/s against 796.5, 212 kernels a step against 228;
-                   on an H100 the same day, without PDL: 677.4 against 760.5)
   fused-mlp        quantbench's step on the model with each layer's gate and up projections in one
                    concatenated weight (one matrix-vector product instead of two, as
                    serving engines do); its greedy tokens are compared with the unfused model's
-                   (on an H200 on 2026-11-27: 838.0 tok/s against 834.2 unfused, no real gain)
   freezing         quantbench's step compiled with inductor's freezing (weights as constants: its
                    passes may concatenate the products that share an input, q/k/v and gate/up)
-                   (on an H200 on 2026-11-27: 602.4 tok/s against 824.2, no product concatenated)
   no-pdl           quantbench's step without programmatic dependent launch (Hopper: each Triton
-                   kernel may start while the one before it finishes), as it ran before the tenth
-                   session (on an H100 on 2026-11-27: 760.5 tok/s against 817.2 with it)
+                   kernel may start while the one before it finishes)
   combo            quantbench's step with inductor's combo kernels (independent kernels, such as
                    the products of q, k and v from one input, launched as one)
-                   (on an H100 on 2026-11-27, without PDL: 701.6 tok/s against 760.5, 151 kernels a step)
   a+b              parts joined: eager-attention+no-pdl is both changes at once
 Each variant's compiled step is checked against its own model run eager: greedy tokens, and the
 logits of every step with the eager greedy tokens fed in turn (engine.forced_logits).
@@ -35,9 +29,9 @@ Part 2 (lm-eval's generation): `generate` at batch --gen-batch, a --gen-context 
 (left-padded rows, as lm-eval's batches) and --gen-tokens new tokens: plain; with lm-eval's
 stop-sequence criteria (which decode the batch's last tokens on the host every step); with a new
 prompt length every call, as lm-eval's batches have (so every step's shape is new: cuDNN attention,
-torch's first choice on Hopper, builds a plan per new shape); and that with cuDNN attention excluded.
-On an H200 on 2026-11-27 (arch:smollm2-135m, batch 64): 35.0, 34.7, 111.0 and 37.3 ms a step, which
-is why quantbench's lm-eval runs exclude cuDNN attention (engine.EAGER_ATTENTION).
+torch's first choice on Hopper, builds a plan per new shape); and that with cuDNN attention excluded
+(why quantbench's lm-eval runs exclude cuDNN attention: engine.EAGER_ATTENTION). What each variant
+measured is in docs/benchmarks.md.
 
     python benchmarks/decode_profile.py --arch llama-3.2-1b --batch 1 --gen-arch smollm2-135m
 """
@@ -157,7 +151,7 @@ def part1(args, rates):
             step = engine.compile_step(model, "cuda")
             if "no-pdl" in parts:  # inductor reads it when it compiles, at the first call
                 inductor.triton.enable_pdl = False
-        else:  # plain (untuned: quantbench's loop before 2026-11-27), autotune
+        else:  # plain (untuned), autotune
             step = torch.compile(model, mode="max-autotune" if "autotune" in parts else "reduce-overhead", dynamic=False)
 
         def run(n):

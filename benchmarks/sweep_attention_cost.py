@@ -5,11 +5,9 @@ new shape; the warm-up of each decode point meets a new shape at every step. Thi
 `cost.measure_speed` with the default sweep (prompt lengths 128/512/2048, batch sizes 1/8/32, 64 new
 tokens, TTFT from 3 timed runs and decode from --decode-runs, after a warm-up) on a float16 arch:
 model with synthetic prompt tokens, with the eager attention kernels of the variant (default:
-torch's order; no-cudnn: engine.EAGER_ATTENTION, what the sweep uses since 2026-11-27), and prints
-the sweep's wall time, each point's (`point_s`) and tokens/s. Run each variant in its own process
-(cuDNN's plans are cached in the process). On an H200 on 2026-11-27, arch:smollm2-135m, with the
-protocol of then (3 timed runs of 64 and 3 of 1 token per batch size): 32.0 and 30.9 s with
-torch's order, 20.4 s with cuDNN excluded, at similar tokens/s.
+torch's order; no-cudnn: engine.EAGER_ATTENTION, what the sweep uses), and prints the sweep's wall
+time, each point's (`point_s`) and tokens/s. Run each variant in its own process (cuDNN's plans are
+cached in the process). What it measured is in docs/benchmarks.md.
 
     python benchmarks/sweep_attention_cost.py --variant default
     python benchmarks/sweep_attention_cost.py --variant no-cudnn

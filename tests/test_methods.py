@@ -153,7 +153,7 @@ def test_gpu_methods_quantize_and_reload(name, tiny_wide_model_dir, tmp_path, sh
 
 def test_gptq_reload_falls_back_when_the_automatic_kernel_cannot_hold_a_shape(monkeypatch, tmp_path):
     """GPTQModel 7.6 picks Marlin for SmolLM2's act-order weights and then fails building the layer
-    (seen on an H200); quantbench then loads with the next backend and records why."""
+    (seen on the GPU machine); quantbench then loads with the next backend and records why."""
     import json
 
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"bits": 4}}))
