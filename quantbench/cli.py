@@ -54,6 +54,8 @@ def launcher_for(config):
 
 
 def cmd_methods(args):
+    from quantbench.engines import ENGINES
+
     device = sweep.resolve_device("auto")
     head = ["method", "family", "engine", "bits", "group", "calibration", "GPU only", "install", f"runs here ({device})", "what"]
     print("| " + " | ".join(head) + " |")
@@ -65,6 +67,7 @@ def cmd_methods(args):
         row = [name, m["family"], m["engine"], str(m["bits"]), str(m["group_size"] or "-"), "yes" if m["calibration"] else "no",
                "yes" if m["gpu"] else "no", extra, here, m["about"]]
         print("| " + " | ".join(row) + " |")
+    print("\nEngines here:" + "".join(f"\n- {name}: {engine.about(device)}" for name, engine in ENGINES.items()))
     print("\nThe course project's names: " + ", ".join(f"{a} = {c}" for a, c in ALIASES.items()))
     return 0
 

@@ -25,7 +25,7 @@ from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START, decode_modes, eval
 from quantbench.engines import ENGINES
 from quantbench.messages import import_libraries, quantizer_messages
 from quantbench.methods import (METHODS, MethodUnsuitable, MissingLibrary, bfloat16_variants, dtype_setting,
-                                group_size_problem, library_version, method_settings, unquantized_linears)
+                                group_size_problem, library_version, method_settings)
 from quantbench.models import model_slug
 from quantbench.results import SCHEMA, atomic_folder, read_json, read_run_file, write_json
 from quantbench.tasks import generation_bound
@@ -48,6 +48,8 @@ def effective_settings(exp, model_info):
     key, settings = dtype_setting(exp["method"]), dict(exp["settings"])
     if exp.get("baseline_from"):  # `baseline`, made the float method of the model's dtype
         return settings, exp["baseline_from"]
+    if METHODS[exp["method"]]["engine"] == "llama.cpp":
+        return settings, "llama.cpp's: float32 activations with the GGUF's weight types"
     if key is None:
         return settings, "chosen by the quantization library when it loads the checkpoint"
     value = settings.get(key, method_settings(exp["method"])[key])
@@ -128,8 +130,6 @@ def load(run, config, exp, model_info, checkpoint, settings):
                      # What stays allocated after the load, garbage collected; minus weight_bytes it is
                      # what the weights' count misses (kernel workspaces, repacked copies).
                      "resident_after_load_bytes": engine.resident_bytes(device)}}
-    if method["family"] != "baseline":
-        backend["unquantized_linears"] = unquantized_linears(model)
     if quantizes_on_load:
         part["quantization"] = {"at_load": True, "messages": said}
     return model, tokenizer, part
@@ -247,6 +247,7 @@ def main(run_dir, exp_id, process="its own interpreter"):
     run_dir = Path(run_dir)
     run = read_run_file(run_dir / "run.json")
     config = from_run(run)
+    os.environ["QUANTBENCH_CACHE"] = run["cache_dir"]  # what a method keeps in the cache goes to the run's
     exp = next(e for e in run["experiments"] if e["id"] == exp_id)
     path = run_dir / f"{exp_id}.json"
     model_info = next(m for m in run["models"] if m["name"] == exp["model"])

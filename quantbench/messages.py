@@ -47,7 +47,7 @@ def quantizer_messages():
     for x in loggers:
         x.addHandler(handler)
     try:
-        with warnings.catch_warnings(record=True) as caught, _tee_output() as printed:
+        with warnings.catch_warnings(record=True) as caught, tee_output() as printed:
             warnings.simplefilter("always")
             yield kept
     finally:
@@ -72,9 +72,9 @@ def quantizer_messages():
 
 
 @contextlib.contextmanager
-def _tee_output():
-    """The lines written to file descriptors 1 and 2 within the block (by Python or native code),
-    passed through to where they were going."""
+def tee_output(echo=True):
+    """The lines written to file descriptors 1 and 2 within the block (by Python or native code), in
+    the list it yields; passed through to where they were going unless `echo` is False."""
     lines, saved, pumps = [], {}, []
     sys.stdout.flush()
     sys.stderr.flush()
@@ -83,7 +83,7 @@ def _tee_output():
         saved[fd] = os.dup(fd)
         os.dup2(write_end, fd)
         os.close(write_end)
-        pumps.append(threading.Thread(target=_pump, args=(read_end, saved[fd], lines), daemon=True))
+        pumps.append(threading.Thread(target=_pump, args=(read_end, saved[fd] if echo else None, lines), daemon=True))
         pumps[-1].start()
     try:
         yield lines
@@ -103,7 +103,8 @@ def _tee_output():
 def _pump(read_end, out, lines):
     tail = b""
     while chunk := os.read(read_end, 65536):
-        os.write(out, chunk)
+        if out is not None:
+            os.write(out, chunk)
         tail += chunk
         *done, tail = re.split(rb"[\r\n]", tail)
         lines += [ANSI.sub("", d.decode(errors="replace")).strip() for d in done]

@@ -298,11 +298,53 @@ def load_hqq(path, *, device, trust_remote_code=False):
                    "linear_classes": _linear_classes(model), "hqq_backend": str(layer.backend)}
 
 
+def quantize_gguf(src, dst, *, device, calibration=None, kind="q4_k_m", imatrix=False, trust_remote_code=False):
+    """A GGUF of type `kind` made by llama.cpp's own tools (gguf_files): the float checkpoint converted
+    once by convert_hf_to_gguf.py (bf16 for a bf16 model, else f16), then quantized, with llama-imatrix's
+    importance matrix of the calibration set when `imatrix`; "float" is the converted file itself.
+    What they did is written beside it (gguf.json)."""
+    _require("llama_cpp", "gguf")
+    from quantbench import gguf_files
+
+    outtype = "bf16" if checkpoint_dtype(src)[0] == "bfloat16" else "f16"
+    try:
+        float_file = gguf_files.float_gguf(src, outtype=outtype)
+        if kind == "float":
+            gguf_files.place(float_file, Path(dst) / "model.gguf")
+            info = {"type": outtype, "tensor_types": {}, "matrices": None, "unquantized": None, "unquantized_names": []}
+        else:
+            matrix = gguf_files.importance_matrix(float_file, calibration, Path(dst) / "imatrix.gguf") if imatrix else None
+            info = gguf_files.quantize(float_file, Path(dst) / "model.gguf", kind,
+                                       imatrix=Path(dst) / "imatrix.gguf" if imatrix else None)
+            info["imatrix"] = matrix
+    except gguf_files.Unsuitable as e:
+        raise MethodUnsuitable(str(e)) from None
+    (Path(dst) / "gguf.json").write_text(json.dumps({**info, "llama_cpp_python": gguf_files.version(),
+                                                     "converted_from": outtype}))
+    _save_tokenizer(src, dst)
+
+
+def load_gguf(path, *, device, trust_remote_code=False):
+    """(the GGUF file, what made it): llama.cpp opens it itself (engines/llamacpp.py)."""
+    _require("llama_cpp", "gguf")
+    made = json.loads((Path(path) / "gguf.json").read_text())
+    return Path(path) / "model.gguf", {"library": "llama.cpp", "library_version": made["llama_cpp_python"],
+                                        "gguf_type": made["type"], "tensor_types": made["tensor_types"],
+                                        "unquantized_linears": {"count": made["unquantized"], "of": made["matrices"],
+                                                                "names": made["unquantized_names"]},
+                                        "compute_dtype": "float32", "linear_classes": [f"GGUF {made['type']}"]}
+
+
 def _method(load, family, bits, group_size=None, calibration=False, gpu=False, extra=None,
             modules=(), about="", quantize=None, engine="transformers"):
     return {"load": load, "quantize": quantize, "family": family, "bits": bits, "group_size": group_size,
             "calibration": calibration, "gpu": gpu, "extra": extra, "modules": modules, "about": about,
             "engine": engine}
+
+
+def _gguf(kind, bits, about, imatrix=False):
+    return _method(load_gguf, "gguf", bits, calibration=imatrix, extra="gguf", modules=("llama_cpp",), about=about,
+                   quantize=partial(quantize_gguf, kind=kind, imatrix=imatrix), engine="llama.cpp")
 
 
 BNB = ("bitsandbytes",)
@@ -331,6 +373,18 @@ METHODS = {
     "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm), bf16 compute", quantize=partial(quantize_torchao, scheme="int4wo", dtype="bfloat16")),
     "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8")),
     "hqq-w4g64": _method(load_hqq, "hqq", 4, 64, extra="hqq", modules=("hqq",), about="HQQ 4-bit, group 64, no calibration", quantize=partial(quantize_hqq, bits=4, group_size=64)),
+    # llama.cpp's GGUF types, made by its own converter and quantizer and run by llama.cpp itself.
+    "gguf-f16": _gguf("float", 16, "the float GGUF llama.cpp's converter makes (bf16 for a bf16 model)"),
+    "gguf-q8_0": _gguf("q8_0", 8, "8-bit, blocks of 32"),
+    "gguf-q6_k": _gguf("q6_k", 6, "6-bit k-quant, super-blocks of 256"),
+    "gguf-q5_k_m": _gguf("q5_k_m", 5, "5-bit k-quant, a few tensors at 6-bit (_M)"),
+    "gguf-q4_k_m": _gguf("q4_k_m", 4, "4-bit k-quant, a few tensors at 6-bit (_M)"),
+    "gguf-q4_0": _gguf("q4_0", 4, "4-bit, blocks of 32, one scale each"),
+    "gguf-iq4_xs": _gguf("iq4_xs", 4, "4.25-bit non-linear (i-quant)"),
+    "gguf-q3_k_m": _gguf("q3_k_m", 3, "3-bit k-quant, a few tensors higher (_M)"),
+    "gguf-q2_k": _gguf("q2_k", 2, "2-bit k-quant"),
+    "gguf-q4_k_m-imat": _gguf("q4_k_m", 4, "Q4_K_M with llama.cpp's importance matrix of the calibration set", imatrix=True),
+    "gguf-iq4_xs-imat": _gguf("iq4_xs", 4, "IQ4_XS with llama.cpp's importance matrix of the calibration set", imatrix=True),
 }
 
 # Methods whose results are the reference: deltas and the KL divergence are measured against a

@@ -162,12 +162,32 @@ def prepare_demo(cache_dir):
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float16,
         quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = _as_the_gguf_says(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), gguf)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     record = {"source": DEMO_PACKAGE, "gguf": DEMO_GGUF, "gguf_sha256": DEMO_GGUF_SHA256, "note": DEMO_NOTE}
     return _save_checkpoint(out, model, tokenizer, marker.name, record)
+
+
+def _as_the_gguf_says(tokenizer, gguf):
+    """The demo's tokenizer as its GGUF defines it. transformers 5.17's GGUF reader (not 5.19's) gives
+    this byte-level BPE a SentencePiece model's byte fallback and decoder, and makes the start token
+    the end token: the ids are the same, but llama.cpp's converter then writes a SentencePiece
+    vocabulary that aborts on any text, and generation stops at the wrong token."""
+    import json
+
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    if (state.get("pre_tokenizer") or {}).get("type") == "ByteLevel" and state["model"].get("byte_fallback"):
+        state["model"]["byte_fallback"] = False  # every byte has a token: nothing to fall back to
+        state["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    eos = GGUFReader(gguf).fields["tokenizer.ggml.eos_token_id"]
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos.parts[eos.data[0]][0]))
+    return tokenizer
 
 
 def check_checkpoint_dir(path):

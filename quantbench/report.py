@@ -20,10 +20,17 @@ from quantbench.results import load_run
 from quantbench.rows import NOISE_Z, comparison_tables, load_runs, mib, rows_of, table
 
 def notes(rows, several_runs):
-    """The lines under the tables: speed timed beside other experiments, memory held beyond the weights."""
+    """The lines under the tables: speed timed beside other experiments, memory held beyond the weights,
+    roofline shares above 100%."""
     def name(r):
         return r["experiment"] + (f" ({r['run']})" if several_runs else "")
     out = []
+    over = sorted({name(r) for r in rows for points in (*r["decode"].values(), r["prefill"]) for p in points.values()
+                   if (p.get("bandwidth_share") or 0) > 1 or (p.get("matmul_share") or 0) > 1})
+    if over:
+        out += ["Shares of the copy bandwidth or matmul rate above 100% (" + ", ".join(over) + "): the measured ceiling is "
+                "below what these reached, so the probe underestimates this machine's peak there; compare such shares "
+                "with each other, not with 100%.", ""]
     shared = [name(r) for r in rows if r["shared_host_with"]]
     if shared:
         out += ["† Timed while other experiments ran on the same host (a Ray run), which slows eager timings: compare "
@@ -145,7 +152,7 @@ def protocol_lines(run, results):
                    f"error of the per-document differences; 'noise': within {NOISE_Z} standard errors of 0. "
                    "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
-    timed = next((r["cost"] for r in results if "decode_runs" in r.get("cost", {})), None)
+    timed = next((r["cost"] for r in results if "decode_runs" in r.get("cost", {}) and r.get("engine") == "transformers"), None)
     if timed:
         compiled = "compiled" in timed["decode_modes"]
         kernels = timed["attention_kernels"]["eager"]
@@ -157,6 +164,7 @@ def protocol_lines(run, results):
                    f"tok/s = prompt / TTFT); decode tok/s = batch / median step time over the {timed['new_tokens']} - 1 "
                    f"steps after the first token of {timed['decode_runs']} run(s), from {timed['decode_prompt_tokens']}-token "
                    f"prompts; eager attention kernels: {', '.join(kernels) if isinstance(kernels, list) else kernels}.")
+    out += _llama_cpp_lines(run, results)
     rates = run.get("device_rates") or {}
     if rates.get("copy_bytes_s"):
         out.append(f"- Roofline: measured copy bandwidth {rates['copy_bytes_s'] / 1e9:.0f} GB/s and matmul rate "
@@ -180,6 +188,46 @@ def protocol_lines(run, results):
     return out + [""]
 
 
+def _llama_cpp_lines(run, results):
+    """How llama.cpp's experiments ran: its speed protocol, its tokenizer against the Hugging Face one,
+    and the engine check (the float GGUF in llama.cpp against the float baseline in transformers)."""
+    mine = [r for r in results if r.get("engine") == "llama.cpp" and r.get("backend")]
+    if not mine:
+        return []
+    b = mine[0]["backend"]
+    names = ", ".join(r["experiment"] for r in mine)
+    out = [f"- Speed ({names}): llama.cpp through llama-cpp-python {b.get('library_version')}, fed the Hugging Face "
+           f"tokenizer's ids, {b.get('threads')} threads, {b.get('n_gpu_layers')} layers on the GPU; TTFT and decode as "
+           "above but one sequence at a time (llama-cpp-python's Llama decodes one), greedy on llama.cpp's logits; "
+           "pp512 and tg128 as llama-bench measures them (a 512-token prompt at once; 128 tokens one by one from an "
+           "empty cache; mean of 5 after a warm-up)."]
+    check = b.get("tokenizer_check") or {}
+    if check:
+        out.append(f"- Tokenizers: the GGUF's own tokenizer gives the Hugging Face tokenizer's ids on {check['tokens']} tokens of "
+                   f"{check['text']}" + ("." if check["agrees"] else f" up to position {check['first_difference']} only: "
+                                         "a llama.cpp user's prompts are tokenized differently" +
+                                         (f" ({check['error']})." if check.get("error") else ".")))
+    base = next((r for r in results if r["method"] in ("fp16", "bf16", "fp32") and r["status"] == "ok"), None)
+    f16 = next((r for r in mine if r["method"] == "gguf-f16" and r["status"] == "ok" and r["quality"].get("kld")), None)
+    if base and f16:
+        k = f16["quality"]["kld"]
+        out.append(f"- Engine check: {f16['experiment']} in llama.cpp against {base['experiment']} in transformers, on the same "
+                   f"tokens: mean KLD {k['kld_mean']:.2e} ± {k['kld_mean_stderr'] or 0:.1e}, the same top token "
+                   f"{100 * k['same_top_p']:.2f}% of the time (llama.cpp's own floor for BF16 against FP16 on Llama-3-8B: 2.5e-5).")
+    return out
+
+
+def bench_lines(rows):
+    """llama-bench's protocol, for the experiments whose engine has it (llama.cpp)."""
+    lines = [f"| {r['experiment']} | {b['pp512']['tok_s']:.1f} ± {b['pp512']['tok_s_stdev']:.1f} | "
+             f"{b['tg128']['tok_s']:.1f} ± {b['tg128']['tok_s_stdev']:.1f} | {b['threads']} | {b['n_gpu_layers']} |"
+             for r in rows if (b := r["result"].get("cost", {}).get("standard_bench"))]
+    if not lines:
+        return []
+    return ["## llama-bench's protocol", "", "| experiment | pp512 tok/s | tg128 tok/s | threads | GPU layers |",
+            "|---|---|---|---|---|", *lines, ""]
+
+
 def summary_markdown(run_dir):
     """summary.md: the comparison, the sweep point by point, the protocol, what failed and what the
     quantizers reported, from the run folder's files."""
@@ -196,7 +244,7 @@ def summary_markdown(run_dir):
               "on the same documents, 'noise' when within 1.96 standard errors.", ""]
     for title, head, body in comparison_tables(rows, False):
         lines += table(title, head, body)
-    lines += notes(rows, False) + sweep_lines(rows) + protocol_lines(run, results) + failures(rows, False)
+    lines += notes(rows, False) + sweep_lines(rows) + bench_lines(rows) + protocol_lines(run, results) + failures(rows, False)
     lines += quantizer_lines(rows)
     skipped_tasks = {(t, i["reason"], i.get("fix")) for r in results
                      for t, i in r.get("quality_info", {}).items() if i.get("status") == "skipped"}

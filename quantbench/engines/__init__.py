@@ -3,8 +3,9 @@
 An experiment is (model, method, engine); each method names the engine that runs it (METHODS). An
 engine module gives the same functions (see engines/transformers.py): load, logprobs, forwards, lm,
 generate, time_prefill, time_decode, compile_step, compiled_settings, compiled_state, graph_breaks,
-weight_bytes, reset_peak, peak_bytes, resident_bytes, release, device_name, shapes.
+weight_bytes, reset_peak, peak_bytes, resident_bytes, release, input_device, device_name, shapes, standard_bench;
+and DECODE_MODES, DECODE_BATCH_LIMIT, EAGER_ATTENTION.
 """
-from quantbench.engines import transformers
+from quantbench.engines import llamacpp, transformers
 
-ENGINES = {"transformers": transformers}
+ENGINES = {"transformers": transformers, "llama.cpp": llamacpp}

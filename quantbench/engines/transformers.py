@@ -42,6 +42,8 @@ for _name, _text in KNOWN_HARMLESS.items():
 # shape; flash and memory-efficient attention need none. Compiled mode keeps torch's order (its shapes
 # are static: one plan).
 EAGER_ATTENTION = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+DECODE_MODES = ("eager", "compiled")
+DECODE_BATCH_LIMIT = None  # any batch the memory holds
 
 
 def only_attention(kernels):
@@ -51,16 +53,26 @@ def only_attention(kernels):
     return sdpa_kernel([getattr(SDPBackend, k) for k in kernels]) if kernels else contextlib.nullcontext()
 
 
+def about(device):
+    """What this engine is on this machine, for `quantbench methods`."""
+    import transformers
+
+    gpu = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no CUDA device"
+    return f"transformers {transformers.__version__}, torch {torch.__version__} ({gpu}); runs on {device}"
+
+
 def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=False):
     """(model, tokenizer, info): the method's loader on `checkpoint` (the float model, or the quantized
     checkpoint it was saved to), the tokenizer of the model at `model_path`; `info` says what ran."""
     from transformers import AutoTokenizer
 
-    from quantbench.methods import METHODS
+    from quantbench.methods import METHODS, unquantized_linears
 
     model, info = METHODS[method]["load"](str(checkpoint), device=device, trust_remote_code=trust_remote_code,
                                           **settings)
     model.eval()
+    if METHODS[method]["family"] != "baseline":
+        info["unquantized_linears"] = unquantized_linears(model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -157,6 +169,11 @@ def weight_bytes(model):
             quant_state += sum(size(v) for v in meta.values())
     return {"weight_bytes": stored + quant_state, "memory_footprint_bytes": model.get_memory_footprint(),
             "quant_state_bytes": quant_state}
+
+
+def input_device(model):
+    """Where the model's input token ids go."""
+    return model.device
 
 
 def device_name(device):
@@ -404,3 +421,8 @@ def compiled_state(model, device, breaks):
         state["note"] = (f"transformers' generate would not compile this quantization "
                          f"({type(quantizer).__name__}.is_compileable is False)")
     return state
+
+
+def standard_bench(model):
+    """An engine's own benchmark protocol (llama.cpp: llama-bench's pp512/tg128); transformers has none."""
+    return None
