@@ -198,7 +198,8 @@ def _llama_cpp_lines(run, results):
     names = ", ".join(r["experiment"] for r in mine)
     out = [f"- Speed ({names}): llama.cpp through llama-cpp-python {b.get('library_version')}, fed the Hugging Face "
            f"tokenizer's ids, {b.get('threads')} threads, {b.get('n_gpu_layers')} layers on the GPU; TTFT and decode as "
-           "above but one sequence at a time (llama-cpp-python's Llama decodes one), greedy on llama.cpp's logits; "
+           "above, greedy on llama.cpp's logits, batch 1 through llama-cpp-python's Llama and larger batches as parallel "
+           "sequences of one context (one llama_decode of B tokens a step, as llama.cpp's server runs them); "
            "pp512 and tg128 as llama-bench measures them (a 512-token prompt at once; 128 tokens one by one from an "
            "empty cache; mean of 5 after a warm-up)."]
     check = b.get("tokenizer_check") or {}

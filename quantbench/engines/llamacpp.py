@@ -26,7 +26,7 @@ import torch
 
 EAGER_ATTENTION = "llama.cpp's flash attention"  # the sweep records what ran its attention
 DECODE_MODES = ("eager",)  # llama.cpp's decode; it has no compiled mode of its own
-DECODE_BATCH_LIMIT = 1  # llama-cpp-python's Llama decodes one sequence at a time
+DECODE_BATCH_LIMIT = None  # a batch decodes as parallel sequences of one llama.cpp context (_parallel_greedy)
 FLASH_ATTENTION = True  # what llama.cpp's own tools do by default ("auto": on where supported, the CPU included)
 
 
@@ -328,15 +328,66 @@ def time_prefill(model, input_ids, *, repeats, pad_token_id, attention=None):
     return times
 
 
+def _parallel_greedy(model, ids, new_tokens, marks=None):
+    """Greedy tokens after each row of `ids` ([B, P]), the B rows decoded together as B sequences of one
+    llama.cpp context, as llama.cpp's server and llama-batched-bench run them (llama-cpp-python's `Llama`
+    runs one): a prefill of all B prompts, then one llama_decode of B tokens per step. With `marks`,
+    the clock read as each step's B tokens are produced."""
+    import llama_cpp
+
+    llm = _llm(model, 8, logits_all=False)  # the loaded model; the context below is this call's own
+    n, p = len(ids), len(ids[0])
+    params = llama_cpp.llama_context_default_params()
+    cells = -(-(p + new_tokens + 1) // 256) * 256  # each sequence's share of the cache, in llama.cpp's padding
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n * cells, n * p, 512, n
+    params.n_threads = params.n_threads_batch = model["threads"]
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if FLASH_ATTENTION else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp could not make a context for {n} sequences of {p + new_tokens} tokens")
+    batch = llama_cpp.llama_batch_init(n * p, 0, n)
+    vocab = llm.n_vocab()
+
+    def decode(rows):  # rows: (sequence, position, token, wants logits)
+        for i, (seq, pos, token, out) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, out
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(rows)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError(f"llama_decode failed on {len(rows)} tokens of {n} sequences")
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, vocab))
+        _count(model, logits)
+        return logits.argmax(-1).tolist()
+
+    try:
+        tokens = decode([(s, j, int(t), j == p - 1) for s, row in enumerate(ids) for j, t in enumerate(row)])
+        out = [[t] for t in tokens]
+        for step in range(1, new_tokens):
+            if marks is not None:
+                marks.append(time.perf_counter())
+            tokens = decode([(s, p + step - 1, t, True) for s, t in enumerate(tokens)])
+            for s, t in enumerate(tokens):
+                out[s].append(t)
+        if marks is not None:
+            marks.append(time.perf_counter())
+        return out
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+
+
 def time_decode(model, input_ids, new_tokens, *, mode, runs, pad_token_id, step=None, attention=None):
-    """Seconds of each decode step after the first token, over `runs` runs after a warm-up; one
-    sequence (DECODE_BATCH_LIMIT)."""
-    ids = input_ids[0].tolist()
-    _greedy(model, ids, new_tokens)
+    """Seconds of each decode step after the first token, over `runs` runs after a warm-up: one
+    sequence through `Llama` (as a llama-cpp-python user decodes), a batch as parallel sequences."""
+    ids = input_ids.tolist()
+    one = len(ids) == 1
+    run = (lambda marks: _greedy(model, ids[0], new_tokens, marks=marks)) if one else \
+        (lambda marks: _parallel_greedy(model, ids, new_tokens, marks=marks))
+    run(None)
     steps = []
     for _ in range(runs):
         marks = []
-        _greedy(model, ids, new_tokens, marks=marks)
+        run(marks)
         steps += [b - a for a, b in zip(marks, marks[1:])]
     return steps
 
