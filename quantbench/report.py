@@ -152,7 +152,7 @@ def protocol_lines(run, results):
                    f"error of the per-document differences; 'noise': within {NOISE_Z} standard errors of 0. "
                    "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
     c = run["config"]
-    timed = next((r["cost"] for r in results if "decode_runs" in r.get("cost", {}) and r.get("engine") == "transformers"), None)
+    timed = next((r["cost"] for r in results if "decode_runs" in r.get("cost", {}) and r.get("engine") != "llama.cpp"), None)
     if timed:
         compiled = "compiled" in timed["decode_modes"]
         kernels = timed["attention_kernels"]["eager"]
