@@ -283,6 +283,11 @@ def execute(run_dir, launcher):
                           f"in {time.perf_counter() - started:.1f} s{extra}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
+        # A second Ctrl-C (or the group's copy of the first) must not cut the record short: the stopped
+        # experiments, run.json and the summary are written first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("quantbench: stopping (the experiment running is stopped, what finished is kept; "
+              "Ctrl-C again is ignored until the run folder is written)", flush=True)
         stopped = [(exp, started) for future, (exp, started) in pending.items() if launcher["cancel"](future)]
         launcher["close"]()
         for exp, started in stopped:
@@ -291,7 +296,11 @@ def execute(run_dir, launcher):
         launcher["close"]()
     if launcher.get("after"):
         launcher["after"](run_dir, run)
-    return finish(run_dir, interrupted)
+    try:
+        return finish(run_dir, interrupted)
+    finally:
+        if interrupted:  # only the main thread gets KeyboardInterrupt, so only it set SIG_IGN above
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_command(args, launcher_for):

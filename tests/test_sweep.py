@@ -153,6 +153,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_finished(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run001"
     wait_for(lambda: (r := status(run_dir / "nf4.json")) and r.get("status") == "running")
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)  # pressed again while it stops: the record is still written
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 130, out
     assert "Traceback" not in out and "--resume" in out
