@@ -23,7 +23,7 @@ from quantbench.engines import llamacpp
 
 
 def ours(path, threads, gpu_layers):
-    model = {"path": path, "gpu_layers": gpu_layers, "threads": threads, "llm": None, "logits_all": None, "seen": None}
+    model = llamacpp.gguf_model(path, gpu_layers=gpu_layers, threads=threads)
     try:
         return llamacpp.standard_bench(model)
     finally:

@@ -68,6 +68,13 @@ def source():
     return folder / "llama.cpp"
 
 
+def failure_line(output, fallback="no output"):
+    """The line of a failed llama.cpp tool's output that says why: the last naming an error (a C++
+    exception's what(), a Python error), else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()] or [fallback]
+    return next((line for line in reversed(lines) if "what()" in line or "rror" in line), lines[-1])
+
+
 def convert(checkpoint, out, *, outtype):
     """A float checkpoint to GGUF (outtype f16, bf16 or f32) by llama.cpp's convert_hf_to_gguf.py; a
     model its converter does not know is MethodUnsuitable, with the converter's own reason."""
@@ -75,10 +82,8 @@ def convert(checkpoint, out, *, outtype):
     r = subprocess.run([sys.executable, str(script), str(checkpoint), "--outfile", str(out), "--outtype", outtype],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        lines = [line for line in r.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        reason = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1])
         raise Unsuitable(f"llama.cpp's converter (convert_hf_to_gguf.py of llama-cpp-python {version()}) "
-                               f"cannot convert this model: {reason.strip()[:300]}")
+                         f"cannot convert this model: {failure_line(r.stderr)[:300]}")
     return out
 
 

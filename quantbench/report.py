@@ -17,7 +17,7 @@ from pathlib import Path
 from quantbench import plots
 from quantbench.methods import METHODS
 from quantbench.results import load_run
-from quantbench.rows import NOISE_Z, comparison_tables, load_runs, mib, rows_of, table
+from quantbench.rows import NOISE_Z, baseline, comparison_tables, load_runs, mib, rows_of, table
 
 def notes(rows, several_runs):
     """The lines under the tables: speed timed beside other experiments, memory held beyond the weights,
@@ -164,7 +164,7 @@ def protocol_lines(run, results):
                    f"tok/s = prompt / TTFT); decode tok/s = batch / median step time over the {timed['new_tokens']} - 1 "
                    f"steps after the first token of {timed['decode_runs']} run(s), from {timed['decode_prompt_tokens']}-token "
                    f"prompts; eager attention kernels: {', '.join(kernels) if isinstance(kernels, list) else kernels}.")
-    out += _llama_cpp_lines(run, results)
+    out += _llama_cpp_lines(results)
     rates = run.get("device_rates") or {}
     if rates.get("copy_bytes_s"):
         out.append(f"- Roofline: measured copy bandwidth {rates['copy_bytes_s'] / 1e9:.0f} GB/s and matmul rate "
@@ -188,7 +188,7 @@ def protocol_lines(run, results):
     return out + [""]
 
 
-def _llama_cpp_lines(run, results):
+def _llama_cpp_lines(results):
     """How llama.cpp's experiments ran: its speed protocol, its tokenizer against the Hugging Face one,
     and the engine check (the float GGUF in llama.cpp against the float baseline in transformers)."""
     mine = [r for r in results if r.get("engine") == "llama.cpp" and r.get("backend")]
@@ -208,9 +208,9 @@ def _llama_cpp_lines(run, results):
                    f"{check['text']}" + ("." if check["agrees"] else f" up to position {check['first_difference']} only: "
                                          "a llama.cpp user's prompts are tokenized differently" +
                                          (f" ({check['error']})." if check.get("error") else ".")))
-    base = next((r for r in results if r["method"] in ("fp16", "bf16", "fp32") and r["status"] == "ok"), None)
     f16 = next((r for r in mine if r["method"] == "gguf-f16" and r["status"] == "ok" and r["quality"].get("kld")), None)
-    if base and f16:
+    base = f16 and baseline(results, f16["model"]["name"])
+    if base:
         k = f16["quality"]["kld"]
         out.append(f"- Engine check: {f16['experiment']} in llama.cpp against {base['experiment']} in transformers, on the same "
                    f"tokens: mean KLD {k['kld_mean']:.2e} ± {k['kld_mean_stderr'] or 0:.1e}, the same top token "

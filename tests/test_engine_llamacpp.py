@@ -112,7 +112,7 @@ def test_a_corrupt_gguf_fails_its_experiment_in_one_line(tmp_path):
     (tmp_path / "gguf.json").write_text(json.dumps({"type": "q8_0", "tensor_types": {}, "matrices": 0, "unquantized": 0,
                                                     "unquantized_names": [], "llama_cpp_python": "0.3.36"}))
     with pytest.raises(ValueError, match="Failed to load model from file"):
-        llamacpp._llm({"path": bad, "gpu_layers": 0, "threads": 1, "llm": None, "logits_all": None}, 64, False)
+        llamacpp._llm(llamacpp.gguf_model(bad, threads=1), 64, False)
 
 
 def test_a_gguf_whose_tokenizer_llama_cpp_cannot_run_is_reported_not_a_crash(tmp_path):
@@ -123,7 +123,7 @@ def test_a_gguf_whose_tokenizer_llama_cpp_cannot_run_is_reported_not_a_crash(tmp
 
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    check = llamacpp.tokenizer_check({"path": bad}, byte_tokenizer(), text="hello world")
+    check = llamacpp.tokenizer_check(llamacpp.gguf_model(bad), byte_tokenizer(), text="hello world")
     assert check["agrees"] is False and check["tokens"] == 11
     assert check["error"].startswith("llama.cpp's tokenizer of this GGUF fails on the text (exit 1): ")
 

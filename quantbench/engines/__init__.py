@@ -4,7 +4,7 @@ An experiment is (model, method, engine); each method names the engine that runs
 engine module gives the same functions (see engines/transformers.py): load, logprobs, forwards, lm,
 generate, time_prefill, time_decode, compile_step, compiled_settings, compiled_state, graph_breaks,
 weight_bytes, reset_peak, peak_bytes, resident_bytes, release, input_device, device_name, shapes, standard_bench;
-and DECODE_MODES, DECODE_BATCH_LIMIT, EAGER_ATTENTION.
+and DECODE_MODES, EAGER_ATTENTION.
 """
 from quantbench.engines import llamacpp, transformers
 

@@ -24,10 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantbench.gguf_files import failure_line
+
 EAGER_ATTENTION = "llama.cpp's flash attention"  # the sweep records what ran its attention
 DECODE_MODES = ("eager",)  # llama.cpp's decode; it has no compiled mode of its own
-DECODE_BATCH_LIMIT = None  # a batch decodes as parallel sequences of one llama.cpp context (_parallel_greedy)
 FLASH_ATTENTION = True  # what llama.cpp's own tools do by default ("auto": on where supported, the CPU included)
+
+
+def gguf_model(path, *, gpu_layers=0, threads=None, config=None):
+    """The engine's model: a GGUF file, how many layers go to the GPU (-1: all), llama.cpp's threads, the
+    Hugging Face config (for shapes), and the llama.cpp context made from it so far (_llm)."""
+    return {"path": path, "gpu_layers": gpu_layers, "threads": threads or default_threads(), "config": config,
+            "llm": None, "logits_all": None, "seen": None}
 
 
 def _llm(model, n_ctx, logits_all):
@@ -82,19 +90,17 @@ def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=
     path, info = METHODS[method]["load"](str(checkpoint), device=device, **settings)
     if device == "cuda":
         _USED_BEFORE[:] = [_device_used()]
-    gpu_layers = -1 if device == "cuda" and llama_cpp.llama_supports_gpu_offload() else 0
-    threads = default_threads()
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = {"path": path, "gpu_layers": gpu_layers, "threads": threads, "llm": None, "logits_all": None,
-             "config": AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "seen": None}
+    model = gguf_model(path, gpu_layers=-1 if device == "cuda" and offload else 0,
+                       config=AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code))
     # closed before the interpreter tears its modules down (llama-cpp-python's own close then fails loudly)
     atexit.register(lambda: model["llm"] is not None and model["llm"].close())
     _llm(model, 512, logits_all=False)  # the weights loaded (and offloaded) now, as part of the load
-    info.update(engine="llama.cpp", device=device, n_gpu_layers=gpu_layers, threads=threads, flash_attn=FLASH_ATTENTION,
-                gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload()),
-                tokenizer_check=tokenizer_check(model, tokenizer))
+    info.update(engine="llama.cpp", device=device, n_gpu_layers=model["gpu_layers"], threads=model["threads"],
+                flash_attn=FLASH_ATTENTION, gpu_offload_supported=offload, tokenizer_check=tokenizer_check(model, tokenizer))
     return model, tokenizer, info
 
 
@@ -117,8 +123,7 @@ def tokenizer_check(model, tokenizer, text=None):
         r = subprocess.run([sys.executable, "-c", _TOKENIZE, str(model["path"]), str(Path(tmp) / "text.txt")],
                            capture_output=True, text=True)
     if r.returncode != 0:
-        lines = [line.strip() for line in r.stderr.splitlines() if line.strip()] or [f"exit code {r.returncode}"]
-        reason = next((line for line in reversed(lines) if "what()" in line or "rror" in line), lines[-1])
+        reason = failure_line(r.stderr, f"exit code {r.returncode}")
         return {**check, "agrees": False, "first_difference": 0,
                 "error": f"llama.cpp's tokenizer of this GGUF fails on the text (exit {r.returncode}): {reason[:200]}"}
     own = json.loads(r.stdout.strip().splitlines()[-1])
@@ -380,9 +385,12 @@ def time_decode(model, input_ids, new_tokens, *, mode, runs, pad_token_id, step=
     """Seconds of each decode step after the first token, over `runs` runs after a warm-up: one
     sequence through `Llama` (as a llama-cpp-python user decodes), a batch as parallel sequences."""
     ids = input_ids.tolist()
-    one = len(ids) == 1
-    run = (lambda marks: _greedy(model, ids[0], new_tokens, marks=marks)) if one else \
-        (lambda marks: _parallel_greedy(model, ids, new_tokens, marks=marks))
+
+    def run(marks):
+        if len(ids) == 1:
+            return _greedy(model, ids[0], new_tokens, marks=marks)
+        return _parallel_greedy(model, ids, new_tokens, marks=marks)
+
     run(None)
     steps = []
     for _ in range(runs):
@@ -427,7 +435,7 @@ def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
                 llm.eval([t])
         return n / (time.perf_counter() - t0)
 
-    out = {"threads": model["threads"], "n_batch": llm.n_batch if hasattr(llm, "n_batch") else None,
+    out = {"threads": model["threads"], "n_batch": llm.n_batch,
            "n_gpu_layers": model["gpu_layers"], "repetitions": repetitions}
     for name, n, whole in [(f"pp{n_prompt}", n_prompt, True), (f"tg{n_gen}", n_gen, False)]:
         rate(n, whole)

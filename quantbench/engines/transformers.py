@@ -43,7 +43,6 @@ for _name, _text in KNOWN_HARMLESS.items():
 # are static: one plan).
 EAGER_ATTENTION = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 DECODE_MODES = ("eager", "compiled")
-DECODE_BATCH_LIMIT = None  # any batch the memory holds
 
 
 def only_attention(kernels):
