@@ -41,19 +41,22 @@ def gguf_model(path, *, gpu_layers=0, threads=None, config=None):
 def _llm(model, n_ctx, logits_all):
     """A llama.cpp context of at least `n_ctx` positions (scoring every position when `logits_all`),
     kept until another is needed."""
-    from llama_cpp import Llama
-
     have = model["llm"]
     if have is not None and have.n_ctx() >= n_ctx and model["logits_all"] == logits_all:
         return have
     if have is not None:
         have.close()
-    model["llm"] = Llama(model_path=str(model["path"]), n_ctx=n_ctx, n_batch=min(n_ctx, 2048), n_ubatch=512,
-                         logits_all=logits_all, n_gpu_layers=model["gpu_layers"], n_threads=model["threads"],
-                         n_threads_batch=model["threads"],
-                         flash_attn=FLASH_ATTENTION, verbose=False)
-    model["logits_all"] = logits_all
+    model["llm"], model["logits_all"] = _context(model, n_ctx, logits_all), logits_all
     return model["llm"]
+
+
+def _context(model, n_ctx, logits_all):
+    """A new llama.cpp context of exactly `n_ctx` positions on the model's file, threads and offload."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(model["path"]), n_ctx=n_ctx, n_batch=min(n_ctx, 2048), n_ubatch=512,
+                 logits_all=logits_all, n_gpu_layers=model["gpu_layers"], n_threads=model["threads"],
+                 n_threads_batch=model["threads"], flash_attn=FLASH_ATTENTION, verbose=False)
 
 
 def about(device):
@@ -419,13 +422,16 @@ def compiled_state(model, device, breaks):
 def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
     """Prompt processing and token generation as llama-bench measures them (pp512, tg128): a prompt of
     `n_prompt` tokens evaluated at once, and `n_gen` tokens evaluated one by one from an empty cache,
-    each `repetitions` times after a warm-up; tokens/s mean and standard deviation."""
-    llm = _llm(model, max(n_prompt, n_gen) + 1, logits_all=False)
+    each `repetitions` times after a warm-up; tokens/s mean and standard deviation. Each test has a
+    context of its own tokens only, as llama-bench gives it (n_ctx = n_prompt + n_gen): the attention
+    of a small model's generation costs a few percent more over a larger cache."""
     rng = np.random.default_rng(0)
-    vocab = llm.n_vocab()
+    if model["llm"] is not None:  # one context at a time, as llama-bench has
+        model["llm"].close()
+        model["llm"] = None
 
-    def rate(n, whole):
-        tokens = [int(t) for t in rng.integers(0, vocab, n)]
+    def rate(llm, n, whole):
+        tokens = [int(t) for t in rng.integers(0, llm.n_vocab(), n)]
         llm.reset()
         t0 = time.perf_counter()
         if whole:
@@ -435,10 +441,14 @@ def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
                 llm.eval([t])
         return n / (time.perf_counter() - t0)
 
-    out = {"threads": model["threads"], "n_batch": llm.n_batch,
-           "n_gpu_layers": model["gpu_layers"], "repetitions": repetitions}
+    out = {"threads": model["threads"], "n_gpu_layers": model["gpu_layers"], "repetitions": repetitions}
     for name, n, whole in [(f"pp{n_prompt}", n_prompt, True), (f"tg{n_gen}", n_gen, False)]:
-        rate(n, whole)
-        rates = [rate(n, whole) for _ in range(repetitions)]
-        out[name] = {"tok_s": statistics.fmean(rates), "tok_s_stdev": statistics.stdev(rates) if len(rates) > 1 else 0.0}
+        llm = _context(model, n, logits_all=False)
+        try:
+            rate(llm, n, whole)
+            rates = [rate(llm, n, whole) for _ in range(repetitions)]
+        finally:
+            llm.close()
+        out[name] = {"tok_s": statistics.fmean(rates), "tok_s_stdev": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                     "n_ctx": n, "n_batch": llm.n_batch}
     return out
