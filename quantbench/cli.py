@@ -8,6 +8,7 @@
     quantbench run --config sweep.yaml               # the same settings from a YAML or TOML file
     quantbench methods                               # what exists and what runs here
     quantbench report results/run003                 # report.md and report.html from the result files
+    quantbench report results/run003 --max-weight-mib 100 --min-recovery 99   # the method to ship under limits
 
 `quantbench run`'s flags come from the fields of config.RunConfig; flags override the sweep file,
 which overrides the defaults. Bad input exits with code 2 and one line saying what to do.
@@ -30,6 +31,7 @@ def build_parser():
     rep = sub.add_parser("report", help="report.md and a self-contained report.html from one or more run folders")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", help="folder for the report (default: the first run folder)")
+    settings.add_decide_arguments(rep)
     return p
 
 
@@ -75,7 +77,7 @@ def cmd_methods(args):
 def cmd_report(args):
     from quantbench import report
 
-    md, page = report.build(args.run_dirs, args.out)
+    md, page = report.build(args.run_dirs, args.out, limits=settings.decide_limits(args))
     print(f"wrote {md} and {page}")
     return 0
 

@@ -19,6 +19,7 @@ Unknown keys and bad values are errors that name the flag, or the file and line.
 """
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ EVAL_MIN_START, EVAL_MAX_BATCH, EVAL_CPU_BATCH = 64, 256, 16
 DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
 BACKEND_CHOICES = ["local", "ray", "modal"]
 COMPUTE_DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
-GROUPS = {"compare": "what to compare", "quality": "quality budget", "speed": "speed sweep", "where": "where to run"}
+GROUPS = {"compare": "what to compare", "quality": "quality budget", "speed": "speed sweep",
+          "decide": "the pick (the report's first paragraph; `quantbench report` takes these too)", "where": "where to run"}
 
 
 def _whole(text):
@@ -53,6 +55,25 @@ def _whole_list(text):
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+
+
+def _is_number(low, *, above):
+    """A check that a value is a number above `low` (or at least `low` when not `above`)."""
+    def check(value):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                (value <= low if above else value < low):
+            return f"must be a number {'above' if above else 'of at least'} {low:g}"
+        return None
+    return check
 
 
 def _tokens(text):
@@ -161,6 +182,15 @@ class RunConfig:
                            check=_is_positive)
     decode_runs: int = setting(1, "speed", "timed decode runs per batch size, after a warm-up run; every step of each is "
                                "a sample, the median step is reported (default 1)", parse=_whole, check=_is_positive)
+    max_weight_mib: float | None = setting(None, "decide", "pick only methods whose weights take at most this many MiB",
+                                           parse=_number, check=_is_number(0, above=True))
+    min_recovery: float | None = setting(None, "decide", "pick only methods whose mean recovery over the tasks (score / "
+                                         "baseline's x 100) is at least this many percent", parse=_number,
+                                         check=_is_number(0, above=True))
+    max_kld: float | None = setting(None, "decide", "pick only methods whose mean KLD from the baseline is at most this",
+                                    parse=_number, check=_is_number(0, above=False))
+    pick_batch: int = setting(1, "decide", "the decode batch size the pick weighs (default 1)", parse=_whole,
+                              check=_is_positive)
     device: str = setting("auto", "where", "auto (default), cuda or cpu", choices=["auto", "cuda", "cpu"])
     backend: str = setting("local", "where", "where experiments run: here (local, default), on a Ray cluster (ray: one "
                            "experiment per GPU), or on Modal's cloud GPUs (modal); results land here either way",
@@ -212,6 +242,28 @@ def add_run_arguments(parser):
     groups["compare"].add_argument("--config", help="a YAML or TOML sweep file with the same settings")
     groups["where"].add_argument("--resume", help="a run folder to finish (its settings, unless a flag says otherwise)")
     return parser
+
+
+def add_decide_arguments(parser):
+    """The pick's flags (group "decide") for `quantbench report`, from the same fields: given there, they
+    replace the run's own."""
+    group = parser.add_argument_group(GROUPS["decide"])
+    for f in FIELDS.values():
+        if f.metadata["group"] == "decide":
+            group.add_argument(_flag(f), dest=f.name, default=None, type=f.metadata["parse"], help=f.metadata["help"],
+                               metavar=_flag(f)[2:].upper().replace("-", "_"))
+    return parser
+
+
+def decide_limits(args):
+    """The pick's settings given to `quantbench report`, checked as the run's are; ConfigError naming the flag."""
+    given = {name: getattr(args, name) for name, f in FIELDS.items() if f.metadata["group"] == "decide"
+             and getattr(args, name, None) is not None}
+    for name, value in given.items():
+        problem = FIELDS[name].metadata["check"](value)
+        if problem:
+            raise ConfigError(f"{_flag(FIELDS[name])} {problem}, got {value!r}")
+    return given
 
 
 def run_parser():

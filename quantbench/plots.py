@@ -1,5 +1,5 @@
 """The report's plots, from its rows (report.rows_of): quality against weight memory with the Pareto
-frontier, decode tokens/s against batch size with each method's bandwidth roofline, the per-token KLD
+frontier and the noise floor, decode tokens/s against batch size with each method's bandwidth roofline, the per-token KLD
 distribution, and time to first token against prompt length. Each method keeps one colour in every
 plot; each plot is PNG bytes (None when the rows hold nothing to draw).
 
@@ -7,6 +7,7 @@ plot; each plot is PNG bytes (None when the rows hold nothing to draw).
 """
 import io
 
+from quantbench import decide
 from quantbench.methods import METHODS
 
 # One colour per method, fixed by the method's place in METHODS (matplotlib's tab20, then grey).
@@ -93,11 +94,17 @@ def plot_quality_vs_memory(rows, run_labels):
     for x, y, r in pts:
         ax.scatter(x, y, color=color_of(r["method"]), marker=_marker(r, run_labels), s=60, zorder=3,
                    label=r["experiment"] if len(run_labels) == 1 else f"{r['run']}/{r['experiment']}")
-    frontier, best = [], float("inf")  # lower memory and lower divergence are both better
-    for x, y, _ in sorted(pts, key=lambda p: (p[0], p[1])):
-        if y < best:
-            frontier.append((x, y))
-            best = y
+    if use_kld:  # points within measurement noise of a better one are off it (decide.dominates)
+        front = {id(r) for r in decide.pareto([r for _, _, r in pts], with_speed=False)[0]}
+        frontier = sorted((x, y) for x, y, r in pts if id(r) in front)
+    else:
+        frontier, best = [], float("inf")  # lower memory and lower perplexity are both better
+        for x, y, _ in sorted(pts, key=lambda p: (p[0], p[1])):
+            if y < best:
+                frontier.append((x, y))
+                best = y
+    for r in (r for _, _, r in pts if r["is_floor"] and use_kld):
+        ax.axhline(r["kld"]["kld_mean"], ls=":", color="grey", lw=1, label=f"noise floor ({r['experiment']})", zorder=1)
     ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "--", color="black", lw=1, label="Pareto frontier", zorder=2)
     ax.set_xlabel("weight memory (MiB, as stored)")
     ax.set_ylabel("mean KL divergence from the baseline (nats/token)" if use_kld else "perplexity")
@@ -153,6 +160,10 @@ def plot_kld_distribution(rows, run_labels):
     for patch, r in zip(boxes["boxes"], ok):
         patch.set_facecolor(color_of(r["method"]))
         patch.set_alpha(0.7)
+    for r in (r for r in ok if r["is_floor"]):
+        ax.axhline(r["kld"]["kld_mean"], ls=":", color="grey", lw=1, label=f"noise floor: mean KLD of {r['experiment']}")
+    if any(r["is_floor"] for r in ok):
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_yscale("log")
     ax.set_ylabel("KL divergence per token (nats)")
     ax.set_title("Where the divergence from the baseline lies (box: quartiles; whiskers: 5-95%; points: 99%, max)")

@@ -11,13 +11,16 @@ recommendation computed from the numbers, the same comparison, the failures, fou
 and, for several runs, how they differ. report.html embeds its plots and has no scripts: it opens offline.
 """
 import base64
+import dataclasses
 import html
 from pathlib import Path
 
-from quantbench import plots
+from quantbench import decide, plots
+from quantbench.config import FIELDS, from_run
 from quantbench.methods import METHODS
 from quantbench.results import load_run
-from quantbench.rows import NOISE_Z, baseline, comparison_tables, load_runs, mib, rows_of, table
+from quantbench.rows import (BOOTSTRAP_RESAMPLES, PRIMARY_METRICS, READING, SIGNIFICANCE, baseline, comparison_tables,
+                             load_runs, mib, rows_of, table)
 
 def notes(rows, several_runs):
     """The lines under the tables: speed timed beside other experiments, memory held beyond the weights,
@@ -31,6 +34,10 @@ def notes(rows, several_runs):
         out += ["Shares of the copy bandwidth or matmul rate above 100% (" + ", ".join(over) + "): the measured ceiling is "
                 "below what these reached, so the probe underestimates this machine's peak there; compare such shares "
                 "with each other, not with 100%.", ""]
+    floors = [f"{name(r)} {r['kld']['kld_mean']:.2g}" for r in rows if r["is_floor"]]
+    if floors:
+        out += ["Noise floor (a float format against the baseline, so rounding alone; KLDs near it cannot be told from "
+                "a change of float format): " + ", ".join(floors) + ".", ""]
     shared = [name(r) for r in rows if r["shared_host_with"]]
     if shared:
         out += ["† Timed while other experiments ran on the same host (a Ray run), which slows eager timings: compare "
@@ -149,8 +156,13 @@ def protocol_lines(run, results):
                    + ".")
     if tasks:
         out.append(f"- Δ task metric: the paired difference from the baseline on the same documents, ± the standard "
-                   f"error of the per-document differences; 'noise': within {NOISE_Z} standard errors of 0. "
-                   "Metrics lm-eval does not average per document (perplexity) show the plain difference.")
+                   f"error of the per-document differences, with the two-sided p-value of McNemar's exact test on the "
+                   f"discordant documents (0/1 scores) or of a paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples, "
+                   f"other scores); 'noise': p ≥ {SIGNIFICANCE}. Metrics lm-eval does not average per document "
+                   "(perplexity) show the plain difference. Recovery: mean score over the baseline's on the same "
+                   "documents x 100, its 95% interval by the delta method on the paired scores; the mean recovery "
+                   "averages each task's primary metric (the first of " + ", ".join(PRIMARY_METRICS) + " it has), "
+                   "its interval from theirs.")
     c = run["config"]
     timed = next((r["cost"] for r in results if "decode_runs" in r.get("cost", {}) and r.get("engine") != "llama.cpp"), None)
     if timed:
@@ -241,8 +253,8 @@ def summary_markdown(run_dir):
              f"Models: {', '.join(m['name'] for m in run['models'])}; device: {run['device']} ({card}); "
              f"started {run['started']}."]
     lines += [f"Note on {m['name']}: {m['note']}." for m in run["models"] if m.get("note")] + [""]
-    lines += ["Best value of each column in bold. ± is a standard error; Δ is the paired difference from the baseline "
-              "on the same documents, 'noise' when within 1.96 standard errors.", ""]
+    first = answer(rows, limits_of(run))
+    lines += (["## The answer", "", first, ""] if first else []) + [READING, ""]
     for title, head, body in comparison_tables(rows, False):
         lines += table(title, head, body)
     lines += notes(rows, False) + sweep_lines(rows) + bench_lines(rows) + protocol_lines(run, results) + failures(rows, False)
@@ -271,6 +283,17 @@ def measured(rows, runs):
     quality = ("Quality: " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
                if parts else "Quality: not measured")
     return quality + "; cost: memory and speed."
+
+
+def limits_of(run, given=None):
+    """The pick's settings of a run (its config's "decide" fields), those given to `quantbench report` replacing them."""
+    config = dataclasses.asdict(from_run(run))
+    return {**{name: config[name] for name, f in FIELDS.items() if f.metadata["group"] == "decide"}, **(given or {})}
+
+
+def answer(rows, limits):
+    """The first paragraph: the pick under the limits, or without limits the Pareto set (None with fewer than two methods)."""
+    return decide.pick_paragraph(rows, limits) or decide.pareto_paragraph(rows, limits.get("pick_batch") or 1)
 
 
 def recommendation(rows):
@@ -334,8 +357,9 @@ def differences(runs):
             if not k.startswith(skip) and len({repr(f.get(k)) for f in flat}) > 1]
 
 
-def build(run_dirs, out=None):
-    """Write report.md (with its PNGs beside it) and a self-contained report.html; returns their paths."""
+def build(run_dirs, out=None, limits=None):
+    """Write report.md (with its PNGs beside it) and a self-contained report.html; returns their paths.
+    `limits`: the pick's settings given to `quantbench report`, replacing the runs' own."""
     runs = load_runs(run_dirs)
     out = Path(out) if out else Path(runs[0][0])
     out.mkdir(parents=True, exist_ok=True)
@@ -356,14 +380,15 @@ def build(run_dirs, out=None):
                ("kld-distribution", "KL divergence per token", plots.plot_kld_distribution(rows, labels)),
                ("ttft-vs-prompt", "Time to first token against prompt length", plots.plot_ttft_vs_prompt(rows, labels))]
     model_notes = list(dict.fromkeys(f"{m['name']}: {m['note']}" for _, run, _ in runs for m in run["models"] if m.get("note")))
-    advice = [recommendation(rows)] if not several else [
-        f"{label}: {recommendation([r for r in rows if r['run'] == label])}" for label in labels]  # a paragraph per run
+    advice = []
+    for label, (_, run, _) in zip(labels, runs):  # the answer and the summary of each run
+        mine = [r for r in rows if r["run"] == label]
+        prefix = f"{label}: " if several else ""
+        advice += [prefix + p for p in (answer(mine, limits_of(run, limits)), recommendation(mine)) if p]
 
     md = [f"# quantbench report: {', '.join(labels)}", "", question, ""]
     md += [f"> {n}" for n in model_notes] + ([""] if model_notes else [])
-    md += ["## Recommendation", ""] + [line for paragraph in advice for line in (paragraph, "")] + ["## Comparison", "",
-           "Best value of each column in bold. ± is a standard error; Δ is the paired difference from the baseline on "
-           "the same documents, 'noise' when within 1.96 standard errors.", ""]
+    md += ["## Recommendation", ""] + [line for paragraph in advice for line in (paragraph, "")] + ["## Comparison", "", READING, ""]
     for title, head, lines in comparison_tables(rows, several):
         md += table(title, head, lines)
     md += notes(rows, several) + failures(rows, True)

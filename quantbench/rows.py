@@ -8,23 +8,128 @@ import math
 import statistics
 from pathlib import Path
 
-from quantbench.methods import BASELINE_METHODS
+import numpy as np
+
+from quantbench.methods import BASELINE_METHODS, METHODS
 from quantbench.results import documents, load_run
 
-NOISE_Z = 1.96  # a delta within this many standard errors of 0 is marked as noise (95%)
+SIGNIFICANCE = 0.05  # a paired difference with a p-value at or above this is marked as noise
+Z95 = 1.96
+BOOTSTRAP_RESAMPLES = 10_000
+# The metric a task is summarised by (its place in the mean recovery, its flips): the first of these it
+# has, as the Open LLM Leaderboard and the quantized model cards that report recovery take them.
+PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "em", "exact", "f1")
+LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+# How to read the tables, above them on every page.
+READING = ("Best value of each column in bold. ± is a standard error; Δ is the paired difference from the baseline "
+           "on the same documents with the p-value of a paired test (McNemar's exact test where every score is 0 or 1, "
+           "a paired bootstrap otherwise), 'noise' when p ≥ 0.05. Recovery: the method's score over the baseline's "
+           "x 100 on the same documents, [95% interval]; lost and gained: the documents the baseline got right and the "
+           "method wrong, and the reverse (equal accuracy can hide many of both).")
+
+
+def _paired(base, other):
+    """The per-document scores both have, as two float64 arrays in document order."""
+    common = sorted(set(base) & set(other))
+    return np.array([base[i] for i in common], float), np.array([other[i] for i in common], float)
+
+
+def binary(b, q):
+    return bool(np.isin(b, (0.0, 1.0)).all() and np.isin(q, (0.0, 1.0)).all())
+
+
+def paired_test(b, q):
+    """(test name, two-sided p-value) for "q and b score the same on average", on paired per-document
+    scores: McNemar's exact test (a binomial test on the discordant documents) where every score is
+    0 or 1, else a paired bootstrap of the mean difference (the resampled differences centred on 0)."""
+    from scipy.stats import binomtest
+
+    if binary(b, q):
+        lost, gained = int(((b == 1) & (q == 0)).sum()), int(((b == 0) & (q == 1)).sum())
+        return "McNemar exact", (binomtest(lost, lost + gained, 0.5).pvalue if lost + gained else 1.0)
+    d = q - b
+    rng = np.random.default_rng(0)
+    means = d[rng.integers(0, len(d), (BOOTSTRAP_RESAMPLES, len(d)))].mean(axis=1)
+    extreme = np.abs(means - d.mean()) >= abs(d.mean())
+    return "paired bootstrap", float((extreme.sum() + 1) / (BOOTSTRAP_RESAMPLES + 1))
 
 
 def paired_difference(base, other):
     """other - base on the documents both scored: {doc_id: value} each -> mean difference, its standard
-    error (of the per-document differences), the documents used, and whether it is within noise."""
-    common = sorted(set(base) & set(other))
-    if not common:
+    error (of the per-document differences), the documents used, the paired test and its p-value, and
+    whether it is within noise (p >= SIGNIFICANCE)."""
+    b, q = _paired(base, other)
+    if not len(b):
         return None
-    d = [other[i] - base[i] for i in common]
-    mean = statistics.fmean(d)
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
-    noise = se is not None and abs(mean) <= NOISE_Z * se
-    return {"delta": mean, "stderr": se, "n": len(common), "within_noise": noise}
+    d = q - b
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+    test, p = paired_test(b, q) if len(d) > 1 else (None, None)
+    return {"delta": float(d.mean()), "stderr": se, "n": len(d), "test": test, "p_value": p,
+            "within_noise": p is not None and p >= SIGNIFICANCE}
+
+
+def recovery(base, other):
+    """other's mean score over base's, x 100, on the documents both scored (as published: quantized /
+    baseline x 100), with a 95% interval by the delta method on the paired per-document scores (the
+    ratio's standard error is that of the mean of q - R b, over the mean of b)."""
+    b, q = _paired(base, other)
+    if len(b) < 2 or b.mean() == 0:
+        return None
+    r = q.mean() / b.mean()
+    se = (q - r * b).std(ddof=1) / math.sqrt(len(b)) / b.mean()
+    return {"recovery_pct": float(100 * r), "low_pct": float(100 * (r - Z95 * se)), "high_pct": float(100 * (r + Z95 * se)),
+            "stderr_pct": float(100 * se), "n": len(b)}
+
+
+def flips(base, other):
+    """For 0/1 scores: the share of documents the baseline got right and other wrong (lost), and the
+    reverse (gained), each with its standard error; None for other scores."""
+    b, q = _paired(base, other)
+    if len(b) < 2 or not binary(b, q):
+        return None
+    n = len(b)
+    out = {"n": n}
+    for name, hit in (("lost", (b == 1) & (q == 0)), ("gained", (b == 0) & (q == 1))):
+        share = float(hit.mean())
+        out[f"{name}_p"], out[f"{name}_p_stderr"] = share, math.sqrt(share * (1 - share) / n)
+    return out
+
+
+def primary_metric(metrics):
+    """The metric a task is summarised by, of those it has per document (PRIMARY_METRICS' order)."""
+    return next((m for m in PRIMARY_METRICS if m in metrics), None)
+
+
+def against_baseline(base_docs, docs):
+    """Each task's comparison with the baseline on the same documents, from per-document scores
+    ({task: {metric: {doc_id: value}}} each): per metric the paired difference and its test, the
+    recovery of metrics where higher is better, the flips of 0/1 metrics; and the mean recovery over
+    the tasks' primary metrics, its interval from theirs (tasks taken as independent samples)."""
+    out = {"tasks": {}}
+    for task, metrics in docs.items():
+        base = base_docs.get(task, {})
+        per = {}
+        for m, scores in metrics.items():
+            if m not in base:
+                continue
+            pair = paired_difference(base[m], scores)
+            if pair is None:
+                continue
+            higher = m not in LOWER_IS_BETTER
+            per[m] = {**pair, "recovery": recovery(base[m], scores) if higher else None, "flips": flips(base[m], scores)}
+        if per:
+            out["tasks"][task] = {"primary": primary_metric(per) or next(iter(per)), "metrics": per}
+    recs = [t["metrics"][t["primary"]]["recovery"] for t in out["tasks"].values()]
+    recs = [r for r in recs if r]
+    if recs:
+        mean = statistics.fmean(r["recovery_pct"] for r in recs)
+        se = math.sqrt(sum(r["stderr_pct"] ** 2 for r in recs)) / len(recs)
+        out["recovery_mean"] = {"recovery_pct": mean, "low_pct": mean - Z95 * se, "high_pct": mean + Z95 * se,
+                                "stderr_pct": se, "tasks": sorted(t for t, v in out["tasks"].items()
+                                                                  if v["metrics"][v["primary"]]["recovery"])}
+    return out
 
 
 def baseline(results, model_name):
@@ -89,8 +194,13 @@ def rows_of(label, run_dir, run, results):
                           for mode in ("eager", "compiled")},
                "prefill": {int(n): p for n, p in c.get("prefill", {}).items() if p.get("status") == "ok"}}
         row["error"], row["fix"] = problem(r, run_dir)
-        if base is not None and r is not base and row["perplexity"] and base["quality"].get("perplexity"):
+        compared = base is not None and r is not base
+        if compared and row["perplexity"] and base["quality"].get("perplexity"):
             row["ppl_delta"] = row["perplexity"] / base["quality"]["perplexity"] - 1
+        row["against"] = against_baseline(docs[base["experiment"]], docs[r["experiment"]]) if compared else None
+        row["recovery"] = row["against"] and row["against"].get("recovery_mean")
+        # A float format against the baseline (bf16 against fp16, f16 in llama.cpp): the KLD of rounding alone.
+        row["is_floor"] = compared and r["status"] == "ok" and bool(row["kld"]) and METHODS.get(r["method"], {}).get("bits", 0) >= 16
         for task, metrics in q.items():
             if task in ("perplexity", "kld"):
                 continue
@@ -98,17 +208,16 @@ def rows_of(label, run_dir, run, results):
                 if m == "n" or m.endswith("_stderr") or not isinstance(v, (int, float)):
                     continue
                 row["tasks"][f"{task} {m}"] = (v, metrics.get(f"{m}_stderr"))
-                if base is not None and r is not base:
-                    pair = paired_difference(docs[base["experiment"]].get(task, {}).get(m, {}), docs[r["experiment"]].get(task, {}).get(m, {}))
+                if compared:
+                    pair = row["against"]["tasks"].get(task, {}).get("metrics", {}).get(m)
                     b = base["quality"].get(task, {}).get(m)
                     # metrics lm-eval does not average per document (LAMBADA's perplexity): the plain difference
-                    row["deltas"][f"{task} {m}"] = pair or ({"delta": v - b, "stderr": None, "within_noise": False}
-                                                            if isinstance(b, (int, float)) else None)
+                    row["deltas"][f"{task} {m}"] = pair or ({"delta": v - b, "stderr": None, "p_value": None, "test": None,
+                                                             "within_noise": False} if isinstance(b, (int, float)) else None)
         rows.append(row)
     return rows
 
 
-LOWER_IS_BETTER = ("perplexity",)
 
 
 def mib(v):
@@ -161,7 +270,7 @@ def comparison_tables(rows, several_runs):
         text = cell(t, v, pm(v, se, "{:.4f}"))
         d = r["deltas"].get(t)
         if d and d["stderr"] is not None:
-            text += f" (Δ {d['delta']:+.4f} ± {d['stderr']:.4f}{', noise' if d['within_noise'] else ''})"
+            text += f" (Δ {d['delta']:+.4f} ± {d['stderr']:.4f}, {p_text(d['p_value'])}{', noise' if d['within_noise'] else ''})"
         elif d:
             text += f" (Δ {d['delta']:+.4f})"
         return text
@@ -176,7 +285,8 @@ def comparison_tables(rows, several_runs):
     quality_lines, cost_lines = [], []
     for r in ok:
         k = r["kld"]
-        cells = ([r["run"]] if several_runs else []) + [r["experiment"] + (" (baseline)" if r["is_baseline"] else "")]
+        cells = ([r["run"]] if several_runs else []) + [r["experiment"] + (" (baseline)" if r["is_baseline"] else
+                                                                           " (noise floor)" if r["is_floor"] else "")]
         q = cells + ([cell("KLD mean", kld(r), pm(k["kld_mean"], k["kld_mean_stderr"], "{:.5f}")),
                       cell("KLD p99", kld(r, "kld_p99"), f"{k['kld_p99']:.4f}"),
                       cell("same top %", kld(r, "same_top_p"), pm(100 * k["same_top_p"], k["same_top_p_stderr"] and
@@ -198,7 +308,45 @@ def comparison_tables(rows, several_runs):
         quality_lines.append("| " + " | ".join(q) + " |")
         cost_lines.append("| " + " | ".join(c) + " |")
     has_quality = any(r["kld"] or r["perplexity"] or r["tasks"] for r in ok)
-    return ([("Quality", quality_head, quality_lines)] if has_quality else []) + [("Cost", cost_head, cost_lines)]
+    return ([("Quality", quality_head, quality_lines)] if has_quality else []) + against_table(ok, several_runs) + \
+        [("Cost", cost_head, cost_lines)]
+
+
+def p_text(p):
+    return "p < 0.001" if p < 0.001 else f"p {p:.2g}" if p < 0.995 else "p 1"
+
+
+def against_table(ok, several_runs):
+    """Recovery, flips and the paired test of each task's primary metric, and the mean recovery, per
+    experiment compared with its baseline: [(title, header, lines)], or [] where no task was compared."""
+    compared = [r for r in ok if r["against"] and r["against"]["tasks"]]
+    tasks = sorted({t for r in compared for t in r["against"]["tasks"]})
+    if not tasks:
+        return []
+    primary = {t: next(r["against"]["tasks"][t]["primary"] for r in compared if t in r["against"]["tasks"]) for t in tasks}
+    head = (["run"] if several_runs else []) + ["experiment", "mean recovery %"] + [f"{t} {primary[t]}" for t in tasks]
+
+    def recovery_text(c):
+        return f"{c['recovery_pct']:.1f} [{c['low_pct']:.1f}, {c['high_pct']:.1f}]"
+
+    def task_text(t):
+        c = t["metrics"][t["primary"]]
+        parts = [recovery_text(c["recovery"]) + "%" if c["recovery"] else f"Δ {c['delta']:+.4f}"]
+        f = c["flips"]
+        if f:
+            parts.append(f"lost {100 * f['lost_p']:.1f} ± {100 * f['lost_p_stderr']:.1f}%, "
+                         f"gained {100 * f['gained_p']:.1f} ± {100 * f['gained_p_stderr']:.1f}%")
+        if c["p_value"] is not None:
+            parts.append(f"{p_text(c['p_value'])} ({c['test']}){', noise' if c['within_noise'] else ''}")
+        return "; ".join(parts)
+
+    lines = []
+    for r in compared:
+        cells = ([r["run"]] if several_runs else []) + [r["experiment"] + (" (noise floor)" if r["is_floor"] else "")]
+        cells.append(recovery_text(r["recovery"]) if r["recovery"] else "-")
+        cells += [task_text(r["against"]["tasks"][t]) if t in r["against"]["tasks"] else "-" for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [("Against the baseline", head, lines)]
 
 
 def table(title, head, lines):

@@ -23,11 +23,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quantbench import rows
 from quantbench.config import SUITES, ConfigError, from_args, from_run, make_experiment
 from quantbench.methods import (BASELINE_METHODS, BASELINE_OF, METHODS, checkpoint_dtype, group_size_problem,
                                 why_not_runnable)
 from quantbench.models import ModelError, cache_folder, model_slug, resolve_model
-from quantbench.results import SCHEMA, ResultsError, environment, read_json, read_run_file, write_files, write_json
+from quantbench.results import (SCHEMA, ResultsError, documents, environment, load_run, read_json, read_run_file,
+                                write_files, write_json)
 from quantbench.tasks import LOCAL_TASKS, hub_reachable, resolve_task
 
 FINISHED = ("ok", "skipped")
@@ -232,6 +234,20 @@ def _ignore_sigint():
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def compare_with_baseline(run_dir, result):
+    """The result with its comparison with the model's baseline on the same documents added
+    (`against_baseline`: recovery, flips and paired tests, rows.against_baseline) and written, when
+    both have per-document task scores; as it was otherwise."""
+    base = rows.baseline(load_run(run_dir)[1], result["model"]["name"])
+    if result["status"] != "ok" or base is None or base["experiment"] == result["experiment"]:
+        return result
+    docs, base_docs = documents(run_dir, result), documents(run_dir, base)
+    if docs and base_docs:
+        result["against_baseline"] = {"baseline": base["experiment"], **rows.against_baseline(base_docs, docs)}
+        write_json(run_dir / f"{result['experiment']}.json", result)
+    return result
+
+
 def execute(run_dir, launcher):
     """Run every unfinished experiment of the run through `launcher` (baselines first, then the rest);
     returns the exit code. A launcher is a dict of plain functions: facts(run) -> what run.json adds
@@ -273,7 +289,7 @@ def execute(run_dir, launcher):
                         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
                         record_unfinished(run_dir, exp, run, "failed", f"the {launcher['name']} worker running it "
                                           f"failed or was lost: {type(e).__name__}: {why}", time.perf_counter() - started)
-                    result = read_json(run_dir / f"{exp['id']}.json")
+                    result = compare_with_baseline(run_dir, read_json(run_dir / f"{exp['id']}.json"))
                     run.setdefault("phases_s", {})[exp["id"]] = {**result.get("phases_s", {}),
                                                                 "total": round(time.perf_counter() - started, 3)}
                     write_json(run_dir / "run.json", run)

@@ -74,14 +74,18 @@ def test_report_of_a_run_with_failed_and_skipped_experiments(tmp_path):
     assert "Among methods of 4 bits or fewer, nf4 has the lowest KLD (0.0800)" in text
     assert "outside their parameters; part of the peak): int8 +300 MiB." in text  # and no other method
     # Best of each column in bold: nf4's weights, fp16's decode speed, int8's KLD (the baseline's 0 does not count).
-    nf4 = [line for line in text.splitlines() if line.startswith("| nf4 |")]  # its quality row, then its cost row
+    nf4 = [line for line in text.splitlines() if line.startswith("| nf4 |")]  # its quality, against and cost rows
     int8 = [line for line in text.splitlines() if line.startswith(("| int8 |", "| int8 † |"))]
-    assert len(nf4) == len(int8) == 2 and "**Quality**" in text and "**Cost**" in text
-    assert "**106.0**" in nf4[1] and "**0.00400 ± 0.00020**" in int8[0]
+    assert len(nf4) == len(int8) == 3 and "**Quality**" in text and "**Against the baseline**" in text and "**Cost**" in text
+    assert "**106.0**" in nf4[2] and "**0.00400 ± 0.00020**" in int8[0]
+    # Recovery 50/60 and 59/60 with the delta method's interval; flips; McNemar on 10 lost and 0 gained: 2 / 2^10.
+    assert "| experiment | mean recovery % | arc_easy acc |" in text
+    assert nf4[1].startswith("| nf4 | 83.3 [") and "lost 10.0 ± 3.0%, gained 0.0 ± 0.0%; p 0.002 (McNemar exact) |" in nf4[1]
+    assert int8[1].startswith("| int8 | 98.3 [") and "p 1 (McNemar exact), noise |" in int8[1]
     assert "| eager tok/s b=1 | eager tok/s b=8 | compiled tok/s b=1 |" in text  # each mode's measured batches
     assert "Fastest compiled decode at batch 1: fp16 (400 tok/s)." in text
-    assert "(Δ -0.0100 ± 0.0100, noise)" in int8[0] and "noise" not in nf4[0] and "(Δ -0.1000 ± " in nf4[0]
-    assert int8[1].startswith("| int8 † |") and "†" not in nf4[1]  # its speed was timed beside another experiment
+    assert "(Δ -0.0100 ± 0.0100, p 1, noise)" in int8[0] and "noise" not in nf4[0] and "(Δ -0.1000 ± 0.0302, p 0.002)" in nf4[0]
+    assert int8[2].startswith("| int8 † |") and "†" not in nf4[2]  # its speed was timed beside another experiment
     assert "† Timed while other experiments ran on the same host" in text and "speed from experiments that ran alone. int8." in text
     assert "**gptq-w4g128** (run001) skipped: group size 128 does not divide 576. Fix: use a group size" in text
     assert "**awq-w4g128** (run001) failed: CUDA out of memory." in text
@@ -149,8 +153,13 @@ def test_report_of_the_recorded_gpu_run(tmp_path):
     assert "Among methods of 4 bits or fewer, gptq-w4g32 has the lowest KLD (0.1970) at 113 MiB." in text
     assert text.count("cannot quantize its layers; use a group size that divides 576") == 4
     html = page.read_text()
-    assert '<span class="d">Δ -0.0370 ± 0.0109</span>' in html  # nf4's LAMBADA loss is real
-    assert '<span class="d n">Δ -0.0020 ± 0.0144, noise</span>' in html  # its Winogrande change is not
+    assert '<span class="d">Δ -0.0370 ± 0.0109, p &lt; 0.001</span>' in html  # nf4's LAMBADA loss is real
+    assert '<span class="d n">Δ -0.0020 ± 0.0144, p 0.94, noise</span>' in html  # its Winogrande change is not
+    # Without limits the answer is the Pareto set: int8 is beaten by torchao-int8wo (the same memory within 1%,
+    # a lower KLD, faster), fp4 by nf4 (the same memory, a lower KLD).
+    assert ("the methods no other beats on KLD, weight memory, decode speed at batch 1: nf4 (107 MiB, mean KLD 0.2717, "
+            "mean recovery 93.6%, 35 tok/s at batch 1);") in text
+    assert "Beaten: fp4 by nf4, int8 by torchao-int8wo, torchao-fp8 by int8 (ties:" in text
 
 
 def test_a_run_without_quality_has_no_quality_table(tmp_path):
@@ -196,9 +205,11 @@ def test_summary_shows_paired_deltas_with_error_bars_and_noise(tmp_path):
     assert ("- arc_easy: lm-eval arc_easy_local from local: arc; n = 100 documents; ± is lm-eval's standard error; "
             "batch 16, max_length 2048, max_gen_toks 128; attention kernels FLASH_ATTENTION, MATH.") in summary
     d = np.array(acc["nf4"]) - np.array(acc["fp16"])
-    assert f"(Δ -0.2000 ± {d.std(ddof=1) / 10:.4f})" in rows["nf4"]  # 20 documents lost: real
-    assert "(Δ -0.0100 ± 0.0100, noise)" in rows["int8"]              # one document lost: noise
+    # 20 documents lost, none gained: McNemar's p = 2 / 2^20, real; one lost: p = 1, noise
+    assert f"(Δ -0.2000 ± {d.std(ddof=1) / 10:.4f}, p < 0.001)" in rows["nf4"]
+    assert "(Δ -0.0100 ± 0.0100, p 1, noise)" in rows["int8"]
     assert rows["fp16 (baseline)"].startswith("| fp16 (baseline) |")
+    assert "| nf4 | 66.7 [" in summary and "lost 20.0 ± 4.0%, gained 0.0 ± 0.0%; p < 0.001 (McNemar exact) |" in summary
 
 
 def test_summary_names_memory_a_loaded_model_holds_beyond_its_weights(tmp_path):

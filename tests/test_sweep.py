@@ -86,6 +86,9 @@ def test_run_writes_results_a_person_and_a_program_can_read(tiny_model_dir, shar
     assert kld["nf4"]["kld_mean"] > 2e-5 > abs(kld["int8"]["kld_mean"])
     assert load(run_dir / "nf4.json")["cost"]["weight_bytes"] < load(run_dir / "fp16.json")["cost"]["weight_bytes"]
     assert load(run_dir / "fp16.json")["backend"]["weight_dtype"] == "float32"  # fp16 on the CPU
+    against = load(run_dir / "nf4.json")["against_baseline"]  # added when nf4 arrived, from both docs files
+    assert against["baseline"] == "fp16" and set(against["tasks"]["coqa"]["metrics"]) == {"em", "f1"}
+    assert "against_baseline" not in load(run_dir / "fp16.json")
     summary = (run_dir / "summary.md").read_text()
     assert "| fp16 (baseline) |" in summary and "| nf4 |" in summary and "coqa f1" in summary and "KLD mean" in summary
     assert summary.splitlines()[0] in out  # printed to the terminal too
