@@ -152,6 +152,10 @@ class RunConfig:
     kld_ctx: int = setting(512, "quality", "KLD chunk length, llama.cpp's n_ctx; the second half of each chunk is scored "
                            "(default 512)", parse=_whole,
                            check=lambda v: None if _positive(v) and v >= 4 and v % 2 == 0 else "must be an even number of at least 4")
+    long_context: list = setting([], "quality", "also perplexity and KLD at these windows in tokens, e.g. 4096,8192, where "
+                                 "the model's positions allow (4-bit methods lose more at long context; default none)",
+                                 parse=_whole_list, check=lambda v: None if all(_positive(n) and n >= 4 and n % 2 == 0
+                                                                              for n in v) else "must be even whole numbers of at least 4")
     max_length: int | None = setting(None, "quality", "lm-eval context length (default min(model positions, 2048))",
                                      parse=_whole, check=_is_positive)
     max_gen_toks: int = setting(128, "quality", "bound on tokens generated per lm-eval request (default 128)",
@@ -440,7 +444,7 @@ def load_sweep_file(path):
                          for i, v in enumerate(items)]
         elif name == "tasks":
             out[name] = parse_tasks(value if isinstance(value, str) else ",".join(map(str, value)))
-        elif name in ("models", "batch_sizes", "prompt_lengths"):
+        elif name in ("models", "batch_sizes", "prompt_lengths", "long_context"):
             out[name] = value if isinstance(value, list) else [value]
         elif name in ("ppl_tokens", "kld_tokens") and value == "all":
             out[name] = None  # the whole corpus

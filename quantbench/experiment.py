@@ -168,6 +168,9 @@ def measure(run, config, exp):
             "perplexity": {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **info}}}
         if config.kld_tokens != 0:  # None is the whole corpus; 0 is off
             yield "kld", kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, batch_size)
+        if config.long_context:
+            yield "long_context", long_context(engine, model, tokenizer, text, corpus, run, config, exp, model_info,
+                                               shapes, dtype)
         yield "tasks", run_tasks(engine, model, tokenizer, run, config, exp, shapes, dtype)
     eval_peak = engine.peak_bytes(device)["peak_bytes"]
 
@@ -182,16 +185,18 @@ def measure(run, config, exp):
     yield "speed", {"cost": {"peak_eval_bytes": eval_peak, **engine.peak_bytes(device), **speed}}  # a GPU's peak: the sweep's
 
 
-def kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, batch_size):
-    """The KL divergence from the model's baseline. The baseline experiment first writes the reference
-    (its log-probabilities on the scored tokens) into the run folder; every experiment of the model,
-    the baseline included (which must give exactly 0), is then compared with it."""
+def kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, batch_size, n_ctx=None):
+    """The KL divergence from the model's baseline, in chunks of --kld-ctx (or `n_ctx`, a long context's
+    own reference). The baseline experiment first writes the reference (its log-probabilities on the
+    scored tokens) into the run folder; every experiment of the model, the baseline included (which
+    must give exactly 0), is then compared with it."""
     reference_id = model_info.get("reference_experiment")
-    folder = Path(run["run_dir"]) / "reference" / model_slug(model_info["name"])
+    folder = Path(run["run_dir"]) / "reference" / (model_slug(model_info["name"]) + (f"-ctx{n_ctx}" if n_ctx else ""))
     if exp["id"] == reference_id:
         positions = shapes["positions"]
-        n_ctx = min(config.kld_ctx, positions - positions % 2)  # a chunk must fit the model's context
-        chunks, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=n_ctx, max_tokens=config.kld_tokens)
+        ctx = n_ctx or min(config.kld_ctx, positions - positions % 2)  # a chunk must fit the model's context
+        tokens = config.kld_tokens and max(config.kld_tokens, ctx)  # at least one chunk of a long context
+        chunks, adds_bos = quality.kld_chunks(tokenizer, text, n_ctx=ctx, max_tokens=tokens)
         quality.write_reference(engine, model, chunks, folder, adds_bos=adds_bos, dtype=dtype, batch_size=batch_size,
                                 about={"experiment": reference_id, "corpus": corpus})
     if not (folder / "reference.json").exists():
@@ -204,6 +209,31 @@ def kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, sh
     stats, info = quality.compare_to_reference(engine, model, folder, dtype=dtype, batch_size=batch_size)
     return {"quality": {"kld": stats},
             "quality_info": {"kld": {"corpus": corpus, "protocol": "llama.cpp perplexity --kl-divergence", **info}}}
+
+
+def long_context(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype):
+    """Perplexity and KLD at each --long-context length the model's positions allow, by the same
+    protocols as at the run's own window: perplexity in non-overlapping windows of that length (at
+    least two), the KLD in chunks of it with their second half scored, against the baseline's
+    reference at that length. A length past the model's positions is recorded as skipped."""
+    values, info = {}, {}
+    for n in config.long_context:
+        if n > shapes["positions"]:
+            info[str(n)] = {"status": "skipped", "reason": f"longer than the model's {shapes['positions']} positions",
+                            "fix": f"--long-context of at most {shapes['positions']}"}
+            continue
+        tokens = config.ppl_tokens and max(config.ppl_tokens, 2 * n)
+        try:
+            ppl, pinfo = quality.perplexity(engine, model, tokenizer, text, window=n, max_tokens=tokens, batch_size=1,
+                                            dtype=dtype)
+            values[str(n)], info[str(n)] = {"perplexity": ppl}, {"perplexity": {"corpus": corpus, **pinfo}}
+            if config.kld_tokens != 0:
+                part = kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, 1, n_ctx=n)
+                values[str(n)].update(part.get("quality", {}))
+                info[str(n)].update(part["quality_info"])
+        except quality.NonFinite as e:  # recorded as the long context's failure, not its window's phase
+            raise quality.NonFinite(f"long_context {n} {e.phase}", e.what, e.dtype, e.nonfinite, e.positions) from None
+    return {"quality": {"long_context": values}, "quality_info": {"long_context": info}}
 
 
 def run_tasks(engine, model, tokenizer, run, config, exp, shapes, dtype):

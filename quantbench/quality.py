@@ -43,7 +43,7 @@ class NonFinite(Exception):
 
     def __init__(self, phase, what, dtype, nonfinite=None, positions=None):
         super().__init__(f"{phase}: {what}, computing in {dtype}")
-        self.phase, self.dtype, self.nonfinite, self.positions = phase, dtype, nonfinite, positions
+        self.phase, self.what, self.dtype, self.nonfinite, self.positions = phase, what, dtype, nonfinite, positions
 
 
 @contextlib.contextmanager

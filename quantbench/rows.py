@@ -201,8 +201,10 @@ def rows_of(label, run_dir, run, results):
         row["recovery"] = row["against"] and row["against"].get("recovery_mean")
         # A float format against the baseline (bf16 against fp16, f16 in llama.cpp): the KLD of rounding alone.
         row["is_floor"] = compared and r["status"] == "ok" and bool(row["kld"]) and METHODS.get(r["method"], {}).get("bits", 0) >= 16
+        row["long"] = {int(n): v for n, v in (q.get("long_context") or {}).items()}
+        row["window"] = (r.get("quality_info", {}).get("perplexity") or {}).get("window")
         for task, metrics in q.items():
-            if task in ("perplexity", "kld"):
+            if task in ("perplexity", "kld", "long_context"):
                 continue
             for m, v in metrics.items():
                 if m == "n" or m.endswith("_stderr") or not isinstance(v, (int, float)):
@@ -309,7 +311,39 @@ def comparison_tables(rows, several_runs):
         cost_lines.append("| " + " | ".join(c) + " |")
     has_quality = any(r["kld"] or r["perplexity"] or r["tasks"] for r in ok)
     return ([("Quality", quality_head, quality_lines)] if has_quality else []) + against_table(ok, several_runs) + \
-        [("Cost", cost_head, cost_lines)]
+        long_table(ok, several_runs) + [("Cost", cost_head, cost_lines)]
+
+
+def long_table(ok, several_runs):
+    """Perplexity and KLD at the run's own window against each --long-context length, each perplexity
+    with its change from the baseline's at the same length: [(title, header, lines)], or []."""
+    lengths = sorted({n for r in ok for n in r["long"]})
+    if not lengths:
+        return []
+    base = {r["model"]: r for r in ok if r["is_baseline"]}
+    window = next((r["window"] for r in ok if r["window"]), None)
+    head = (["run"] if several_runs else []) + ["experiment", f"perplexity @{window}", "KLD mean"]
+    head += [x for n in lengths for x in (f"perplexity @{n}", f"KLD mean @{n}")]
+
+    def ppl(value, reference):
+        if value is None:
+            return "-"
+        change = f" ({100 * (value / reference - 1):+.1f}%)" if reference else ""
+        return f"{value:.3f}{change}"
+
+    def kld_text(k, r):
+        return f"{k['kld_mean']:.5f} ± {k['kld_mean_stderr']:.5f}" if k and not r["is_baseline"] else "-"
+
+    lines = []
+    for r in ok:
+        b = base.get(r["model"])
+        cells = ([r["run"]] if several_runs else []) + [r["experiment"] + (" (baseline)" if r["is_baseline"] else "")]
+        cells += [ppl(r["perplexity"], None if r is b or b is None else b["perplexity"]), kld_text(r["kld"], r)]
+        for n in lengths:
+            mine, theirs = r["long"].get(n, {}), (b["long"].get(n, {}) if b else {})
+            cells += [ppl(mine.get("perplexity"), None if r is b else theirs.get("perplexity")), kld_text(mine.get("kld"), r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [("Long context", head, lines)]
 
 
 def p_text(p):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO, TINY_RUN_FLAGS
 
 
@@ -116,6 +118,7 @@ def _documented(run_dir):
         r = load(path)
         keys |= set(r) | set(r["cost"]) | set(r["backend"]) | {k for p in r["cost"]["decode"]["eager"].values() for k in p}
         keys |= {k for p in r["cost"]["prefill"].values() for k in p} | {k for i in r["quality_info"].values() for k in i}
+    keys = {k for k in keys if not k.isdigit()}  # lengths and batch sizes: <length>, <batch> in the docs
     assert keys <= named, f"not in docs/results.md: {sorted(keys - named)}"
 
 
@@ -344,3 +347,38 @@ def test_an_experiment_ends_when_the_sweep_that_started_it_dies(tiny_model_dir, 
     p.communicate(timeout=60)
     wait_for(lambda: not os.path.exists(f"/proc/{victim['pid']}") or
              open(f"/proc/{victim['pid']}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", timeout=30)
+
+
+def test_long_context_perplexity_and_kld_at_each_length_the_model_allows(tiny_model_dir, shared_data, tmp_path):
+    """--long-context 256,1024 on a model of 512 positions: at 256 the perplexity (against a float64
+    recomputation on the same windows) and the KLD against the baseline's own reference at that length
+    (exactly 0 for the baseline); 1024 is recorded as skipped with the reason; the summary's table."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantbench import tasks
+
+    code, out = run("run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4", "--tasks", "none",
+                    "--long-context", "256,1024", "--data-dir", str(shared_data), "--out", str(tmp_path / "r"), *TINY_RUN_FLAGS)
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "run001"
+    fp16, nf4 = load(run_dir / "fp16.json"), load(run_dir / "nf4.json")
+    assert fp16["quality"]["long_context"]["256"]["kld"]["kld_mean"] == 0
+    assert nf4["quality"]["long_context"]["256"]["kld"]["kld_mean"] > 0 and "long_context" in nf4["phases_s"]
+    info = nf4["quality_info"]["long_context"]
+    assert info["256"]["kld"]["n_ctx"] == 256 and info["256"]["perplexity"]["windows"] == 4  # --ppl-tokens 1024
+    assert info["1024"] == {"status": "skipped", "reason": "longer than the model's 512 positions",
+                            "fix": "--long-context of at most 512"}
+    assert [p.name.endswith("-ctx256") for p in sorted((run_dir / "reference").iterdir())] == [False, True]
+    # Independent: the float32 checkpoint's float64 log-softmax over the same four windows of 256.
+    text = tasks.perplexity_corpus(str(shared_data), hub=False)[0]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = tok(text, return_tensors="pt").input_ids[0][:1024].view(4, 256)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.double(), dim=-1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()
+    assert fp16["quality"]["long_context"]["256"]["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+    summary = (run_dir / "summary.md").read_text()
+    assert "**Long context**" in summary and "| experiment | perplexity @128 | KLD mean | perplexity @256 | KLD mean @256 |" in summary
+    _documented(run_dir)
