@@ -139,7 +139,9 @@ def quantize(f16, out, kind, *, imatrix=None, threads=None):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = known[kind], threads or os.cpu_count() or 1
         level = _logger.logger.level
-        _logger.logger.setLevel("INFO")  # its per-tensor log says which tensors fell back; kept, not shown
+        # Its per-tensor log says which tensors fell back (kept, not shown). DEBUG: the bindings' table maps
+        # llama.cpp's error level to logging.DEBUG (it predates ggml's present order), so a failure says why only there.
+        _logger.logger.setLevel("DEBUG")
         try:
             with tee_output(echo=False) as lines:
                 code = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params)
@@ -151,7 +153,7 @@ def quantize(f16, out, kind, *, imatrix=None, threads=None):
                             str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
         code, log = r.returncode, r.stdout + r.stderr
     if code != 0 or not Path(out).exists():
-        raise RuntimeError(f"llama.cpp's quantizer failed on {kind} (code {code}): {log.strip()[-300:]}")
+        raise RuntimeError(f"llama.cpp's quantizer failed on {kind} (code {code}): {failure_line(log)[:300]}")
     counts, kept, matrices = {}, [], 0
     for name, _, rows, was, rest in TENSOR.findall(log):
         became = (m := CONVERTED.search(rest)) and m.group(1)
@@ -172,7 +174,7 @@ def importance_matrix(f16, texts, out, *, ctx=512, threads=None):
                         "-t", str(threads or os.cpu_count() or 1), "--no-ppl"], capture_output=True, text=True)
     corpus.unlink()
     if r.returncode != 0 or not Path(out).exists():
-        raise RuntimeError(f"llama-imatrix failed (code {r.returncode}): {(r.stdout + r.stderr).strip()[-300:]}")
+        raise RuntimeError(f"llama-imatrix failed (code {r.returncode}): {failure_line(r.stdout + r.stderr)[:300]}")
     digest = hashlib.sha256(Path(out).read_bytes()).hexdigest()
     chunks = re.search(r"computing over (\d+) chunks", r.stdout + r.stderr)
     return {"sha256": digest, "ctx": ctx, "tool": "llama-imatrix", "chunks": int(chunks.group(1)) if chunks else None}

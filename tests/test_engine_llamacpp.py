@@ -104,6 +104,22 @@ def test_a_gguf_type_llama_cpp_lacks_names_the_types_it_has(tmp_path):
         gguf_files.quantize(tmp_path / "f16.gguf", tmp_path / "out.gguf", "q9_z")
 
 
+def test_the_quantizer_says_why_it_failed_in_one_line(tmp_path, monkeypatch):
+    """A float GGUF cut short: llama.cpp's own reason, which its bindings log at what they take for
+    logging.DEBUG, not the last bytes of its output."""
+    import sys
+
+    from quantbench import gguf_files
+
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)  # the bindings print to sys.stderr: file descriptor 2, as in a run
+
+    bad = tmp_path / "f16.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(RuntimeError, match=r"^llama.cpp's quantizer failed on q8_0 \(code 1\): llama_model_quantize: "
+                                           r"failed to quantize: .+$"):
+        gguf_files.quantize(bad, tmp_path / "out.gguf", "q8_0", threads=1)
+
+
 def test_a_corrupt_gguf_fails_its_experiment_in_one_line(tmp_path):
     from quantbench.engines import llamacpp
 
