@@ -11,7 +11,9 @@ S=/tmp/llsrc; B=/tmp/qbcache/llama.cpp/0.3.36/build; R=/tmp/ll; mkdir -p $R
 if [ ! -f $B/quantbench-built ]; then
   t=$(date +%s)
   mkdir -p $S && tar xzf .llgpu/llama-src.tar.gz -C $S
-  # OpenMP off, as in the measured run: torch carries its own libgomp.so.1 under the system's name
+  # OpenMP off, as in the measured run: torch carries its own libgomp.so.1 under the system's name. A CPU
+  # build with OpenMP later ran there beside torch, and without it the bindings start threads per graph
+  # (docs/benchmarks.md, "Speed on a 16-core host"): prefer -DGGML_OPENMP=ON.
   cmake -S $S/vendor/llama.cpp -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DGGML_OPENMP=OFF \
     -DCMAKE_CUDA_ARCHITECTURES=90 > $R/cmake.log 2>&1 || { tail -30 $R/cmake.log; touch $R/done; exit 1; }

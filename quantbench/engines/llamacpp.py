@@ -72,7 +72,19 @@ def about(device):
              "built for the CPU only (no CUDA: CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir "
              "llama-cpp-python==" + importlib.metadata.version("llama-cpp-python") + ")")
     layers = "every layer offloaded to the GPU (n_gpu_layers -1)" if gpu and device == "cuda" else "no layer offloaded (n_gpu_layers 0)"
-    return f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {build}; on {device}: {layers}, {default_threads()} threads"
+    threading = ("OpenMP's threads" if openmp() else "no OpenMP: the bindings attach no thread pool, so llama.cpp starts "
+                 "its threads for every graph and generates slower than its own tools (build with OpenMP, the default)")
+    return (f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {build}; on {device}: {layers}, "
+            f"{default_threads()} threads, {threading}")
+
+
+def openmp():
+    """Whether the bindings' llama.cpp runs its CPU threads on OpenMP. Without it, and without a thread pool
+    attached (llama-cpp-python attaches none; llama.cpp's own tools do), every graph starts and joins its
+    threads: a few hundred microseconds a token."""
+    import llama_cpp
+
+    return "OPENMP = 1" in llama_cpp.llama_print_system_info().decode()
 
 
 def default_threads():
@@ -103,7 +115,8 @@ def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=
     atexit.register(lambda: model["llm"] is not None and model["llm"].close())
     _llm(model, 512, logits_all=False)  # the weights loaded (and offloaded) now, as part of the load
     info.update(engine="llama.cpp", device=device, n_gpu_layers=model["gpu_layers"], threads=model["threads"],
-                flash_attn=FLASH_ATTENTION, gpu_offload_supported=offload, tokenizer_check=tokenizer_check(model, tokenizer))
+                flash_attn=FLASH_ATTENTION, gpu_offload_supported=offload, openmp=openmp(),
+                tokenizer_check=tokenizer_check(model, tokenizer))
     return model, tokenizer, info
 
 
@@ -450,5 +463,5 @@ def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
         finally:
             llm.close()
         out[name] = {"tok_s": statistics.fmean(rates), "tok_s_stdev": statistics.stdev(rates) if len(rates) > 1 else 0.0,
-                     "n_ctx": n, "n_batch": llm.n_batch}
+                     "tok_s_samples": rates, "n_ctx": n, "n_batch": llm.n_batch}
     return out
