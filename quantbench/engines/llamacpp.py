@@ -44,7 +44,9 @@ def _llm(model, n_ctx, logits_all):
     from llama_cpp import Llama
 
     have = model["llm"]
-    if have is not None and have.n_ctx() >= n_ctx and model["logits_all"] == logits_all:
+    # The positions asked for, not n_ctx(): llama.cpp pads its context past them, but the bindings'
+    # buffers of token ids and scores hold only as many as were asked for.
+    if have is not None and len(have.input_ids) >= n_ctx and model["logits_all"] == logits_all:
         return have
     if have is not None:
         have.close()
