@@ -98,6 +98,15 @@ def _positive(value):
     return isinstance(value, int) and not isinstance(value, bool) and value > 0  # True is an int to Python
 
 
+def _is_count(value):
+    return None if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0) \
+        else "must be a whole number, 0 or more"
+
+
+def _is_bool(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
 def _is_positive(value):
     return None if value is None or _positive(value) else "must be a positive whole number"
 
@@ -132,6 +141,9 @@ class RunConfig:
     all_methods: bool = setting(False, "compare", "every method that can run on this machine", flag="--all",
                                 action="store_true", keys=("all",))
     tasks: list = setting(["coqa"], "compare", "comma-separated lm-eval tasks, or 'none' (default coqa)", parse=parse_tasks)
+    include_path: str | None = setting(None, "compare", "a folder of lm-eval task YAMLs, as lm-eval's --include_path: "
+                                       "name its tasks in --tasks like any other (their data: dataset_path json, csv, "
+                                       "... with dataset_kwargs.data_files)")
     suite: str | None = setting(None, "compare", "a preset: quick = perplexity, KLD, lambada_openai and arc_easy, 500 "
                                 "documents each; standard = perplexity, KLD, lambada_openai, arc_easy, piqa, boolq, "
                                 "winogrande and coqa (squad_v1 offline), 1000 each; --tasks and --limit override",
@@ -141,6 +153,16 @@ class RunConfig:
                                         choices=COMPUTE_DTYPE_CHOICES)
     limit: int | None = setting(None, "quality", "documents per task (default all)", parse=_whole, check=_is_positive)
     data_dir: str | None = setting(None, "quality", "local evaluation data (default $QUANTBENCH_DATA_DIR)")
+    num_fewshot: int | None = setting(None, "quality", "few-shot examples before each document, as lm-eval's --num_fewshot "
+                                      "(default: each task's own, mostly 0; a task whose YAML says 0 keeps 0)",
+                                      parse=_whole, check=_is_count)
+    apply_chat_template: bool = setting(False, "quality", "format every prompt with the tokenizer's chat template, as "
+                                        "lm-eval's --apply_chat_template (the same Hugging Face template in both "
+                                        "engines); a tokenizer without one is an error", action="store_true",
+                                        check=_is_bool)
+    fewshot_as_multiturn: bool = setting(False, "quality", "the few-shot examples as turns of the chat, as lm-eval's "
+                                         "--fewshot_as_multiturn (needs --apply-chat-template; off unless given)",
+                                         action="store_true", check=_is_bool)
     ppl_tokens: int | None = setting(16384, "quality", "corpus tokens scored for perplexity, or 'all' (default 16384)",
                                      parse=_tokens, check=_is_positive)
     ppl_window: int = setting(2048, "quality", "perplexity window in tokens, capped at the model's positions (default 2048)",
@@ -304,7 +326,7 @@ def finish(values):
     if not config.experiments and not config.all_methods:
         config.experiments = [make_experiment(n) for n in DEFAULT_METHODS]
     validate(config)
-    for name, what in (("calibration", "file"), ("data_dir", "folder")):
+    for name, what in (("calibration", "file"), ("data_dir", "folder"), ("include_path", "folder")):
         value = getattr(config, name)
         if value is not None:
             path = Path(value)
@@ -328,6 +350,9 @@ def validate(config):
             raise ConfigError(f"{_flag(f)} {problem}, got {getattr(config, name)!r}")
     if config.kld_tokens and config.kld_tokens < config.kld_ctx:
         raise ConfigError(f"--kld-tokens {config.kld_tokens} is less than one chunk of --kld-ctx {config.kld_ctx}")
+    if config.fewshot_as_multiturn and not config.apply_chat_template:
+        raise ConfigError("--fewshot-as-multiturn needs --apply-chat-template: lm-eval makes the few-shot examples "
+                          "turns of a chat only when it applies the chat template")
     if config.ray_address and config.backend != "ray":
         raise ConfigError("--ray-address is for --backend ray")
     if config.gpu and config.backend != "modal":

@@ -248,9 +248,13 @@ def run_tasks(engine, model, tokenizer, run, config, exp, shapes, dtype):
     max_length = config.max_length or min(shapes["positions"], 2048)
     batch = eval_batch(config.eval_batch_size, device)
     start = quality.eval_batch_start(shapes, max_length) if batch == "auto" else EVAL_MAX_BATCH
-    scores, per_document = quality.run_tasks(engine, model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks",
-                                             limit=config.limit, batch_size=batch, max_batch_size=start,
-                                             max_length=max_length, max_gen_toks=config.max_gen_toks, dtype=dtype)
+    # Offline, each lm-eval task's dataset comes from the datasets cache (resolve_task found it there).
+    with contextlib.nullcontext() if run["hub_reachable"] else tasks.datasets_offline():
+        scores, per_document, prompting = quality.run_tasks(
+            engine, model, tokenizer, runnable, task_dir=Path(run["run_dir"]) / "tasks", limit=config.limit,
+            batch_size=batch, max_batch_size=start, max_length=max_length, max_gen_toks=config.max_gen_toks, dtype=dtype,
+            include_path=config.include_path, num_fewshot=config.num_fewshot,
+            apply_chat_template=config.apply_chat_template, fewshot_as_multiturn=config.fewshot_as_multiturn)
     if batch == "auto":
         batch = f"auto (lm-eval's detection from {start}: what its probe fits in free memory, {EVAL_MIN_START} to {EVAL_MAX_BATCH})"
     write_json(Path(run["run_dir"]) / f"{exp['id']}.docs.json", {"schema": SCHEMA, **per_document})
@@ -258,7 +262,7 @@ def run_tasks(engine, model, tokenizer, run, config, exp, shapes, dtype):
         info[x["name"]] = {"source": x["source"], "lm_eval_task": x["lm_eval_task"], "n": scores[x["name"]]["n"],
                            "limit": config.limit, "max_length": max_length, "batch_size": batch,
                            "max_gen_toks": generation_bound(x["name"], config.max_gen_toks),
-                           "attention_kernels": engine.EAGER_ATTENTION}
+                           "attention_kernels": engine.EAGER_ATTENTION, **prompting[x["name"]]}
     return {"quality": scores, "quality_info": info}
 
 

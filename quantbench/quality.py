@@ -14,6 +14,7 @@ phase (NonFinite): such a number is never "ok".
     >>> run_tasks(engine, model, tokenizer, [{'name': 'coqa', 'lm_eval_task': 'coqa_local'}], ...)
 """
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -154,23 +155,32 @@ def without_lm_eval_env_report():
 
 
 def run_tasks(engine, model, tokenizer, tasks, *, task_dir, limit, batch_size, max_length, max_gen_toks, dtype,
-              max_batch_size=EVAL_MAX_BATCH):
+              max_batch_size=EVAL_MAX_BATCH, include_path=None, num_fewshot=None, apply_chat_template=False,
+              fewshot_as_multiturn=False):
     """Evaluate the loaded model on resolved tasks with lm-eval's simple_evaluate, on the engine's
     lm-eval LM (engine.lm: the batch size is set there, "auto" being lm-eval's detection from
-    max_batch_size down).
+    max_batch_size down), prompted as lm-eval's --num_fewshot, --apply_chat_template and
+    --fewshot_as_multiturn say; the tasks are found in the run's task folder, the user's include
+    path, and lm-eval's own tasks.
 
-    Returns (scores, per_document): scores is {user task name: {metric: value, metric_stderr: se,
-    'n': documents}}; per_document is {user task name: {'doc_ids': [...], metric: [value per doc]}}
-    for the metrics lm-eval aggregates by their mean, so that two methods can be compared document
-    by document. lm-eval's environment report is skipped."""
+    Returns (scores, per_document, prompting): scores is {user task name: {metric: value,
+    metric_stderr: se, 'n': documents}}; per_document is {user task name: {'doc_ids': [...], metric:
+    [value per doc]}} for the metrics lm-eval aggregates by their mean, so that two methods can be
+    compared document by document; prompting is {user task name: how its prompts were built: the
+    few-shot count lm-eval used, the chat settings, the first document's prompt and a sha256 of every
+    request, which two engines given the same tokenizer share}. lm-eval's environment report is skipped."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     lm = engine.lm(model, tokenizer, batch_size=batch_size, max_length=max_length, max_batch_size=max_batch_size)
-    # Index only the task files needed: lm-eval's own ~26,000 task YAMLs take seconds per experiment
-    # to index, so they are skipped when every task is a local copy.
-    local = [t for t in tasks if t["lm_eval_task"] != t["name"]]
-    manager = TaskManager(include_path=str(task_dir) if local else None, include_defaults=len(local) < len(tasks))
+    # lm-eval's own ~26,000 task YAMLs take seconds per experiment to index: only when a task is not
+    # found in the run's folder of local copies and the user's include path (which, as in lm-eval,
+    # override lm-eval's tasks of the same name).
+    paths = [str(task_dir)] + ([str(include_path)] if include_path else [])
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not {t["lm_eval_task"] for t in tasks} <= set(manager.all_tasks):
+        manager = TaskManager(include_path=paths)
+    template = lm.chat_template(True) if apply_chat_template else None
     by_bound = {}  # lm-eval takes one generation bound per call: one call per bound (most runs: one)
     for t in tasks:
         by_bound.setdefault(generation_bound(t["name"], max_gen_toks), []).append(t)
@@ -180,20 +190,37 @@ def run_tasks(engine, model, tokenizer, tasks, *, task_dir, limit, batch_size, m
             with without_lm_eval_env_report():
                 out = simple_evaluate(model=lm, tasks=[t["lm_eval_task"] for t in group], limit=limit,
                                       task_manager=manager, gen_kwargs={"max_gen_toks": bound},
+                                      num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                                      fewshot_as_multiturn=fewshot_as_multiturn,
                                       log_samples=True, bootstrap_iters=1000, verbosity="WARNING")
             outs.update({t["lm_eval_task"]: out for t in group})
-    scores, per_document = {}, {}
+    scores, per_document, prompting = {}, {}, {}
     for t in tasks:
         key, out = t["lm_eval_task"], outs[t["lm_eval_task"]]
         metrics = _flatten_metrics(out["results"][key])
         metrics["n"] = out["n-samples"][key]["effective"]
         check_finite(f"tasks ({t['name']})", metrics, dtype)
         scores[t["name"]] = metrics
-        means = averaged_metrics(out["configs"][key].get("metric_list", []))
+        config = out["configs"][key]
+        means = averaged_metrics(config.get("metric_list") or default_metrics(config["output_type"]))
         samples = sorted((s for s in out["samples"][key] if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
         per_document[t["name"]] = {"doc_ids": [s["doc_id"] for s in samples],
                                    **{m: [float(s[m]) for s in samples] for m in means if all(m in s for s in samples)}}
-    return scores, per_document
+        requests = json.dumps([s["arguments"] for s in samples], default=str, ensure_ascii=False)
+        prompting[t["name"]] = {
+            "num_fewshot": config.get("num_fewshot"), "apply_chat_template": apply_chat_template,
+            "fewshot_as_multiturn": fewshot_as_multiturn,
+            "chat_template_sha256": template and hashlib.sha256(template.encode()).hexdigest(),
+            "first_prompt": samples[0]["arguments"][0][0] if samples else None,
+            "requests_sha256": hashlib.sha256(requests.encode()).hexdigest()}
+    return scores, per_document, prompting
+
+
+def default_metrics(output_type):
+    """The metric_list lm-eval gives a task whose YAML names none (a multiple-choice task: acc, acc_norm)."""
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+
+    return [{"metric": m} for m in DEFAULT_METRIC_REGISTRY[output_type]]
 
 
 def averaged_metrics(metric_list):

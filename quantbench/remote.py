@@ -42,10 +42,13 @@ def _files_under(folder, prefix):
 
 
 def pack(run_dir, run):
-    """The files every experiment of the run needs: run.json, the task files, the data directory."""
+    """The files every experiment of the run needs: run.json, the task files, the data directory, the
+    include path (the user's task YAMLs and whatever data lies beside them)."""
     files = {"run/run.json": (Path(run_dir) / "run.json").read_bytes(), **_files_under(Path(run_dir) / "tasks", "run/tasks")}
     if run["config"].get("data_dir"):
         files.update(_files_under(run["config"]["data_dir"], "data"))
+    if run["config"].get("include_path"):
+        files.update(_files_under(run["config"]["include_path"], "include"))
     return files
 
 
@@ -83,18 +86,21 @@ def run_packed(files, exp_id, reference=None):
     scratch = Path(tempfile.mkdtemp(prefix="quantbench-worker-"))
     try:
         run = json.loads(files["run/run.json"])
-        here_run, here_data = scratch / "run", scratch / "data"
-        there_run, there_data = run["run_dir"], run["config"].get("data_dir")
-        there = [(there_run, str(here_run)), (there_data, str(here_data))]
+        here_run, here_data, here_include = scratch / "run", scratch / "data", scratch / "include"
+        there_run, there_data, there_include = run["run_dir"], run["config"].get("data_dir"), run["config"].get("include_path")
+        there = [(there_run, str(here_run)), (there_data, str(here_data)), (there_include, str(here_include))]
         for name, data in {**files, **(reference or {})}.items():
             path = scratch / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(_translate(data, there) if name.startswith("run/tasks/") and name.endswith(".yaml") else data)
+            task_file = name.startswith(("run/tasks/", "include/")) and name.endswith(".yaml")
+            path.write_bytes(_translate(data, there) if task_file else data)
         run["run_dir"], run["config"]["data_dir"] = str(here_run), there_data and str(here_data)
+        run["config"]["include_path"] = there_include and str(here_include)
         cache = Path(run["cache_dir"])
         if not (cache.is_dir() and os.access(cache, os.W_OK)):
             run["cache_dir"] = str(cache_folder())
-        back = [(str(here_run), there_run), (str(here_data), there_data or str(here_data))]
+        back = [(str(here_run), there_run), (str(here_data), there_data or str(here_data)),
+                (str(here_include), there_include or str(here_include))]
         for m in run["models"]:
             if not Path(m["path"]).exists():
                 m.update(resolve_model(m["name"], cache_dir=Path(run["cache_dir"])))  # keeps reference_experiment

@@ -153,6 +153,9 @@ def protocol_lines(run, results):
                    + (f"; batch {i.get('batch_size')}, max_length {i.get('max_length')}, max_gen_toks "
                       f"{i.get('max_gen_toks')}" if i.get("batch_size") else "")
                    + (f"; attention kernels {', '.join(kernels) if isinstance(kernels, list) else kernels}" if kernels else "")
+                   + (f"; {i['num_fewshot']}-shot" if i.get("num_fewshot") else "")
+                   + ("; the tokenizer's chat template" + (", few-shot examples as turns" if i.get("fewshot_as_multiturn") else "")
+                      if i.get("apply_chat_template") else "")
                    + ".")
     if tasks:
         out.append(f"- Δ task metric: the paired difference from the baseline on the same documents, ± the standard "

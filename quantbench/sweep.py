@@ -30,7 +30,7 @@ from quantbench.methods import (BASELINE_METHODS, BASELINE_OF, METHODS, checkpoi
 from quantbench.models import ModelError, cache_folder, model_slug, resolve_model
 from quantbench.results import (SCHEMA, ResultsError, documents, environment, load_run, read_json, read_run_file,
                                 write_files, write_json)
-from quantbench.tasks import LOCAL_TASKS, hub_reachable, resolve_task
+from quantbench.tasks import check_tasks, hub_reachable, include_path_tasks, resolve_task
 
 FINISHED = ("ok", "skipped")
 
@@ -87,34 +87,33 @@ def new_run(config, *, sweep_file=None, device=None):
         here = config.backend == "local"  # elsewhere, a missing library is found (and recorded as skipped) on the worker
         config.experiments += [make_experiment(n) for n in METHODS  # the baselines by name, not `baseline`
                                if n not in have and n != "baseline" and why_not_runnable(n, device, libraries=here) is None]
-    if config.tasks and not set(config.tasks) <= set(LOCAL_TASKS):  # quantbench's own names need no index
-        from quantbench.tasks import known_task_names
-
-        unknown = [t for t in config.tasks if t not in known_task_names()]
-        if unknown:
-            raise ConfigError(f"unknown task(s) {', '.join(unknown)}: not an lm-eval task name "
-                              "(lm-eval's `lm_eval ls tasks` lists them), or 'none'")
+    hub = hub_reachable()
+    check_tasks(config.tasks, include_path=config.include_path, hub=hub)
     cache_dir = cache_folder(config.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = create_run(config, cache_dir, device=device)
+    run_dir = create_run(config, cache_dir, device=device, hub=hub)
     if sweep_file:
         shutil.copy(sweep_file, run_dir / ("sweep" + Path(sweep_file).suffix))
     print(f"Run folder: {run_dir}", flush=True)
     return run_dir
 
 
-def create_run(config, cache_dir, device=None):
-    """Resolve models and tasks, make the run folder and write run.json; returns the folder."""
+def create_run(config, cache_dir, device=None, hub=None):
+    """Resolve models and tasks, make the run folder and write run.json; returns the folder. `hub`:
+    whether the hub answers (default: asked here)."""
     out = Path(config.out)
     check_writable(out)
     device = device or resolve_device(config.device)
     models = [resolve_model(m, cache_dir=cache_dir) for m in config.models]
+    if config.apply_chat_template and config.tasks:
+        check_chat_templates(models, config.trust_remote_code)
+    user = include_path_tasks(config.include_path)[0] if config.include_path else {}
     run_dir = next_run_dir(out)
-    hub = hub_reachable()
+    hub = hub_reachable() if hub is None else hub
     names = config.tasks
     if config.suite and not hub and names == SUITES[config.suite]["tasks"]:  # offline stand-ins: CoQA -> SQuAD v1.1
         names = [SUITES[config.suite].get("offline", {}).get(t, t) for t in names]
-    tasks = [resolve_task(t, data_dir=config.data_dir, hub=hub, task_dir=run_dir / "tasks") for t in names]
+    tasks = [resolve_task(t, data_dir=config.data_dir, hub=hub, task_dir=run_dir / "tasks", user=user) for t in names]
     experiments = []
     for m in models:
         m["dtype"], m["dtype_from"] = checkpoint_dtype(m["path"])
@@ -138,6 +137,18 @@ def create_run(config, cache_dir, device=None):
            "environment": environment(), "models": models, "tasks": tasks, "experiments": experiments}
     write_json(run_dir / "run.json", run)
     return run_dir
+
+
+def check_chat_templates(models, trust_remote_code):
+    """--apply-chat-template needs each model's tokenizer to have a chat template (both engines apply the
+    Hugging Face tokenizer's); ConfigError naming the model that has none. Architecture-only models
+    measure no quality."""
+    from transformers import AutoTokenizer
+
+    for m in models:
+        if m["kind"] != "arch" and not AutoTokenizer.from_pretrained(m["path"], trust_remote_code=trust_remote_code).chat_template:
+            raise ConfigError(f"--apply-chat-template: the tokenizer of {m['name']} has no chat template (none in "
+                              f"{m['path']}'s tokenizer files); drop the flag, or compare a chat model")
 
 
 def for_model(exp, model):

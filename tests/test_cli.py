@@ -107,3 +107,27 @@ def test_methods_lists_every_method_and_whether_it_runs_here():
     for name in ["baseline", "fp16", "nf4", "fp4", "int8", "nf4-nodq", "nf4-bf16", "bnb_4bit_nf4 = nf4"]:
         assert name in r.stdout
     assert "runs here (cpu)" in r.stdout and "quantbench[bnb]" in r.stdout
+
+
+def test_bad_include_paths_and_prompting_flags(tiny_model_dir, tmp_path, out):
+    assert_one_line_error(quantbench("run", "--include-path", str(tmp_path / "nowhere"), "--out", str(out)),
+                          f"--include-path {tmp_path / 'nowhere'}: no such folder")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(quantbench("run", "--model", str(tiny_model_dir), "--include-path", str(tmp_path / "empty"),
+                                     "--tasks", "none", "--out", str(out)), "holds no lm-eval task YAML")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "mine.yaml").write_text("task: mine\ndataset_path: json\n  output_type: [multiple_choice\n")
+    assert_one_line_error(quantbench("run", "--model", str(tiny_model_dir), "--include-path", str(tmp_path / "mine"),
+                                     "--tasks", "mine", "--out", str(out)),
+                          "lm-eval reads no task from its YAML files", f"{tmp_path / 'mine' / 'mine.yaml'}: ScannerError",
+                          "(line 3, column 14)")
+    assert_one_line_error(quantbench("run", "--fewshot-as-multiturn", "--out", str(out)),
+                          "--fewshot-as-multiturn needs --apply-chat-template")
+    # the tiny tokenizer has no chat template: said before anything runs
+    assert_one_line_error(quantbench("run", "--model", str(tiny_model_dir), "--methods", "fp16", "--apply-chat-template",
+                                     "--tasks", "lambada_openai", "--out", str(out)),
+                          "--apply-chat-template: the tokenizer of", "has no chat template")
+    assert not out.exists()
+    r = quantbench("run", "--num-fewshot", "two", "--out", str(out))  # argparse's own line, after its usage
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "quantbench run: error: argument --num-fewshot: expected a whole number, got 'two'"

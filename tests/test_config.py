@@ -154,3 +154,37 @@ def test_run_help_groups_the_flags_by_purpose():
     order = [text.index(title) for title in ("what to compare:", "quality budget:", "speed sweep:", "where to run:")]
     assert order == sorted(order) and text.index("--methods") < text.index("quality budget:")
     assert text.index("--decode-mode") > text.index("speed sweep:") > text.index("--limit")
+
+
+def test_prompting_flags_and_the_include_path(tmp_path, monkeypatch):
+    def config(*argv):
+        return from_args(run_parser().parse_args(argv))
+
+    c = config()
+    assert (c.include_path, c.num_fewshot, c.apply_chat_template, c.fewshot_as_multiturn) == (None, None, False, False)
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    c = config("--include-path", "mine", "--num-fewshot", "5", "--apply-chat-template", "--fewshot-as-multiturn")
+    assert c.include_path == str(tmp_path / "mine") and c.num_fewshot == 5  # the path stored absolute
+    assert c.apply_chat_template and c.fewshot_as_multiturn
+    assert config("--num-fewshot", "0").num_fewshot == 0
+    with pytest.raises(ConfigError, match=r"^--include-path nowhere: no such folder$"):
+        config("--include-path", "nowhere")
+    with pytest.raises(ConfigError, match=r"^--fewshot-as-multiturn needs --apply-chat-template"):
+        config("--fewshot-as-multiturn")
+    with pytest.raises(ConfigError, match="--num-fewshot must be a whole number, 0 or more, got -1"):
+        config("--num-fewshot", "-1")
+    with pytest.raises(SystemExit):  # argparse's one line: argument --num-fewshot: expected a whole number, got 'two'
+        run_parser().parse_args(["--num-fewshot", "two"])
+    f = tmp_path / "s.yaml"
+    f.write_text("include_path: mine\nnum_fewshot: 1\napply_chat_template: true\nfewshot_as_multiturn: true\n")
+    assert load_sweep_file(f) == {"include_path": "mine", "num_fewshot": 1, "apply_chat_template": True,
+                                  "fewshot_as_multiturn": True}
+    assert config("--config", str(f)).include_path == str(tmp_path / "mine")
+    for text, words in [("num_fewshot: two\n", "s.yaml:1: --num-fewshot must be a whole number"),
+                        ("apply_chat_template: 'yes'\n", "s.yaml:1: --apply-chat-template must be true or false"),
+                        ("fewshot_as_multiturn: true\n", "s.yaml:1: --fewshot-as-multiturn needs --apply-chat-template")]:
+        f.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_sweep_file(f)
+        assert words in str(e.value), str(e.value)

@@ -175,3 +175,36 @@ def test_the_demo_tokenizer_is_repaired_as_its_gguf_says(tmp_path):
     assert repaired["model"]["byte_fallback"] is False and repaired["decoder"]["type"] == "ByteLevel"
     assert fixed(text).input_ids == before and fixed.decode(before) == text
     assert fixed.eos_token == "<|end|>" and fixed.eos_token_id == 256
+
+
+def test_a_users_task_with_the_chat_template_is_prompted_alike_in_both_engines(tiny_chat_model_dir, tmp_path):
+    """A task of the user's, 1-shot with the few-shot example as a chat turn: llama.cpp's LM applies the
+    Hugging Face tokenizer's chat template with HFLM's own code, so both engines get the same requests."""
+    import hashlib
+
+    from tests.conftest import TINY_CHAT_TEMPLATE
+    from tests.test_sweep import TASKS_ONLY
+    from tests.test_tasks import sums_task
+
+    folder = sums_task(tmp_path / "my-tasks")
+    _run("--model", str(tiny_chat_model_dir), "--methods", "fp16,gguf-f16", "--include-path", str(folder), "--tasks", "sums",
+         "--num-fewshot", "1", "--apply-chat-template", "--fewshot-as-multiturn", "--out", str(tmp_path / "r"), *TASKS_ONLY,
+         cache=_cache(tmp_path))
+    run_dir = tmp_path / "r" / "run001"
+    r = {m: json.loads((run_dir / f"{m}.json").read_text()) for m in ["fp16", "gguf-f16"]}
+    for name, res in r.items():
+        assert res["status"] == "ok", (name, res.get("error"), res.get("traceback_tail"))
+        assert res["quality"]["sums"]["n"] == 10
+    assert r["gguf-f16"]["engine"] == "llama.cpp"
+    fp16, gguf = (r[m]["quality_info"]["sums"] for m in ["fp16", "gguf-f16"])
+    assert fp16["num_fewshot"] == 1 and fp16["apply_chat_template"] and fp16["fewshot_as_multiturn"]
+    assert fp16["chat_template_sha256"] == hashlib.sha256(TINY_CHAT_TEMPLATE.encode()).hexdigest()
+    # The example and its answer as a user and an assistant turn, then the document, the assistant's turn open.
+    prompt = fp16["first_prompt"]
+    assert prompt.startswith("<|user|>\nQuestion: What is ") and prompt.count("<|assistant|>\n") == 2
+    assert prompt.endswith("<|end|>\n<|user|>\nQuestion: What is 10 plus 3?\nAnswer:<|end|>\n<|assistant|>\n")
+    for key in ["first_prompt", "requests_sha256", "chat_template_sha256", "num_fewshot"]:
+        assert gguf[key] == fp16[key], key
+    docs = {m: json.loads((run_dir / f"{m}.docs.json").read_text())["sums"] for m in r}
+    assert docs["gguf-f16"]["doc_ids"] == docs["fp16"]["doc_ids"] == list(range(10))
+    _documented(run_dir)

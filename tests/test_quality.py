@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -69,8 +70,8 @@ def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path, monkey
     # lm-eval's forward passes run without cuDNN attention (a plan per new shape); torch's flags return after
     cudnn_seen = []
     hook = model.register_forward_pre_hook(lambda *_: cudnn_seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
-    scores, docs = quality.run_tasks(engine, model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4, dtype="float32",
-                                     max_length=256, max_gen_toks=16)
+    scores, docs, prompting = quality.run_tasks(engine, model, tokenizer, [task], task_dir=tmp_path, limit=6, batch_size=4,
+                                                dtype="float32", max_length=256, max_gen_toks=16)
     hook.remove()
     assert env_reports == []
     assert cudnn_seen and not any(cudnn_seen) and torch.backends.cuda.cudnn_sdp_enabled()
@@ -82,6 +83,11 @@ def test_lm_eval_local_lambada_on_tiny_model(tiny, shared_data, tmp_path, monkey
     assert sum(docs["lambada_openai"]["acc"]) / 6 == pytest.approx(s["acc"])
     assert 0.0 <= s["acc"] <= 1.0 and s["acc_stderr"] >= 0
     assert s["perplexity"] > 1.0
+    # How it was prompted: lm-eval's default of 0 examples, no chat template, the first document's context.
+    first = json.loads((shared_data / "lambada" / "lambada_test.jsonl").read_text().splitlines()[0])["text"]
+    p = prompting["lambada_openai"]
+    assert (p["num_fewshot"], p["apply_chat_template"], p["fewshot_as_multiturn"], p["chat_template_sha256"]) == (0, False, False, None)
+    assert p["first_prompt"] == first.rsplit(" ", 1)[0] and len(p["requests_sha256"]) == 64
 
 
 def test_lm_evals_batch_detection_starts_at_what_its_probe_fits(tiny):
@@ -168,8 +174,8 @@ def test_lm_eval_runs_every_local_task_on_tiny_model(tiny, shared_data, tmp_path
     names = ["arc_easy", "piqa", "boolq", "winogrande", "squad_v1"]
     resolved = [tasks.resolve_task(n, data_dir=shared_data, hub=False, task_dir=tmp_path) for n in names]
     # squad_v1's own bound (48) is below the cap: two lm-eval calls, one per bound, one result
-    scores, docs = quality.run_tasks(engine, model, tokenizer, resolved, task_dir=tmp_path, limit=3, batch_size=4, dtype="float32",
-                                     max_length=512, max_gen_toks=64)
+    scores, docs, _ = quality.run_tasks(engine, model, tokenizer, resolved, task_dir=tmp_path, limit=3, batch_size=4,
+                                        dtype="float32", max_length=512, max_gen_toks=64)
     assert set(docs["squad_v1"]) == {"doc_ids", "em", "f1"} and set(docs["arc_easy"]) == {"doc_ids", "acc", "acc_norm"}
     for n in names[:4]:
         assert scores[n]["n"] == 3 and 0 <= scores[n]["acc"] <= 1 and scores[n]["acc_stderr"] >= 0, scores[n]

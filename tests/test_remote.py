@@ -1,5 +1,6 @@
 """Experiments elsewhere: a real local Ray cluster on the CPU (a worker killed mid-experiment
 included), and the Modal app's functions called locally, with no network and no credentials."""
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,6 @@ def _experiment_child(exp_id):
     """The pid of a Ray worker's experiment process for exp_id, and its parent (the worker), if running:
     from the result the experiment writes in the worker's scratch copy of the run folder."""
     import glob
-    import json
 
     for path in glob.glob(f"{tempfile.gettempdir()}/quantbench-worker-*/run/{exp_id}.json"):
         try:
@@ -160,3 +160,25 @@ def test_experiments_timed_side_by_side_on_one_host_are_flagged(tmp_path):
     remote.flag_shared_hosts(tmp_path, {"experiments": [{"id": e} for e in "abcde"]})
     got = {e: read_json(tmp_path / f"{e}.json").get("shared_host_with") for e in "abcde"}
     assert got == {"a": ["b"], "b": ["a"], "c": None, "d": None, "e": None}
+
+
+def test_the_include_path_travels_to_the_worker_with_its_data(tiny_model_dir, tmp_path, monkeypatch):
+    """A worker runs the user's task from the packed copy of the include path (the original is gone by
+    then), its YAML's paths to data files beside it pointing into that copy."""
+    from quantbench import config as settings
+    from quantbench import sweep
+    from tests.test_sweep import TASKS_ONLY
+    from tests.test_tasks import sums_task
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    folder = sums_task(tmp_path / "my-tasks")
+    args = settings.run_parser().parse_args(["--model", str(tiny_model_dir), "--methods", "fp16", "--tasks", "sums",
+                                             "--include-path", str(folder), "--out", str(tmp_path / "r"), *TASKS_ONLY])
+    run_dir = sweep.create_run(settings.from_args(args), tmp_path / "cache", device="cpu", hub=False)
+    files = remote.pack(run_dir, read_json(run_dir / "run.json"))
+    assert {"include/sums.yaml", "include/train.jsonl", "include/test.jsonl"} <= set(files)
+    folder.rename(tmp_path / "moved")
+    out = remote.run_packed(files, "fp16")
+    r = json.loads(out["fp16.json"])
+    assert r["status"] == "ok", r.get("error")
+    assert r["quality"]["sums"]["n"] == 10 and "fp16.docs.json" in out

@@ -382,3 +382,65 @@ def test_long_context_perplexity_and_kld_at_each_length_the_model_allows(tiny_mo
     summary = (run_dir / "summary.md").read_text()
     assert "**Long context**" in summary and "| experiment | perplexity @128 | KLD mean | perplexity @256 | KLD mean @256 |" in summary
     _documented(run_dir)
+
+
+# The least of a run besides the tasks: no KLD, one prefill and one decode point.
+TASKS_ONLY = [*TINY_RUN_FLAGS, "--kld-tokens", "0", "--prompt-lengths", "16", "--batch-sizes", "1", "--new-tokens", "2",
+              "--repeats", "1"]
+
+
+def test_a_task_of_the_users_include_path_runs_for_each_method_and_pairs_document_by_document(tiny_model_dir, tmp_path):
+    from quantbench.results import load_run
+    from quantbench.rows import rows_of
+    from tests.test_tasks import sums_task
+
+    folder = sums_task(tmp_path / "my-tasks")
+    code, out = run("run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4", "--include-path", str(folder),
+                    "--tasks", "sums", "--num-fewshot", "1", "--out", str(tmp_path / "r"), *TASKS_ONLY)
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "run001"
+    meta = load(run_dir / "run.json")
+    assert meta["config"]["include_path"] == str(folder) and meta["config"]["num_fewshot"] == 1
+    assert meta["tasks"] == [{"name": "sums", "lm_eval_task": "sums", "source": f"include path: {folder / 'sums.yaml'}"}]
+    docs = {}
+    for name in ["fp16", "nf4"]:
+        r = load(run_dir / f"{name}.json")
+        assert r["status"] == "ok", r
+        assert r["quality"]["sums"]["n"] == 10 and 0 <= r["quality"]["sums"]["acc"] <= 1
+        info = r["quality_info"]["sums"]
+        assert info["source"] == f"include path: {folder / 'sums.yaml'}" and info["num_fewshot"] == 1
+        assert (info["apply_chat_template"], info["fewshot_as_multiturn"], info["chat_template_sha256"]) == (False, False, None)
+        # one example from the task's train split, then the document
+        assert info["first_prompt"].startswith("Question: What is ") and info["first_prompt"].count("Question:") == 2
+        assert info["first_prompt"].endswith("Question: What is 10 plus 3?\nAnswer:")
+        docs[name] = load(run_dir / f"{name}.docs.json")["sums"]
+        assert docs[name]["doc_ids"] == list(range(10)) and set(docs[name]["acc"]) <= {0.0, 1.0}
+        assert sum(docs[name]["acc"]) / 10 == pytest.approx(r["quality"]["sums"]["acc"])
+    assert load(run_dir / "fp16.json")["quality_info"]["sums"]["requests_sha256"] == \
+        load(run_dir / "nf4.json")["quality_info"]["sums"]["requests_sha256"]  # the same prompts for both
+    rows = {row["experiment"]: row for row in rows_of("run001", run_dir, *load_run(run_dir))}
+    delta = rows["nf4"]["deltas"]["sums acc"]
+    flips = sum(a != b for a, b in zip(docs["fp16"]["acc"], docs["nf4"]["acc"]))  # documents whose verdict changed
+    assert delta["n"] == 10 and delta["delta"] == pytest.approx((sum(docs["nf4"]["acc"]) - sum(docs["fp16"]["acc"])) / 10)
+    assert flips >= abs(round(delta["delta"] * 10))
+    summary = (run_dir / "summary.md").read_text()
+    assert "sums acc" in summary and "max_gen_toks 128; attention kernels FLASH_ATTENTION" in summary and "; 1-shot." in summary
+    _documented(run_dir)
+
+
+def test_lm_evals_own_task_runs_offline_from_the_datasets_cache(tiny_model_dir, shared_data, tmp_path, monkeypatch):
+    from tests.test_tasks import arc_cache
+
+    folder = arc_cache(shared_data, tmp_path / "hf" / "datasets")  # no --data-dir: only the cache has the documents
+    for var, value in {"HF_HOME": tmp_path / "hf", "HF_DATASETS_CACHE": tmp_path / "hf" / "datasets",
+                       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(var, str(value))
+    code, out = run("run", "--model", str(tiny_model_dir), "--methods", "fp16", "--tasks", "arc_easy", "--limit", "4",
+                    "--out", str(tmp_path / "r"), *TASKS_ONLY)
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "run001"
+    source = f"lm-eval's own task, offline: allenai/ai2_arc (ARC-Easy) from the datasets cache, {folder}"
+    assert load(run_dir / "run.json")["tasks"] == [{"name": "arc_easy", "lm_eval_task": "arc_easy", "source": source}]
+    r = load(run_dir / "fp16.json")
+    assert r["status"] == "ok" and r["quality"]["arc_easy"]["n"] == 4 and r["quality_info"]["arc_easy"]["source"] == source
+    assert load(run_dir / "fp16.docs.json")["arc_easy"]["doc_ids"] == [0, 1, 2, 3]

@@ -179,3 +179,130 @@ def test_squad_task_prompt_and_official_scoring(shared_data, tmp_path):
     assert tasks.squad_process_results(doc, [" the denver broncos.\nQ: next"]) == {"em": 1, "f1": 1.0}
     partial = tasks.squad_process_results(doc, ["Broncos of Denver"])
     assert partial["em"] == 0 and 0 < partial["f1"] < 1
+
+
+# allenai/ai2_arc's columns, as its dataset card declares them.
+def arc_features():
+    import datasets
+
+    return datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
+                              "choices": {"text": datasets.List(datasets.Value("string")),
+                                          "label": datasets.List(datasets.Value("string"))},
+                              "answerKey": datasets.Value("string")})
+
+
+def arc_cache(data, cache):
+    """allenai/ai2_arc ARC-Easy in a datasets cache, as a download leaves it. Only its test split is
+    here: its first 10 rows are the test split, and rows from further on stand in for the train and
+    validation splits (lm-eval opens all three; its few-shot examples come from train)."""
+    from tests.conftest import write_hub_dataset_cache
+
+    rows = list(tasks._arc_rows(data / "arc" / "ARC-Easy-Test.jsonl"))
+    return write_hub_dataset_cache(cache, "allenai/ai2_arc", "ARC-Easy",
+                                   {"train": rows[100:110], "validation": rows[110:115], "test": rows[:10]}, arc_features())
+
+
+def test_lm_evals_own_task_resolves_offline_from_the_datasets_cache_and_is_skipped_with_the_fix_without_it(
+        shared_data, tmp_path, monkeypatch):
+    import datasets
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    folder = arc_cache(shared_data, tmp_path / "hf" / "datasets")
+    # datasets reads HF_DATASETS_CACHE once, on import: the setting it gives, in this process
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+    t = tasks.resolve_task("arc_easy", data_dir=None, hub=False, task_dir=tmp_path / "tasks")
+    assert t == {"name": "arc_easy", "lm_eval_task": "arc_easy",
+                 "source": f"lm-eval's own task, offline: allenai/ai2_arc (ARC-Easy) from the datasets cache, {folder}"}
+    with tasks.datasets_offline():  # and lm-eval's own task loads its documents from there
+        task = TaskManager(include_defaults=False).load([str(Path(lm_eval.__file__).parent / "tasks/arc/arc_easy.yaml")])
+    docs = list(task["tasks"]["arc_easy"].eval_docs)
+    assert len(docs) == 10 and docs[0]["question"] == next(tasks._arc_rows(shared_data / "arc" / "ARC-Easy-Test.jsonl"))["question"]
+    # --data-dir's local copy still comes first, as before
+    assert tasks.resolve_task("arc_easy", data_dir=shared_data, hub=False, task_dir=tmp_path / "tasks")["source"].startswith("local:")
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty")
+    t = tasks.resolve_task("arc_easy", data_dir=None, hub=False, task_dir=tmp_path / "tasks")
+    assert t["status"] == "skipped" and "allenai/ai2_arc (ARC-Easy) is not in the datasets cache" in t["reason"]
+    assert "datasets.load_dataset('allenai/ai2_arc', 'ARC-Easy')" in t["fix"] and "HF_DATASETS_CACHE" in t["fix"]
+    assert "--data-dir" in t["fix"]  # a local copy would do too
+
+
+SUMS_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {folder}/train.jsonl
+    test: {folder}/test.jsonl
+output_type: multiple_choice
+training_split: train
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def sums_task(folder, name="sums", n=10):
+    """A small multiple-choice task of the user's: a YAML and its JSONL documents (`n` to score, 3 to
+    draw few-shot examples from) in `folder`."""
+    def doc(a, b):
+        return {"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a + b + 10)],
+                "label": (a * b) % 3}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(doc(a, 7)) + "\n" for a in range(3)))
+    (folder / "test.jsonl").write_text("".join(json.dumps(doc(10 + i, 3 + i)) + "\n" for i in range(n)))
+    (folder / f"{name}.yaml").write_text(SUMS_YAML.format(name=name, folder=folder))
+    return folder
+
+
+def test_include_path_tasks_are_checked_and_what_lm_eval_rejects_is_named_by_file(tmp_path):
+    import pytest
+
+    from quantbench.config import ConfigError
+
+    folder = sums_task(tmp_path / "mine")
+    user, passed_over = tasks.include_path_tasks(folder)
+    assert set(user) == {"sums"} and passed_over == {}
+    tasks.check_tasks(["sums"], include_path=folder, hub=False)  # local files: built (data loaded) and fine
+    t = tasks.resolve_task("sums", data_dir=None, hub=False, task_dir=tmp_path / "tasks", user=user)
+    assert t == {"name": "sums", "lm_eval_task": "sums", "source": f"include path: {folder / 'sums.yaml'}"}
+
+    def error(names, folder=folder):
+        with pytest.raises(ConfigError) as e:
+            tasks.check_tasks(names, include_path=folder, hub=False)
+        return str(e.value)
+
+    (tmp_path / "empty").mkdir()
+    assert error(["sums"], tmp_path / "empty") == f"--include-path {tmp_path / 'empty'} holds no lm-eval task YAML (*.yaml)"
+    (folder / "broken.yaml").write_text("task: broken\n  doc_to_text: [oops\n")  # lm-eval's index drops it silently
+    assert error(["broken"]) == (f"task 'broken': lm-eval cannot read {folder / 'broken.yaml'}, which names it: "
+                                 "ScannerError: mapping values are not allowed in this context (line 2, column 14)")
+    (folder / "typo.yaml").write_text((folder / "sums.yaml").read_text().replace("task: sums", "task: typo")
+                                      .replace("multiple_choice", "multiple_choise"))
+    assert error(["typo"]).startswith(f"task 'typo' of --include-path ({folder / 'typo.yaml'}): lm-eval rejects it: "
+                                      "ValueError: Got invalid output_type 'multiple_choise'")
+    (folder / "nometric.yaml").write_text((folder / "sums.yaml").read_text().replace("task: sums", "task: nometric")
+                                          .replace("metric: acc", "metric: no_such_metric"))
+    assert error(["nometric"]).endswith(": lm-eval rejects it: lm-eval said: no_such_metric not found in the evaluate "
+                                        "library! Please check https://huggingface.co/evaluate-metric")  # it only logs that
+    (folder / "noagg.yaml").write_text("task: noagg\n" + "".join(l + "\n" for l in (folder / "sums.yaml").read_text().splitlines()[1:]
+                                                                if "aggregation" not in l and "higher_is" not in l)
+                                       .replace("metric: acc", "metric: no_such_metric"))
+    assert error(["noagg"]).endswith(": lm-eval rejects it: KeyError: None; lm-eval said: no_such_metric metric is not "
+                                     "assigned a default aggregation!")
+    (folder / "lost.yaml").write_text((folder / "sums.yaml").read_text().replace("task: sums", "task: lost")
+                                      .replace(f"{folder}/test.jsonl", "lost.jsonl"))
+    assert "Unable to find" in error(["lost"]) and "relative data_files path" in error(["lost"])
+    assert error(["sum"]).startswith("unknown task(s) sum: not an lm-eval task name")
+    assert "nor a task of --include-path" in error(["sum"]) and "(it has: lost, noagg, nometric, sums, typo)" in error(["sum"])
+    (folder / "both.yaml").write_text("group: both\ntask: [sums, typo]\n")
+    assert error(["both"]) == ("'both' is an lm-eval group of 2 tasks (sums, typo): name its tasks in --tasks "
+                               "(quantbench scores and pairs them task by task)")

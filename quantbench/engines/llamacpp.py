@@ -42,7 +42,9 @@ def _llm(model, n_ctx, logits_all):
     """A llama.cpp context of at least `n_ctx` positions (scoring every position when `logits_all`),
     kept until another is needed."""
     have = model["llm"]
-    if have is not None and have.n_ctx() >= n_ctx and model["logits_all"] == logits_all:
+    # The positions asked for, not n_ctx(): llama.cpp pads its context past them, but the bindings'
+    # buffers of token ids and scores hold only as many as were asked for.
+    if have is not None and len(have.input_ids) >= n_ctx and model["logits_all"] == logits_all:
         return have
     if have is not None:
         have.close()
@@ -213,15 +215,23 @@ def _greedy(model, ids, new_tokens, stop=None, eos=None, marks=None):
 
 def lm(model, tokenizer, *, batch_size, max_length, max_batch_size):
     """lm-eval's LM for this engine: its TemplateLM with llama.cpp scoring and greedy generation, the
-    requests encoded as lm-eval's HFLM encodes them (so the transformers and llama.cpp runs score the
-    same tokens of the same documents)."""
+    requests encoded and chat templates applied by lm-eval's HFLM's own methods on the same Hugging Face
+    tokenizer (so the transformers and llama.cpp runs score the same tokens of the same prompts)."""
     from lm_eval.api.model import TemplateLM
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
     class LlamaCppLM(TemplateLM):
+        # HFLM's: no second start token where a chat template already wrote one, the template's
+        # rendering (and its fallback without a system turn), and the name lm-eval's caches key on.
+        tok_encode = HFLM.tok_encode
+        apply_chat_template = HFLM.apply_chat_template
+        tokenizer_name = HFLM.tokenizer_name
+
         def __init__(self):
             super().__init__()
             self.tokenizer, self.max_length, self.max_gen_toks = tokenizer, max_length, 256
+            self.add_bos_token, self.chat_template_args = None, {}  # what HFLM's methods read: its defaults
 
         @property
         def eot_token_id(self):
@@ -230,9 +240,6 @@ def lm(model, tokenizer, *, batch_size, max_length, max_batch_size):
         @property
         def prefix_token_id(self):
             return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-        def tok_encode(self, string, add_special_tokens=None, **kwargs):
-            return tokenizer.encode(string, **({} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}))
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
             out = []
