@@ -74,10 +74,23 @@ def _quality(rows):
 
 
 def _rank(rows, by, batch):
-    """The rows best first: by speed at `batch` (then smaller weights), or by quality (then smaller)."""
+    """The rows best first: by quality (then smaller weights), or by speed at `batch`, where speeds
+    within SPEED_TIE of the fastest count as equal and the better quality of those comes first."""
+    if by != "speed":
+        def key(r):
+            value = kld(r)[0] if by == "kld" else recovery(r)[0]
+            return value is None, (value or 0) * (1 if by == "kld" else -1), r["weights_mib"]
+        return sorted(rows, key=key)
+    top = max((speed(r, batch) for r in rows if speed(r, batch) is not None), default=None)
+
     def key(r):
-        value = speed(r, batch) if by == "speed" else kld(r)[0] if by == "kld" else recovery(r)[0]
-        return value is None, (value or 0) * (1 if by == "kld" else -1), r["weights_mib"]
+        s = speed(r, batch)
+        if s is None:
+            return 2, 0, r["weights_mib"]
+        if s >= top * (1 - SPEED_TIE):
+            k, rec = kld(r)[0], recovery(r)[0]
+            return 0, k if k is not None else -(rec or 0), r["weights_mib"]
+        return 1, -s, r["weights_mib"]
     return sorted(rows, key=key)
 
 
@@ -160,7 +173,8 @@ def pick_paragraph(rows, limits):
         return (f"No method meets {asked}. The closest is {d['closest']['experiment']}: "
                 + "; ".join(words for _, _, words in d["misses"]) + ".")
     p = d["pick"]
-    why = {"speed": f"the fastest decode at batch {batch} of those that meet them",
+    why = {"speed": f"the fastest decode at batch {batch} of those that meet them (speeds within {SPEED_TIE:.0%} "
+                    "counted as equal, the better quality first)",
            "kld": "the lowest mean KLD of those that fit", "recovery": "the highest mean recovery of those that fit"}[d["by"]]
     text = f"**Ship {p['experiment']}** for {asked}: {why} ({_facts(p, batch)})."
     if p["is_baseline"]:

@@ -38,7 +38,8 @@ def test_each_limit_moves_the_pick():
 def test_the_paragraph_names_the_numbers_the_runner_up_and_what_would_change_it():
     text = decide.pick_paragraph(_rows(), {**NONE, "min_recovery": 95, "max_weight_mib": 200})
     assert text.startswith("**Ship torchao-int8wo** for at most 200 MiB of weights and a mean recovery of at least 95%: "
-                           "the fastest decode at batch 1 of those that meet them (156 MiB, mean KLD 0.0041, "
+                           "the fastest decode at batch 1 of those that meet them (speeds within 5% counted as "
+                           "equal, the better quality first) (156 MiB, mean KLD 0.0041, "
                            "mean recovery 98.5%, 24 tok/s at batch 1).")
     assert "Runner-up: int8 (156 MiB, mean KLD 0.0172, mean recovery 96.0%, 13 tok/s at batch 1)." in text
     assert "What would change the pick: --max-weight-mib 256.6 would pick fp16 (257 MiB, 49 tok/s at batch 1)" in text
@@ -58,6 +59,18 @@ def test_the_batch_that_matters_moves_the_pick(tmp_path):
     assert _pick(limits, run) == "nf4" and _pick({**limits, "pick_batch": 32}, run) == "torchao-int8wo"
     text = decide.pick_paragraph(_rows(run), {**NONE, **limits})
     assert "at batch 32 (--pick-batch 32) torchao-int8wo is the fastest (2000 tok/s, nf4 1088)" in text
+
+
+def test_speeds_within_noise_are_equal_and_the_better_quality_wins(tmp_path):
+    run = shutil.copytree(GPU_RUN, tmp_path / "run")
+    path = run / "int8.json"
+    r = json.loads(path.read_text())
+    r["cost"]["decode"]["eager"]["1"]["tok_s"] = 24.5  # torchao-int8wo's 24.1 is within 5%, with a lower KLD
+    path.write_text(json.dumps(r))
+    assert _pick({"min_recovery": 95, "max_weight_mib": 200}, run) == "torchao-int8wo"
+    r["cost"]["decode"]["eager"]["1"]["tok_s"] = 30.0  # beyond the tie: int8 is faster
+    path.write_text(json.dumps(r))
+    assert _pick({"min_recovery": 95, "max_weight_mib": 200}, run) == "int8"
 
 
 def test_an_impossible_limit_names_the_closest():
