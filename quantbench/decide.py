@@ -173,10 +173,9 @@ def pick_paragraph(rows, limits):
         return (f"No method meets {asked}. The closest is {d['closest']['experiment']}: "
                 + "; ".join(words for _, _, words in d["misses"]) + ".")
     p = d["pick"]
-    why = {"speed": f"the fastest decode at batch {batch} of those that meet them (speeds within {SPEED_TIE:.0%} "
-                    "counted as equal, the better quality first)",
-           "kld": "the lowest mean KLD of those that fit", "recovery": "the highest mean recovery of those that fit"}[d["by"]]
-    text = f"**Ship {p['experiment']}** for {asked}: {why} ({_facts(p, batch)})."
+    why = {"speed": f"the fastest decode at batch {batch} (speeds within {SPEED_TIE:.0%} count as equal, then the "
+                    "better quality)", "kld": "the lowest mean KLD", "recovery": "the highest mean recovery"}[d["by"]]
+    text = f"**Ship {p['experiment']}** for {asked}: {_facts(p, batch)}. Of the methods that meet them it has {why}."
     if p["is_baseline"]:
         text += " That is the unquantized baseline: no quantized method beats it under these limits."
     if d["by"] == "speed" and speed(p, batch) is None:

@@ -38,9 +38,9 @@ def test_each_limit_moves_the_pick():
 def test_the_paragraph_names_the_numbers_the_runner_up_and_what_would_change_it():
     text = decide.pick_paragraph(_rows(), {**NONE, "min_recovery": 95, "max_weight_mib": 200})
     assert text.startswith("**Ship torchao-int8wo** for at most 200 MiB of weights and a mean recovery of at least 95%: "
-                           "the fastest decode at batch 1 of those that meet them (speeds within 5% counted as "
-                           "equal, the better quality first) (156 MiB, mean KLD 0.0041, "
-                           "mean recovery 98.5%, 24 tok/s at batch 1).")
+                           "156 MiB, mean KLD 0.0041, mean recovery 98.5%, 24 tok/s at batch 1. Of the methods that "
+                           "meet them it has the fastest decode at batch 1 (speeds within 5% count as equal, then the "
+                           "better quality).")
     assert "Runner-up: int8 (156 MiB, mean KLD 0.0172, mean recovery 96.0%, 13 tok/s at batch 1)." in text
     assert "What would change the pick: --max-weight-mib 256.6 would pick fp16 (257 MiB, 49 tok/s at batch 1)" in text
     alone = decide.pick_paragraph(_rows(), {**NONE, "max_kld": 0.01, "max_weight_mib": 200})
@@ -83,7 +83,8 @@ def test_an_impossible_limit_names_the_closest():
 
 def test_report_takes_limits_and_the_run_keeps_its_own(tmp_path):
     md, _ = report.build([GPU_RUN], out=tmp_path, limits={"max_weight_mib": 110})
-    assert "## Recommendation\n\n**Ship nf4** for at most 110 MiB of weights: the lowest mean KLD" in md.read_text()
+    assert "## Recommendation\n\n**Ship nf4** for at most 110 MiB of weights: 107 MiB, mean KLD 0.2717" in md.read_text()
+    assert "Of the methods that meet them it has the lowest mean KLD." in md.read_text()
     cli = [sys.executable, "-m", "quantbench", "report", str(GPU_RUN), "--out", str(tmp_path / "cli")]
     ok = subprocess.run(cli + ["--max-kld", "0.01", "--max-weight-mib", "200"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
