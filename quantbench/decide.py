@@ -75,23 +75,25 @@ def _quality(rows):
 
 def _rank(rows, by, batch):
     """The rows best first: by quality (then smaller weights), or by speed at `batch`, where speeds
-    within SPEED_TIE of the fastest count as equal and the better quality of those comes first."""
+    within SPEED_TIE of a faster one count as equal to it and the better quality of those comes first
+    (those not timed at `batch` last, the smaller first)."""
     if by != "speed":
         def key(r):
             value = kld(r)[0] if by == "kld" else recovery(r)[0]
             return value is None, (value or 0) * (1 if by == "kld" else -1), r["weights_mib"]
         return sorted(rows, key=key)
-    top = max((speed(r, batch) for r in rows if speed(r, batch) is not None), default=None)
 
-    def key(r):
-        s = speed(r, batch)
-        if s is None:
-            return 2, 0, r["weights_mib"]
-        if s >= top * (1 - SPEED_TIE):
-            k, rec = kld(r)[0], recovery(r)[0]
-            return 0, k if k is not None else -(rec or 0), r["weights_mib"]
-        return 1, -s, r["weights_mib"]
-    return sorted(rows, key=key)
+    def quality(r):
+        k, rec = kld(r)[0], recovery(r)[0]
+        return k if k is not None else -(rec or 0), r["weights_mib"]
+
+    timed = sorted((r for r in rows if speed(r, batch) is not None), key=lambda r: -speed(r, batch))
+    out = []
+    while timed:  # the fastest left and those within the tie of it, the better quality first
+        group = [r for r in timed if speed(r, batch) >= speed(timed[0], batch) * (1 - SPEED_TIE)]
+        out += sorted(group, key=quality)
+        timed = timed[len(group):]  # the group is the head of the speed order
+    return out + sorted((r for r in rows if speed(r, batch) is None), key=lambda r: r["weights_mib"])
 
 
 def _facts(r, batch):
@@ -129,19 +131,19 @@ def decision(rows, limits):
     ranked = _rank(meeting, by, batch)
     pick = ranked[0]
     changes = []
-    # A better-ranked method that some limit keeps out: the limit values that would let it in.
+    # The two best-ranked methods that some limit keeps out: the limit values that would let each in.
     admitted = {id(r) for r in meeting}
     better = [r for r in _rank(pool, by, batch) if id(r) not in admitted and _rank([r, pick], by, batch)[0] is r]
-    if better:
-        r = better[0]
+    for r in better[:2]:
         needed = []
         for key, _, words in misses(r, limits):
             if key == "max_weight_mib":
                 needed.append(f"{FLAGS[key]} {math.ceil(r['weights_mib'] * 10) / 10:g}")
             elif key == "min_recovery" and recovery(r)[0] is not None:
                 needed.append(f"{FLAGS[key]} {math.floor(recovery(r)[0] * 10) / 10:g}")
-            elif key == "max_kld" and kld(r)[0] is not None:
-                needed.append(f"{FLAGS[key]} {kld(r)[0]:.4g}")
+            elif key == "max_kld" and kld(r)[0] is not None:  # rounded up, so the value given admits it
+                step = 10 ** (math.floor(math.log10(kld(r)[0])) - 3)
+                needed.append(f"{FLAGS[key]} {math.ceil(kld(r)[0] / step) * step:.4g}")
         if needed and len(needed) == len(misses(r, limits)):
             changes.append(f"{' and '.join(needed)} would pick {r['experiment']} ({_facts(r, batch)})")
     if by == "speed":

@@ -43,6 +43,13 @@ def test_the_paragraph_names_the_numbers_the_runner_up_and_what_would_change_it(
                            "better quality).")
     assert "Runner-up: int8 (156 MiB, mean KLD 0.0172, mean recovery 96.0%, 13 tok/s at batch 1)." in text
     assert "What would change the pick: --max-weight-mib 256.6 would pick fp16 (257 MiB, 49 tok/s at batch 1)" in text
+    # Two methods a limit keeps out, each with the value that admits it (a KLD rounded up: 0.27172 -> 0.2718);
+    # nf4 before fp4, 1% slower but within the speed tie and of a lower KLD.
+    kept = decide.pick_paragraph(_rows(), {**NONE, "max_kld": 0.2, "max_weight_mib": 120})
+    assert kept.startswith("**Ship gptq-w4g32**")
+    assert ("What would change the pick: --max-weight-mib 256.6 would pick fp16 (257 MiB, 49 tok/s at batch 1); "
+            "--max-kld 0.2718 would pick nf4 (107 MiB, mean KLD 0.2717,") in kept
+    assert _pick({"max_kld": 0.2718, "max_weight_mib": 120}) == "nf4"
     alone = decide.pick_paragraph(_rows(), {**NONE, "max_kld": 0.01, "max_weight_mib": 200})
     assert "No other method meets them." in alone
     base = decide.pick_paragraph(_rows(), {**NONE, "min_recovery": 95})
