@@ -423,8 +423,17 @@ def test_a_task_of_the_users_include_path_runs_for_each_method_and_pairs_documen
     flips = sum(a != b for a, b in zip(docs["fp16"]["acc"], docs["nf4"]["acc"]))  # documents whose verdict changed
     assert delta["n"] == 10 and delta["delta"] == pytest.approx((sum(docs["nf4"]["acc"]) - sum(docs["fp16"]["acc"])) / 10)
     assert flips >= abs(round(delta["delta"] * 10))
+    # quantbench's own flips and recovery of the user's task, in rows and in nf4's result file alike
+    b, q = docs["fp16"]["acc"], docs["nf4"]["acc"]
+    lost, gained = sum(x == 1 and y == 0 for x, y in zip(b, q)), sum(x == 0 and y == 1 for x, y in zip(b, q))
+    assert lost + gained == flips
+    for against in (rows["nf4"]["against"], load(run_dir / "nf4.json")["against_baseline"]):
+        f = against["tasks"]["sums"]["metrics"]["acc"]["flips"]
+        assert (f["lost_p"], f["gained_p"], f["n"]) == (pytest.approx(lost / 10), pytest.approx(gained / 10), 10)
+        assert against["tasks"]["sums"]["metrics"]["acc"]["test"] == "McNemar exact"
     summary = (run_dir / "summary.md").read_text()
     assert "sums acc" in summary and "max_gen_toks 128; attention kernels FLASH_ATTENTION" in summary and "; 1-shot." in summary
+    assert "**Against the baseline**" in summary and f"lost {100 * lost / 10:.1f} ±" in summary
     _documented(run_dir)
 
 
