@@ -37,6 +37,7 @@ def _paired(base, other):
 
 
 def binary(b, q):
+    """Whether every paired score is 0 or 1 (accuracy, exact match), so McNemar's test and flips apply."""
     return bool(np.isin(b, (0.0, 1.0)).all() and np.isin(q, (0.0, 1.0)).all())
 
 
@@ -51,7 +52,9 @@ def paired_test(b, q):
         return "McNemar exact", (binomtest(lost, lost + gained, 0.5).pvalue if lost + gained else 1.0)
     d = q - b
     rng = np.random.default_rng(0)
-    means = d[rng.integers(0, len(d), (BOOTSTRAP_RESAMPLES, len(d)))].mean(axis=1)
+    # in blocks of 1000 resamples: all at once holds 10,000 x documents indices (GBs for a full task)
+    means = np.concatenate([d[rng.integers(0, len(d), (1000, len(d)))].mean(axis=1)
+                            for _ in range(BOOTSTRAP_RESAMPLES // 1000)])
     extreme = np.abs(means - d.mean()) >= abs(d.mean())
     return "paired bootstrap", float((extreme.sum() + 1) / (BOOTSTRAP_RESAMPLES + 1))
 
