@@ -451,14 +451,20 @@ def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
         model["llm"] = None
 
     def rate(llm, n, whole):
+        import llama_cpp
+
         tokens = [int(t) for t in rng.integers(0, llm.n_vocab(), n)]
         llm.reset()
         t0 = time.perf_counter()
+        # Waiting for the device as llama-bench does (after the prompt, after each token): `Llama.eval`
+        # reads no logits unless logits_all, so on a GPU it returns as soon as the work is queued.
         if whole:
             llm.eval(tokens)
+            llama_cpp.llama_synchronize(llm.ctx)
         else:
             for t in tokens:
                 llm.eval([t])
+                llama_cpp.llama_synchronize(llm.ctx)
         return n / (time.perf_counter() - t0)
 
     out = {"threads": model["threads"], "n_gpu_layers": model["gpu_layers"], "repetitions": repetitions}
