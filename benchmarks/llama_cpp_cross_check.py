@@ -67,9 +67,9 @@ def main():
         path = given / "model.gguf" if given.is_dir() else given
         q, l = [], []
         for i in range(args.rounds):
-            for side in ((ours, q), (theirs, l)) if i % 2 == 0 else ((theirs, l), (ours, q)):
+            for measure, into in ((ours, q), (theirs, l)) if i % 2 == 0 else ((theirs, l), (ours, q)):
                 time.sleep(1)
-                side[1].append(side[0](path, args.threads, args.gpu_layers))
+                into.append(measure(path, args.threads, args.gpu_layers))
         for test in TESTS:
             a, b = [x[test] for x in q], [x[test] for x in l]
             ratios = [statistics.median(x) / statistics.median(y) for x, y in zip(a, b)]

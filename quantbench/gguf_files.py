@@ -75,22 +75,32 @@ def failure_line(output, fallback="no output"):
     return next((line for line in reversed(lines) if "what()" in line or "rror" in line), lines[-1])
 
 
+# `python -c ARCH_CONVERTER convert_hf_to_gguf.py ARGS`: the converter, for an arch: model. Its byte-level
+# stand-in tokenizer is no tokenizer the converter knows by its hash, and has no merges, which llama.cpp's
+# BPE loader requires; such a model measures speed and memory only, so it is written as llama.cpp's
+# "default" pre-tokenizer with one merge of two NUL bytes.
+ARCH_CONVERTER = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+from conversion.base import TextModel
+set_vocab_gpt2 = TextModel._set_vocab_gpt2
+def with_one_merge(self):
+    set_vocab_gpt2(self)
+    self.gguf_writer.add_token_merges(["\\u0100 \\u0100"])
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+TextModel._set_vocab_gpt2 = with_one_merge
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def convert(checkpoint, out, *, outtype):
     """A float checkpoint to GGUF (outtype f16, bf16 or f32) by llama.cpp's convert_hf_to_gguf.py; a
     model its converter does not know is MethodUnsuitable, with the converter's own reason."""
     script = source() / "convert_hf_to_gguf.py"
-    args = [str(script), str(checkpoint), "--outfile", str(out), "--outtype", outtype]
-    if (Path(checkpoint) / "quantbench-arch.json").exists():
-        # An arch: model's byte-level stand-in tokenizer is no tokenizer the converter knows by its hash,
-        # and has no merges, which llama.cpp's BPE loader requires. Such a model measures speed and memory
-        # only: it is written as llama.cpp's "default" pre-tokenizer with one merge of two NUL bytes.
-        run = (f"import runpy, sys; sys.argv = {args!r}; sys.path.insert(0, {str(script.parent)!r}); "
-               "from conversion.base import TextModel; TextModel.get_vocab_base_pre = lambda self, tokenizer: 'default'; "
-               "gpt2 = TextModel._set_vocab_gpt2; "
-               "TextModel._set_vocab_gpt2 = lambda self: (gpt2(self), self.gguf_writer.add_token_merges(['\u0100 \u0100'])); "
-               f"runpy.run_path({str(script)!r}, run_name='__main__')")
-        args = ["-c", run]
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    arch = (Path(checkpoint) / "quantbench-arch.json").exists()
+    r = subprocess.run([sys.executable, *(["-c", ARCH_CONVERTER] if arch else []), str(script), str(checkpoint),
+                        "--outfile", str(out), "--outtype", outtype], capture_output=True, text=True)
     if r.returncode != 0:
         raise Unsuitable(f"llama.cpp's converter (convert_hf_to_gguf.py of llama-cpp-python {version()}) "
                          f"cannot convert this model: {failure_line(r.stderr)[:300]}")

@@ -120,7 +120,8 @@ def test_arch_model_run_measures_cost_and_labels_quality_skipped(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "quantbench", "run", "--model", "arch:smollm2-135m", "--methods",
-           "fp16,nf4" + (",gguf-q8_0" if gguf else ""), "--tasks", "coqa", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"),
+           "fp16,nf4" + (",gguf-q8_0" if gguf else ""), "--tasks", "coqa", "--out", str(tmp_path / "r"),
+           "--cache-dir", str(tmp_path / "cache"),
            "--prompt-lengths", "16", "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

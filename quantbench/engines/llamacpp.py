@@ -445,14 +445,14 @@ def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
     each `repetitions` times after a warm-up; tokens/s mean and standard deviation. Each test has a
     context of its own tokens only, as llama-bench gives it (n_ctx = n_prompt + n_gen): the attention
     of a small model's generation costs a few percent more over a larger cache."""
+    import llama_cpp
+
     rng = np.random.default_rng(0)
     if model["llm"] is not None:  # one context at a time, as llama-bench has
         model["llm"].close()
         model["llm"] = None
 
     def rate(llm, n, whole):
-        import llama_cpp
-
         tokens = [int(t) for t in rng.integers(0, llm.n_vocab(), n)]
         llm.reset()
         t0 = time.perf_counter()
