@@ -16,6 +16,7 @@ if [ ! -f $B/quantbench-built ]; then
   # (docs/benchmarks.md, "Speed on a 16-core host"): prefer -DGGML_OPENMP=ON.
   cmake -S $S/vendor/llama.cpp -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DGGML_OPENMP=OFF \
+    -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8 \
     -DCMAKE_CUDA_ARCHITECTURES=90 > $R/cmake.log 2>&1 || { tail -30 $R/cmake.log; touch $R/done; exit 1; }
   cmake --build $B -j 16 --target llama llama-quantize llama-imatrix llama-perplexity llama-bench > $R/build.log 2>&1 \
     || { tail -40 $R/build.log; touch $R/done; exit 1; }

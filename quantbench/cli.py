@@ -66,7 +66,7 @@ def cmd_methods(args):
         problem = why_not_runnable(name, device)
         here = "yes" if problem is None else f"no: {problem[0]}; {problem[1]}"
         extra = f"quantbench[{m['extra']}]" if m["extra"] else "(core)"
-        row = [name, m["family"], m["engine"], str(m["bits"]), str(m["group_size"] or "-"), "yes" if m["calibration"] else "no",
+        row = [name, m["family"], m["engine"], str(m["bits"] or "as saved"), str(m["group_size"] or "-"), "yes" if m["calibration"] else "no",
                "yes" if m["gpu"] else "no", extra, here, m["about"]]
         print("| " + " | ".join(row) + " |")
     print("\nEngines here:" + "".join(f"\n- {name}: {engine.about(device)}" for name, engine in ENGINES.items()))

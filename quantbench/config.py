@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantbench.methods import method_settings, resolve_method_name
+from quantbench.methods import METHODS, external_method, method_settings, resolve_method_name
 
 
 class ConfigError(Exception):
@@ -383,7 +383,11 @@ def decode_modes(choice):
 def make_experiment(entry, where=""):
     """A method name, or a dict {name?, method, **settings} -> experiment dict; ConfigError if bad."""
     if isinstance(entry, str):
-        entry = {"method": entry}
+        try:
+            external = None if _known(entry) else external_method(entry)
+        except ValueError as e:
+            raise ConfigError(f"{where}{e}") from None
+        entry = {"method": external[0], "name": external[1], "source": external[2]} if external else {"method": entry}
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}a method is a name or a table with 'method' and its settings, not {entry!r}")
     entry = dict(entry)
@@ -407,9 +411,22 @@ def make_experiment(entry, where=""):
         if default is not None and not isinstance(value, type(default)) and \
                 not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
             raise ConfigError(f"{where}setting '{key}' of '{method}' must be {type(default).__name__}, got {value!r}")
+    if METHODS[method]["family"] == "checkpoint":
+        if not entry.get("source"):
+            raise ConfigError(f"{where}method '{method}' needs 'source': the checkpoint's folder, GGUF file or hub id "
+                              "(or name it in --methods by its path or hub id)")
+        local = Path(entry["source"]).expanduser()
+        entry["source"] = str(local.resolve()) if local.exists() else entry["source"]
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"{where}experiment name '{name}' may hold only letters, digits, '.', '_' and '-'")
     return {"name": name, "method": method, "settings": entry}
+
+
+def _known(name):
+    try:
+        return resolve_method_name(name)
+    except ValueError:
+        return None
 
 
 def _yaml_lines(text):

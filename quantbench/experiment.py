@@ -117,7 +117,7 @@ def load(run, config, exp, model_info, checkpoint, settings):
     quantizes as it loads, what its library said)."""
     method, device = METHODS[exp["method"]], run["device"]
     engine = ENGINES[method["engine"]]
-    quantizes_on_load = method["family"] != "baseline" and not method["quantize"]  # bitsandbytes
+    quantizes_on_load = method["family"] not in ("baseline", "checkpoint") and not method["quantize"]  # bitsandbytes
     import_libraries(method)  # before the clock: load_s is loading, not importing
     t = time.perf_counter()
     engine.reset_peak(device)

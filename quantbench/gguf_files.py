@@ -23,6 +23,10 @@ from quantbench.models import cache_folder
 from quantbench.results import atomic_folder
 
 TOOLS = ["llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench"]
+# Compiler flags that leave out llama.cpp's AMX kernels, which a native build on a CPU with AMX compiles
+# in and which crash on some such machines (llama.cpp issue 20824: ggml_backend_amx_mul_mat).
+NO_AMX = "-mno-amx-int8"
+NO_AMX_BUILD = f'CFLAGS={NO_AMX} CXXFLAGS={NO_AMX} pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python'
 
 
 class Unsuitable(ValueError):
@@ -185,6 +189,42 @@ def quantize(f16, out, kind, *, imatrix=None, threads=None):
             "unquantized_names": kept[:10]}
 
 
+# A GGUF's metadata keys ({arch}.<key>) for the config.json keys that make two checkpoints the same model.
+GGUF_SHAPE = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+              "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+              "num_key_value_heads": "attention.head_count_kv"}
+
+
+def describe(file):
+    """What a GGUF file holds, from its own metadata (gguf's reader, nothing loaded): its type (general.file_type),
+    bits, the tensors of each type, the matrices kept in a float type, and the model's shape by config.json's names."""
+    import gguf
+
+    reader = gguf.GGUFReader(file)
+
+    def field(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field("general.architecture")
+    config = {name: field(f"{arch}.{key}") for name, key in GGUF_SHAPE.items()}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    config = {k: v for k, v in {**config, "vocab_size": tokens and len(tokens.data)}.items() if isinstance(v, int)}
+    file_type = field("general.file_type")
+    kind = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").lower() if file_type is not None else "unknown"
+    counts, kept, matrices = {}, [], 0
+    for t in reader.tensors:
+        name = re.sub(r"_k$", "_K", t.tensor_type.name.lower())  # as llama.cpp's quantizer names them: q6_K
+        counts[name] = counts.get(name, 0) + 1
+        if len(t.shape) > 1 and int(t.shape[1]) > 1:  # norms are vectors, kept in f32 by every type
+            matrices += 1
+            if name in ("f32", "f16", "bf16"):
+                kept.append(t.name)
+    bits = re.search(r"\d+", kind)
+    return {"type": kind, "bits": int(bits.group()) if bits else None, "architecture": arch, "config": config,
+            "tensor_types": counts, "matrices": matrices, "unquantized": len(kept), "unquantized_names": kept[:10]}
+
+
 def importance_matrix(f16, texts, out, *, ctx=512, threads=None):
     """llama.cpp's importance matrix of `f16` over the calibration `texts` (llama-imatrix), written to
     `out`; returns its sha256 and how it was made."""
@@ -213,9 +253,13 @@ def tool(name):
     import llama_cpp
 
     # the tools run where the bindings run: with CUDA when the bindings' llama.cpp has it
-    cuda = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"] if "CUDA" in llama_cpp.llama_print_system_info().decode() else []
+    system = llama_cpp.llama_print_system_info().decode()
+    cuda = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"] if "CUDA" in system else []
+    # and the CPU kernels the bindings have: no AMX where they were built without it
+    amx = [] if "AMX_INT8 = 1" in system else [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     configure = ["cmake", "-S", str(source()), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF", *cuda]
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF",
+                 *cuda, *amx]
     for cmd in (configure, ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", *TOOLS]):
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 
+from quantbench.methods import METHODS
 from quantbench.sweep import status_of, measure_device_rates, record_unfinished
 
 # What every experiment imports before it measures anything, imported once in the forkserver. Not
@@ -65,8 +66,14 @@ def run_child(run_dir, exp, run, context, running=None):
     started = time.perf_counter()
     how = "forked from the preloaded forkserver" if context.get_start_method() == "forkserver" else "its own interpreter"
     alive, keep = context.Pipe(duplex=False)  # the child watches `alive`: it ends when this process ends
-    child = context.Process(target=experiment.child, args=(str(run_dir), exp["id"], how, alive, os.environ.get(NVML_CHECK)))
-    child.start()
+    args = (str(run_dir), exp["id"], how, alive, os.environ.get(NVML_CHECK))
+    child = context.Process(target=experiment.child, args=args)
+    try:
+        child.start()
+    except (EOFError, ConnectionError):  # the forkserver was killed an instant ago and multiprocessing, not
+        time.sleep(1)                    # yet seeing it gone, asked it: once it is, a new one is started
+        child = context.Process(target=experiment.child, args=args)
+        child.start()
     alive.close()
     if running is not None:
         running[exp["id"]] = child
@@ -79,7 +86,13 @@ def run_child(run_dir, exp, run, context, running=None):
     if child.exitcode == experiment.FORK_UNUSABLE:
         return child.exitcode  # the caller starts it again in a fresh interpreter
     if status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
-        record_unfinished(run_dir, exp, run, "failed", _describe_exit(child.exitcode, how), time.perf_counter() - started)
+        fix = None
+        if child.exitcode == -signal.SIGSEGV and METHODS[exp["method"]]["engine"] == "llama.cpp":
+            from quantbench.engines import llamacpp
+
+            fix = llamacpp.crash_fix()
+        record_unfinished(run_dir, exp, run, "failed", _describe_exit(child.exitcode, how), time.perf_counter() - started,
+                          fix=fix)
     return child.exitcode
 
 

@@ -291,11 +291,13 @@ def load_gptq(path, *, device, trust_remote_code=False):
 def load_hqq(path, *, device, trust_remote_code=False):
     from hqq.models.hf.base import AutoHQQHFModel
 
-    compute_dtype = (Path(path) / "hqq-compute-dtype.txt").read_text().strip()
+    recorded = Path(path) / "hqq-compute-dtype.txt"  # quantbench's; hqq's own save names no compute dtype
+    compute_dtype = recorded.read_text().strip() if recorded.exists() else "float16" if device == "cuda" else "float32"
     model = AutoHQQHFModel.from_quantized(str(path), device=device, compute_dtype=_dtype(compute_dtype))
     layer = next(m for m in model.modules() if type(m).__name__ == "HQQLinear")
     return model, {"library": "hqq", "library_version": library_version("hqq"), "compute_dtype": compute_dtype,
-                   "linear_classes": _linear_classes(model), "hqq_backend": str(layer.backend)}
+                   "linear_classes": _linear_classes(model), "hqq_backend": str(layer.backend),
+                   "bits": layer.meta.get("nbits"), "group_size": layer.meta.get("group_size")}
 
 
 def quantize_gguf(src, dst, *, device, calibration=None, kind="q4_k_m", imatrix=False, trust_remote_code=False):
@@ -333,6 +335,81 @@ def load_gguf(path, *, device, trust_remote_code=False):
                                         "unquantized_linears": {"count": made["unquantized"], "of": made["matrices"],
                                                                 "names": made["unquantized_names"]},
                                         "compute_dtype": "float32", "linear_classes": [f"GGUF {made['type']}"]}
+
+
+# What a quantization keeps: a checkpoint that differs from the run's model in one of these is another model's.
+SAME_MODEL_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads")
+
+
+def other_model(base, given, *, what):
+    """Why the checkpoint whose config is `given` is not a quantization of the model whose config is
+    `base` (a shape or vocabulary that differs), or None."""
+    for key in SAME_MODEL_KEYS:
+        if key in base and key in given and base[key] != given[key]:
+            return f"{what} is a checkpoint of another model: its {key} is {given[key]}, the run's model's is {base[key]}"
+    return None
+
+
+def checkpoint_folder(source):
+    """The folder of a checkpoint given by its path or hub id (fetched once into the hub's cache)."""
+    from quantbench.models import ModelError, download_from_hub
+
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or source.startswith((".", "/", "~")):
+        raise ModelError(f"no checkpoint folder {source}")
+    return download_from_hub(source)
+
+
+def load_checkpoint(path, *, device, source=None, trust_remote_code=False):
+    """A checkpoint someone quantized (a folder or hub id given in --methods), loaded as its format says:
+    GPTQ, AWQ, compressed-tensors, bitsandbytes or torchao through transformers (its config.json's
+    quantization_config), hqq's own save (qmodel.pt) through hqq. `path` is the run's model: a checkpoint
+    of another model (its shapes or its tokenizer's vocabulary differ) is refused."""
+    from transformers import AutoTokenizer
+
+    folder = checkpoint_folder(source)
+    given = json.loads((folder / "config.json").read_text())
+    problem = other_model(json.loads((Path(path) / "config.json").read_text()), given, what=source)
+    if problem is None and list(folder.glob("tokenizer*")):
+        theirs = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code).get_vocab()
+        ours = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+        differ = len(set(theirs.items()) ^ set(ours.items()))
+        problem = differ and f"{source} is a checkpoint of another model: its tokenizer's vocabulary differs from the run's model's in {differ} entries"
+    if problem:
+        raise MethodUnsuitable(problem)
+    if (folder / "qmodel.pt").exists():
+        model, info = load_hqq(folder, device=device)
+    else:
+        method = (given.get("quantization_config") or {}).get("quant_method")
+        if method is None:
+            raise MethodUnsuitable(f"{source} has no quantization_config in its config.json: it is a float checkpoint; "
+                                   "pass it to --model")
+        model, info = (load_gptq if method == "gptq" else load_saved)(str(folder), device=device,
+                                                                      trust_remote_code=trust_remote_code)
+    return model, {**info, "checkpoint": str(folder)}
+
+
+def load_gguf_file(path, *, device, source=None, trust_remote_code=False):
+    """(a GGUF file someone made, given in --methods; what its own metadata says it holds). `path` is the
+    run's model: a GGUF of another model (its layers, width or vocabulary differ) is refused."""
+    _require("llama_cpp", "gguf")
+    from quantbench import gguf_files
+
+    file = Path(source).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"no GGUF file {source}")
+    made = gguf_files.describe(file)
+    problem = other_model(json.loads((Path(path) / "config.json").read_text()), made["config"], what=source)
+    if problem:
+        raise MethodUnsuitable(problem)
+    return file, {"library": "llama.cpp", "library_version": gguf_files.version(), "gguf_type": made["type"],
+                  "tensor_types": made["tensor_types"], "checkpoint": str(file), "bits": made["bits"],
+                  "unquantized_linears": {"count": made["unquantized"], "of": made["matrices"],
+                                          "names": made["unquantized_names"]},
+                  "compute_dtype": "float32", "linear_classes": [f"GGUF {made['type']}"]}
 
 
 def _method(load, family, bits, group_size=None, calibration=False, gpu=False, extra=None,
@@ -385,6 +462,9 @@ METHODS = {
     "gguf-q2_k": _gguf("q2_k", 2, "2-bit k-quant"),
     "gguf-q4_k_m-imat": _gguf("q4_k_m", 4, "Q4_K_M with llama.cpp's importance matrix of the calibration set", imatrix=True),
     "gguf-iq4_xs-imat": _gguf("iq4_xs", 4, "IQ4_XS with llama.cpp's importance matrix of the calibration set", imatrix=True),
+    # Checkpoints someone else quantized, named in --methods by their path or hub id (external_method).
+    "checkpoint": _method(load_checkpoint, "checkpoint", None, about="a quantized checkpoint given by its folder or hub id: GPTQ, AWQ, compressed-tensors, bitsandbytes, torchao or hqq, loaded as its format says"),
+    "gguf-file": _method(load_gguf_file, "checkpoint", None, extra="gguf", modules=("llama_cpp",), engine="llama.cpp", about="a GGUF file (or a folder holding one) given by its path, run in llama.cpp"),
 }
 
 # Methods whose results are the reference: deltas and the KL divergence are measured against a
@@ -417,8 +497,33 @@ def resolve_method_name(name):
         return key
     if key in ALIASES:
         return ALIASES[key]
-    known = ", ".join(METHODS) + " (or the original names " + ", ".join(ALIASES) + ")"
+    known = (", ".join(METHODS) + " (or the original names " + ", ".join(ALIASES) + "); or a quantized checkpoint's "
+             "folder, GGUF file or hub id (org/name)")
     raise ValueError(f"unknown method '{name}'; known methods: {known}")
+
+
+def external_method(text):
+    """(method, experiment name, source) of a checkpoint named in --methods by its path (an existing one, or
+    one starting with '.', '/' or '~') or hub id (org/name), else None. A .gguf file, or a folder of one GGUF
+    and no config.json, runs in llama.cpp (gguf-file); any other folder or a hub id in transformers
+    (checkpoint). Named by its folder, a file by its own name; ValueError for a path that is not there."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith(".gguf"):
+            raise ValueError(f"no checkpoint folder or GGUF file {text}")
+        if text.count("/") != 1:
+            return None
+        return "checkpoint", _safe_name(text.split("/")[-1]), text  # a hub id
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else []
+    if len(ggufs) > 1:
+        raise ValueError(f"{text} holds {len(ggufs)} GGUF files; name one of them: " + ", ".join(g.name for g in ggufs))
+    if path.suffix == ".gguf" or ggufs:
+        return "gguf-file", _safe_name(path.stem if path.is_file() else path.name), str((ggufs or [path])[0].resolve())
+    return "checkpoint", _safe_name(path.resolve().name), str(path.resolve())
+
+
+def _safe_name(name):
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
 
 
 def method_settings(name):

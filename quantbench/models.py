@@ -199,7 +199,7 @@ def check_checkpoint_dir(path):
         raise ModelError(f"{path} holds no *.safetensors weights{extra}: quantbench loads safetensors only")
 
 
-def _download_from_hub(repo_id):
+def download_from_hub(repo_id):
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
@@ -245,7 +245,7 @@ def resolve_model(spec, *, cache_dir):
         return {"name": local.name, "path": str(local.resolve()), "kind": "local"}
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"no directory {spec}: pass an existing checkpoint directory or a hub id like org/name")
-    path = _download_from_hub(spec)
+    path = download_from_hub(spec)
     check_checkpoint_dir(path)
     return {"name": spec, "path": str(path), "kind": "hub"}
 

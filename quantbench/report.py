@@ -17,7 +17,6 @@ from pathlib import Path
 
 from quantbench import decide, plots
 from quantbench.config import FIELDS, from_run
-from quantbench.methods import METHODS
 from quantbench.results import load_run
 from quantbench.rows import (BOOTSTRAP_RESAMPLES, PRIMARY_METRICS, READING, SIGNIFICANCE, baseline, comparison_tables,
                              load_runs, mib, rows_of, table)
@@ -323,7 +322,7 @@ def recommendation(rows):
         close = min(scored, key=lambda r: r["kld"]["kld_mean"])
         out.append(f"The closest to the baseline's next-token distributions is {close['experiment']} (mean KLD "
                    f"{close['kld']['kld_mean']:.4f}, same top token {100 * close['kld']['same_top_p']:.1f}% of the time).")
-        four_bit = [r for r in scored if METHODS.get(r["method"], {}).get("bits", 16) <= 4]
+        four_bit = [r for r in scored if (r["bits"] or 16) <= 4]
         if four_bit:
             best4 = min(four_bit, key=lambda r: r["kld"]["kld_mean"])
             out.append(f"Among methods of 4 bits or fewer, {best4['experiment']} has the lowest KLD "

@@ -187,6 +187,8 @@ def rows_of(label, run_dir, run, results):
         decode = c.get("decode", {})
         row = {"run": label, "experiment": r["experiment"], "method": r["method"], "model": r["model"]["name"],
                "status": r["status"], "is_baseline": r is base, "result": r,
+               # a checkpoint someone else made says its bits when loaded (METHODS cannot)
+               "bits": METHODS.get(r["method"], {}).get("bits") or (r.get("backend") or {}).get("bits"),
                "weights_mib": c["weight_bytes"] / 2**20 if c.get("weight_bytes") else None,
                "peak_mib": c["peak_bytes"] / 2**20 if c.get("peak_bytes") else None,
                "quantize_s": qz.get("quantize_s"), "cached": qz.get("reused_from_cache"), "load_s": c.get("load_s"),
@@ -203,7 +205,7 @@ def rows_of(label, run_dir, run, results):
         row["against"] = against_baseline(docs[base["experiment"]], docs[r["experiment"]]) if compared else None
         row["recovery"] = row["against"] and row["against"].get("recovery_mean")
         # A float format against the baseline (bf16 against fp16, f16 in llama.cpp): the KLD of rounding alone.
-        row["is_floor"] = compared and r["status"] == "ok" and bool(row["kld"]) and METHODS.get(r["method"], {}).get("bits", 0) >= 16
+        row["is_floor"] = compared and r["status"] == "ok" and bool(row["kld"]) and (row["bits"] or 0) >= 16
         row["long"] = {int(n): v for n, v in (q.get("long_context") or {}).items()}
         row["window"] = (r.get("quality_info", {}).get("perplexity") or {}).get("window")
         for task, metrics in q.items():

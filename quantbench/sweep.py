@@ -86,7 +86,8 @@ def new_run(config, *, sweep_file=None, device=None):
         device = device or resolve_device(config.device)
         here = config.backend == "local"  # elsewhere, a missing library is found (and recorded as skipped) on the worker
         config.experiments += [make_experiment(n) for n in METHODS  # the baselines by name, not `baseline`
-                               if n not in have and n != "baseline" and why_not_runnable(n, device, libraries=here) is None]
+                               if n not in have and n != "baseline" and METHODS[n]["family"] != "checkpoint"
+                               and why_not_runnable(n, device, libraries=here) is None]
     hub = hub_reachable()
     check_tasks(config.tasks, include_path=config.include_path, hub=hub)
     cache_dir = cache_folder(config.cache_dir)
@@ -194,15 +195,16 @@ def empty_result(run, exp):
             "cost": {}, "phases_s": {}}
 
 
-def record_unfinished(run_dir, exp, run, status, error, duration):
-    """The experiment ended without a final result: keep what it measured, say why it stopped."""
+def record_unfinished(run_dir, exp, run, status, error, duration, fix=None):
+    """The experiment ended without a final result: keep what it measured, say why it stopped (and what to
+    do: `fix`, else run it again)."""
     path = Path(run_dir) / f"{exp['id']}.json"
     try:
         result = read_json(path)
     except (OSError, ValueError):
         result = empty_result(run, exp)
     result.update(status=status, error=error, duration_s=round(duration, 3), finished=now(),
-                  fix=f"run again with: quantbench run --resume {run_dir}")
+                  fix=fix or f"run again with: quantbench run --resume {run_dir}")
     write_json(path, result)
 
 

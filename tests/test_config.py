@@ -188,3 +188,32 @@ def test_prompting_flags_and_the_include_path(tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as e:
             load_sweep_file(f)
         assert words in str(e.value), str(e.value)
+
+
+def test_a_checkpoint_in_methods_by_its_path_or_hub_id(tmp_path):
+    """A folder with a config.json runs in transformers, a GGUF file or a folder of one in llama.cpp, each
+    named by its folder (a file by its name); an org/name is a hub id; a missing path is an error."""
+    from quantbench.config import make_experiment
+
+    folder = tmp_path / "Llama-3.2-1B-AWQ"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    ggufs = tmp_path / "smol-gguf"
+    ggufs.mkdir()
+    (ggufs / "smol-Q4_K_M.gguf").write_bytes(b"GGUF")
+    assert make_experiment(str(folder)) == {"name": "Llama-3.2-1B-AWQ", "method": "checkpoint",
+                                            "settings": {"source": str(folder)}}
+    assert make_experiment(str(ggufs)) == {"name": "smol-gguf", "method": "gguf-file",
+                                           "settings": {"source": str(ggufs / "smol-Q4_K_M.gguf")}}
+    assert make_experiment(str(ggufs / "smol-Q4_K_M.gguf"))["name"] == "smol-Q4_K_M"
+    assert make_experiment("org/Llama-3.2-1B-GPTQ") == {"name": "Llama-3.2-1B-GPTQ", "method": "checkpoint",
+                                                        "settings": {"source": "org/Llama-3.2-1B-GPTQ"}}
+    (ggufs / "smol-Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="holds 2 GGUF files; name one of them: smol-Q4_K_M.gguf, smol-Q8_0.gguf"):
+        make_experiment(str(ggufs))
+    with pytest.raises(ConfigError, match="no checkpoint folder or GGUF file ./not-here"):
+        make_experiment("./not-here")
+    with pytest.raises(ConfigError, match="method 'checkpoint' needs 'source'"):
+        make_experiment({"method": "checkpoint"})
+    table = make_experiment({"method": "checkpoint", "name": "theirs", "source": str(folder)})
+    assert table == {"name": "theirs", "method": "checkpoint", "settings": {"source": str(folder)}}

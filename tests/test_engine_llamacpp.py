@@ -28,7 +28,8 @@ def _cache(tmp_path):
 
 
 @pytest.mark.demo
-def test_gguf_types_of_the_demo_in_llama_cpp_beside_transformers_and_as_llama_perplexity_says(shared_data, tmp_path):
+def test_gguf_types_of_the_demo_in_llama_cpp_beside_transformers_and_as_llama_perplexity_says(shared_data, tmp_path,
+                                                                                                tiny_model_dir):
     cache = _cache(tmp_path)
     _run("--methods", "fp16,gguf-f16,gguf-q8_0,gguf-q4_k_m,gguf-q4_k_m-imat", "--tasks", "lambada_openai", "--limit", "8",
          "--data-dir", str(shared_data), "--out", str(tmp_path / "r"), "--ppl-tokens", "2048", "--ppl-window", "1024",
@@ -85,6 +86,25 @@ def test_gguf_types_of_the_demo_in_llama_cpp_beside_transformers_and_as_llama_pe
         theirs = float(re.search(r"Mean\s+KLD:\s+([-\d.]+)", out).group(1))
         print(f"{m}: quantbench mean KLD {ours:.6f}, llama-perplexity {theirs:.6f}, ratio {ours / theirs:.4f}")
         assert ours == pytest.approx(theirs, rel=0.01), (m, ours, theirs)
+
+    # The GGUF files this run made, named in --methods by their folder and by their file, as someone else's
+    # GGUFs are: the same numbers as the methods that made them, against a new run's baseline.
+    q8, q4 = r["gguf-q8_0"]["quantization"]["path"], r["gguf-q4_k_m"]["quantization"]["path"] + "/model.gguf"
+    _run("--methods", f"fp16,{q8},{q4}", "--tasks", "lambada_openai", "--limit", "8", "--data-dir", str(shared_data),
+         "--out", str(tmp_path / "again"), "--ppl-tokens", "2048", "--ppl-window", "1024", "--kld-tokens", "2048",
+         "--prompt-lengths", "32", "--new-tokens", "8", "--batch-sizes", "1", "--repeats", "1", cache=cache)
+    for made, name in [("gguf-q8_0", q8.split("/")[-1]), ("gguf-q4_k_m", "model")]:
+        again = json.loads((tmp_path / "again" / "run001" / f"{name}.json").read_text())
+        assert again["status"] == "ok" and again["method"] == "gguf-file" and again["engine"] == "llama.cpp", again
+        assert again["backend"]["gguf_type"] == r[made]["backend"]["gguf_type"] and again["backend"]["tokenizer_check"]["agrees"]
+        assert again["backend"]["tensor_types"] == r[made]["backend"]["tensor_types"]
+        for key in ("perplexity", "kld", "lambada_openai"):
+            assert again["quality"][key] == r[made]["quality"][key], (made, key)
+    from quantbench import methods
+
+    with pytest.raises(methods.MethodUnsuitable, match=r"is a checkpoint of another model: its vocab_size is 49152, "
+                                                       r"the run's model's is \d+$"):
+        methods.load_gguf_file(str(tiny_model_dir), device="cpu", source=q4)
 
 
 def test_a_model_llama_cpps_converter_does_not_know_is_skipped_with_its_reason(tiny_model_dir, tmp_path):

@@ -22,7 +22,9 @@ def test_unknown_method_lists_the_known_ones():
 
 def test_every_method_has_its_table_fields_and_settings():
     for name, m in methods.METHODS.items():
-        assert callable(m["load"]) and m["family"] and m["bits"] in (2, 3, 4, 5, 6, 8, 16, 32), name
+        # a checkpoint someone else made says its bits when it is loaded
+        bits = (None,) if m["family"] == "checkpoint" else (2, 3, 4, 5, 6, 8, 16, 32)
+        assert callable(m["load"]) and m["family"] and m["bits"] in bits, name
         assert isinstance(methods.method_settings(name), dict)
     assert methods.method_settings("nf4") == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
     assert methods.method_settings("nf4-nodq")["double_quant"] is False

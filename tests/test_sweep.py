@@ -195,6 +195,40 @@ def test_quantized_checkpoints_are_cached_and_unfit_group_sizes_skipped(tiny_mod
     assert "(cached)" in (tmp_path / "r" / "run002" / "summary.md").read_text()
 
 
+def test_a_checkpoint_quantized_by_an_earlier_run_passed_by_its_path_gives_the_same_numbers(tiny_model_dir,
+                                                                                          tiny_wide_model_dir, tmp_path):
+    """Item 5 of the formats issue: a quantized checkpoint named in --methods by its folder is loaded as its
+    format says (hqq's own save; torchao's quantization_config), named by its folder, and measured against
+    the run's baseline on the same tokens; another model's checkpoint is refused in one line."""
+    from quantbench import methods
+
+    args = ["run", "--model", str(tiny_model_dir), "--tasks", "none", "--cache-dir", str(tmp_path / "cache"), *TINY_RUN_FLAGS]
+    code, out = run(*args, "--out", str(tmp_path / "a"), "--methods", "fp16,hqq-w4g64,torchao-int8wo")
+    assert code == 0, out
+    made = {m: load(tmp_path / "a" / "run001" / f"{m}.json") for m in ["hqq-w4g64", "torchao-int8wo"]}
+    other = tmp_path / "other-model-hqq"
+    methods.quantize_hqq(str(tiny_wide_model_dir), str(other), device="cpu")
+    paths = [made[m]["quantization"]["path"] for m in made]
+    code, out = run(*args, "--out", str(tmp_path / "b"), "--methods", ",".join(["fp16", *paths, str(other)]))
+    assert code == 0, out
+    for m, first in made.items():
+        name = first["quantization"]["path"].split("/")[-1]
+        again = load(tmp_path / "b" / "run001" / f"{name}.json")
+        assert again["status"] == "ok" and again["method"] == "checkpoint", again
+        assert again["backend"]["checkpoint"] == first["quantization"]["path"]
+        assert again["backend"]["linear_classes"] == first["backend"]["linear_classes"]
+        assert again["quality"]["perplexity"] == first["quality"]["perplexity"]
+        assert again["quality"]["kld"] == first["quality"]["kld"]
+        assert again["cost"]["weight_bytes"] == first["cost"]["weight_bytes"]
+    assert load(tmp_path / "b" / "run001" / f"{name}.json")["backend"].get("bits") is None  # torchao's config says none
+    assert load(tmp_path / "b" / "run001" / f"{paths[0].split('/')[-1]}.json")["backend"]["bits"] == 4
+    refused = load(tmp_path / "b" / "run001" / "other-model-hqq.json")
+    assert refused["status"] == "skipped" and refused["error"] == (
+        f"{other} is a checkpoint of another model: its hidden_size is 256, the run's model's is 64")
+    summary = (tmp_path / "b" / "run001" / "summary.md").read_text()
+    assert f"| {paths[0].split('/')[-1]} |" in summary
+
+
 def test_group_size_that_does_not_tile_the_model_is_skipped_with_the_reason(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("methods:\n  - {name: hqq-g48, method: hqq-w4g64, group_size: 48}\ntasks: none\n")
@@ -335,7 +369,8 @@ def test_a_forkserver_that_dies_mid_run_costs_one_experiment_and_the_rest_run(ti
     nf4 = load(run_dir / "nf4.json")
     assert nf4["status"] == "failed" and "forkserver ended" in nf4["error"] and "--resume" in nf4["fix"]
     fp4 = load(run_dir / "fp4.json")  # a new forkserver serves the rest
-    assert fp4["status"] == "ok" and fp4["process"] == "forked from the preloaded forkserver"
+    assert fp4["status"] == "ok", (fp4["error"], fp4.get("traceback_tail"))
+    assert fp4["process"] == "forked from the preloaded forkserver"
 
 
 def test_an_experiment_ends_when_the_sweep_that_started_it_dies(tiny_model_dir, tmp_path):

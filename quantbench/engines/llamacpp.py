@@ -80,6 +80,18 @@ def about(device):
             f"{default_threads()} threads, {threading}")
 
 
+def crash_fix():
+    """What to do when a llama.cpp experiment's process died in native code, where the build says why."""
+    import llama_cpp
+
+    from quantbench.gguf_files import NO_AMX_BUILD
+
+    if "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode():
+        return ("this llama-cpp-python has llama.cpp's AMX kernels, which crash on some machines with AMX (llama.cpp "
+                f"issue 20824): rebuild it without them: {NO_AMX_BUILD}=={importlib.metadata.version('llama-cpp-python')}")
+    return None
+
+
 def openmp():
     """Whether the bindings' llama.cpp runs its CPU threads on OpenMP. Without it, and without a thread pool
     attached (llama-cpp-python attaches none; llama.cpp's own tools do), every graph starts and joins its
@@ -444,26 +456,36 @@ def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
     `n_prompt` tokens evaluated at once, and `n_gen` tokens evaluated one by one from an empty cache,
     each `repetitions` times after a warm-up; tokens/s mean and standard deviation. Each test has a
     context of its own tokens only, as llama-bench gives it (n_ctx = n_prompt + n_gen): the attention
-    of a small model's generation costs a few percent more over a larger cache."""
+    of a small model's generation costs a few percent more over a larger cache. The tokens go to
+    llama.cpp's llama_decode as llama-bench gives them (llama_batch_get_one over an array made before
+    the clock), not through `Llama.eval`, whose Python bookkeeping per call is the bindings' cost, not
+    llama.cpp's, and which returns before a GPU is done (it reads no logits unless logits_all)."""
+    import ctypes
+
     import llama_cpp
 
     rng = np.random.default_rng(0)
     if model["llm"] is not None:  # one context at a time, as llama-bench has
         model["llm"].close()
         model["llm"] = None
+    pointer = ctypes.POINTER(llama_cpp.llama_token)
+
+    def decode(ctx, tokens, n):
+        code = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, n))
+        if code != 0:
+            raise RuntimeError(f"llama_decode failed (code {code}) in the pp/tg benchmark")
 
     def rate(llm, n, whole):
-        tokens = [int(t) for t in rng.integers(0, llm.n_vocab(), n)]
-        llm.reset()
+        tokens = (llama_cpp.llama_token * n)(*(int(t) for t in rng.integers(0, llm.n_vocab(), n)))
+        each = [ctypes.cast(ctypes.addressof(tokens) + i * ctypes.sizeof(llama_cpp.llama_token), pointer) for i in range(n)]
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), False)
         t0 = time.perf_counter()
-        # Waiting for the device as llama-bench does (after the prompt, after each token): `Llama.eval`
-        # reads no logits unless logits_all, so on a GPU it returns as soon as the work is queued.
-        if whole:
-            llm.eval(tokens)
+        if whole:  # waiting for the device where llama-bench does: after the prompt, after each token
+            decode(llm.ctx, tokens, n)
             llama_cpp.llama_synchronize(llm.ctx)
         else:
-            for t in tokens:
-                llm.eval([t])
+            for one in each:
+                decode(llm.ctx, one, 1)
                 llama_cpp.llama_synchronize(llm.ctx)
         return n / (time.perf_counter() - t0)
 
