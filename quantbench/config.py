@@ -39,6 +39,8 @@ EVAL_MIN_START, EVAL_MAX_BATCH, EVAL_CPU_BATCH = 64, 256, 16
 DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
 BACKEND_CHOICES = ["local", "ray", "modal"]
 COMPUTE_DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
+KV_CACHE_CHOICES = ["fp16", "int8", "int4", "int2"]
+KV_CACHE_BITS = {"int8": 8, "int4": 4, "int2": 2}
 GROUPS = {"compare": "what to compare", "quality": "quality budget", "speed": "speed sweep",
           "decide": "the pick (the report's first paragraph; `quantbench report` takes these too)", "where": "where to run"}
 
@@ -151,6 +153,14 @@ class RunConfig:
     compute_dtype: str | None = setting(None, "compare", "what the baseline and every method whose recipe does not fix its "
                                         "dtype compute in (default: each model's checkpoint dtype)",
                                         choices=COMPUTE_DTYPE_CHOICES)
+    kv_cache: list = setting(["fp16"], "compare", "KV cache precisions, each crossed with every transformers method: fp16 "
+                             "(the model's own cache, in its compute dtype), int8, int4, int2 (transformers' quantized "
+                             "cache: keys and values per channel in groups of 64, the last 128 tokens unquantized); "
+                             "e.g. fp16,int4 (default fp16)", parse=_names,
+                             check=lambda v: None if v and all(x in KV_CACHE_CHOICES for x in v) and len(set(v)) == len(v)
+                             else f"must be distinct names among {', '.join(KV_CACHE_CHOICES)}")
+    kv_cache_backend: str = setting("hqq", "compare", "the quantized KV cache's library: hqq (default; 8, 4 or 2 bits) or "
+                                    "quanto (optimum-quanto; 4 or 2 bits)", choices=["hqq", "quanto"])
     limit: int | None = setting(None, "quality", "documents per task (default all)", parse=_whole, check=_is_positive)
     data_dir: str | None = setting(None, "quality", "local evaluation data (default $QUANTBENCH_DATA_DIR)")
     num_fewshot: int | None = setting(None, "quality", "few-shot examples before each document, as lm-eval's --num_fewshot "
@@ -353,6 +363,8 @@ def validate(config):
     if config.fewshot_as_multiturn and not config.apply_chat_template:
         raise ConfigError("--fewshot-as-multiturn needs --apply-chat-template: lm-eval makes the few-shot examples "
                           "turns of a chat only when it applies the chat template")
+    if config.kv_cache_backend == "quanto" and "int8" in config.kv_cache:
+        raise ConfigError("--kv-cache int8 needs --kv-cache-backend hqq: optimum-quanto's cache has 4 and 2 bits only")
     if config.ray_address and config.backend != "ray":
         raise ConfigError("--ray-address is for --backend ray")
     if config.gpu and config.backend != "modal":

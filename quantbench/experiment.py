@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantbench import cost, quality, tasks
-from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START, decode_modes, eval_batch, from_run
+from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START, KV_CACHE_BITS, decode_modes, eval_batch, from_run
 from quantbench.engines import ENGINES
 from quantbench.messages import import_libraries, quantizer_messages
 from quantbench.methods import (METHODS, MethodUnsuitable, MissingLibrary, bfloat16_variants, dtype_setting,
@@ -132,6 +132,10 @@ def load(run, config, exp, model_info, checkpoint, settings):
                      "resident_after_load_bytes": engine.resident_bytes(device)}}
     if quantizes_on_load:
         part["quantization"] = {"at_load": True, "messages": said}
+    if exp.get("kv_cache"):  # the method's model with transformers' quantized KV cache (sweep.create_run)
+        part["kv_cache"] = {"precision": exp["kv_cache"], "of": exp["id"].removesuffix(f"-kv-{exp['kv_cache']}"),
+                            **engine.use_quantized_cache(model, nbits=KV_CACHE_BITS[exp["kv_cache"]],
+                                                         backend=config.kv_cache_backend)}
     return model, tokenizer, part
 
 
@@ -159,16 +163,25 @@ def measure(run, config, exp):
     engine.reset_peak(device)
     shapes = engine.shapes(model)
     batch_size = 4 if device == "cuda" else 1
+    kv = exp.get("kv_cache")
     if model_info["kind"] != "arch":
         yield "sanity", {"sanity": quality.sanity(engine, model, tokenizer, dtype)}
-        window = min(config.ppl_window, shapes["positions"])
-        ppl, info = quality.perplexity(engine, model, tokenizer, text, window=window, max_tokens=config.ppl_tokens,
-                                       batch_size=batch_size, dtype=dtype)
-        yield "perplexity", {"quality": {"perplexity": ppl}, "quality_info": {
-            "perplexity": {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **info}}}
+        if kv:
+            # A forward over a whole window reads no cache: a quantized cache's cost in quality is the KLD's, whose
+            # scored tokens each decode after a prefill of their chunk's first half (kld.ppl: their perplexity).
+            why = {"status": "skipped", "reason": f"a {kv} KV cache changes what decoding reads back, not a whole "
+                   "window's forward: see the KLD (its ppl: the perplexity of the scored tokens, decoded through the cache)",
+                   "fix": "compare kld and kld.ppl with the same method's fp16-cache experiment"}
+            yield "perplexity", {"quality_info": {"perplexity": why, **({"long_context": why} if config.long_context else {})}}
+        else:
+            window = min(config.ppl_window, shapes["positions"])
+            ppl, info = quality.perplexity(engine, model, tokenizer, text, window=window, max_tokens=config.ppl_tokens,
+                                           batch_size=batch_size, dtype=dtype)
+            yield "perplexity", {"quality": {"perplexity": ppl}, "quality_info": {
+                "perplexity": {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **info}}}
         if config.kld_tokens != 0:  # None is the whole corpus; 0 is off
             yield "kld", kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, batch_size)
-        if config.long_context:
+        if config.long_context and not kv:
             yield "long_context", long_context(engine, model, tokenizer, text, corpus, run, config, exp, model_info,
                                                shapes, dtype)
         yield "tasks", run_tasks(engine, model, tokenizer, run, config, exp, shapes, dtype)
@@ -181,7 +194,11 @@ def measure(run, config, exp):
                                prompt_lengths=config.prompt_lengths, decode_prompt_tokens=config.decode_prompt_tokens,
                                new_tokens=config.new_tokens, batch_sizes=config.batch_sizes, repeats=config.repeats,
                                decode_runs=config.decode_runs, weight_bytes=weights, rates=run.get("device_rates"),
-                               decode_modes=decode_modes(config.decode_mode))
+                               decode_modes=["eager"] if kv else decode_modes(config.decode_mode))
+    if kv:  # (eager decode only: compiled decode needs a static cache, which has no quantized form)
+        lengths = [n for n in config.prompt_lengths if n <= min(len(stream), shapes["positions"] - 1)]
+        speed["kv_cache"] = {str(n): dict(zip(("bytes", "model_cache_bytes"), engine.kv_cache_bytes(
+            model, stream[None, :n].to(engine.input_device(model))))) for n in lengths}
     yield "speed", {"cost": {"peak_eval_bytes": eval_peak, **engine.peak_bytes(device), **speed}}  # a GPU's peak: the sweep's
 
 

@@ -194,6 +194,7 @@ def rows_of(label, run_dir, run, results):
                "quantize_s": qz.get("quantize_s"), "cached": qz.get("reused_from_cache"), "load_s": c.get("load_s"),
                "held_beyond_weights_bytes": held_beyond_weights(c), "shared_host_with": r.get("shared_host_with") or [],
                "perplexity": q.get("perplexity"), "kld": q.get("kld"), "tasks": {}, "deltas": {},
+               "kv_cache": r.get("kv_cache"), "kv_bytes": c.get("kv_cache") or {},
                "ppl_delta": None, "kernel": kernel_of(r), "sanity": r.get("sanity"),
                "decode": {mode: {int(b): p for b, p in decode.get(mode, {}).items() if p.get("status") == "ok"}
                           for mode in ("eager", "compiled")},
@@ -205,7 +206,8 @@ def rows_of(label, run_dir, run, results):
         row["against"] = against_baseline(docs[base["experiment"]], docs[r["experiment"]]) if compared else None
         row["recovery"] = row["against"] and row["against"].get("recovery_mean")
         # A float format against the baseline (bf16 against fp16, f16 in llama.cpp): the KLD of rounding alone.
-        row["is_floor"] = compared and r["status"] == "ok" and bool(row["kld"]) and (row["bits"] or 0) >= 16
+        row["is_floor"] = compared and r["status"] == "ok" and bool(row["kld"]) and (row["bits"] or 0) >= 16 \
+            and not row["kv_cache"]
         row["long"] = {int(n): v for n, v in (q.get("long_context") or {}).items()}
         row["window"] = (r.get("quality_info", {}).get("perplexity") or {}).get("window")
         for task, metrics in q.items():
@@ -316,7 +318,39 @@ def comparison_tables(rows, several_runs):
         cost_lines.append("| " + " | ".join(c) + " |")
     has_quality = any(r["kld"] or r["perplexity"] or r["tasks"] for r in ok)
     return ([("Quality", quality_head, quality_lines)] if has_quality else []) + against_table(ok, several_runs) + \
-        long_table(ok, several_runs) + [("Cost", cost_head, cost_lines)]
+        long_table(ok, several_runs) + kv_table(ok, several_runs) + [("Cost", cost_head, cost_lines)]
+
+
+def kv_table(ok, several_runs):
+    """Each quantized KV cache beside its method with the model's own cache: the bytes it holds at each of
+    the sweep's context lengths, its KLD against the method's, and decode at batch 1: [(title, header, lines)], or []."""
+    quantized = [r for r in ok if r["kv_cache"]]
+    if not quantized:
+        return []
+    lengths = sorted({int(n) for r in quantized for n in r["kv_bytes"]})
+    head = (["run"] if several_runs else []) + ["experiment", "cache", *(f"KV MiB @{n}" for n in lengths), "KLD mean",
+                                                "KLD mean, model's cache", "eager tok/s b=1", "model's cache tok/s b=1"]
+    lines = []
+    for r in quantized:
+        kv, same = r["kv_cache"], next((x for x in ok if x["experiment"] == r["kv_cache"]["of"]), None)
+
+        def mib(n):
+            b = r["kv_bytes"].get(str(n))
+            return "-" if not b else f"{b['bytes'] / 2**20:.2f} of {b['model_cache_bytes'] / 2**20:.2f} " \
+                                     f"({100 * (b['bytes'] / b['model_cache_bytes'] - 1):+.0f}%)"
+
+        def kld(x):
+            return "-" if not (x and x["kld"]) or x["is_baseline"] else f"{x['kld']['kld_mean']:.5f} ± {x['kld']['kld_mean_stderr']:.5f}"
+
+        def tok_s(x):
+            p = x and x["decode"]["eager"].get(1)
+            return f"{p['tok_s']:.1f}" if p else "-"
+
+        cells = ([r["run"]] if several_runs else []) + [r["experiment"], f"{kv['precision']} ({kv['backend']})"]
+        cells += [mib(n) for n in lengths] + [kld(r), "0 (the baseline)" if same and same["is_baseline"] else kld(same),
+                                              tok_s(r), tok_s(same)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [("Quantized KV cache", head, lines)]
 
 
 def long_table(ok, several_runs):

@@ -132,6 +132,9 @@ def create_run(config, cache_dir, device=None, hub=None):
         reference = next((e for e in mine if e["method"] == BASELINE_OF[m["compute_dtype"]]),
                          next((e for e in mine if e["method"] in BASELINE_METHODS), None))
         m["reference_experiment"] = reference and reference["id"]
+        # Each quantized KV cache beside each transformers experiment (llama.cpp keeps its own cache).
+        mine += [{**e, "id": f"{e['id']}-kv-{kv}", "name": f"{e['name']}-kv-{kv}", "kv_cache": kv}
+                 for kv in config.kv_cache if kv != "fp16" for e in list(mine) if METHODS[e["method"]]["engine"] == "transformers"]
         experiments += sorted(mine, key=lambda e: e is not reference)
     run = {"schema": SCHEMA, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None, "status": "running",
            "device": device, "hub_reachable": hub, "cache_dir": str(cache_dir), "config": dataclasses.asdict(config),

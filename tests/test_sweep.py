@@ -229,6 +229,32 @@ def test_a_checkpoint_quantized_by_an_earlier_run_passed_by_its_path_gives_the_s
     assert f"| {paths[0].split('/')[-1]} |" in summary
 
 
+def test_a_quantized_kv_cache_crosses_each_method_and_says_the_bytes_it_saves_and_the_kld_it_costs(tiny_model_dir,
+                                                                                                  tmp_path):
+    """--kv-cache fp16,int4: each transformers method again with transformers' quantized cache (HQQ), its
+    KLD from the fp16 baseline measured on tokens decoded through the cache, its bytes at each context length
+    against the model's own cache, eager decode with it."""
+    code, out = run("run", "--model", str(tiny_model_dir), "--methods", "fp16,hqq-w4g64", "--kv-cache", "fp16,int4",
+                    "--tasks", "none", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"), *TINY_RUN_FLAGS)
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "run001"
+    assert [e["id"] for e in load(run_dir / "run.json")["experiments"]] == ["fp16", "hqq-w4g64", "fp16-kv-int4",
+                                                                           "hqq-w4g64-kv-int4"]
+    base, kv = load(run_dir / "fp16.json"), load(run_dir / "fp16-kv-int4.json")
+    assert kv["status"] == "ok", kv
+    assert kv["kv_cache"]["precision"] == "int4" and kv["kv_cache"]["backend"] == "hqq" and kv["kv_cache"]["of"] == "fp16"
+    assert kv["kv_cache"]["nbits"] == 4 and kv["kv_cache"]["q_group_size"] == 16  # the tiny model's heads are 16 wide
+    assert kv["quality_info"]["perplexity"]["status"] == "skipped" and "perplexity" not in kv["quality"]
+    assert 0 != abs(kv["quality"]["kld"]["kld_mean"]) < 0.01 and kv["quality"]["kld"]["tokens"] == base["quality"]["kld"]["tokens"]
+    assert set(kv["cost"]["decode"]) == {"eager"} and kv["cost"]["decode"]["eager"]["1"]["tok_s"] > 0
+    for n, b in kv["cost"]["kv_cache"].items():  # 4 bits and their scales against float32 (the CPU's baseline)
+        assert 0 < b["bytes"] < 0.4 * b["model_cache_bytes"], (n, b)
+    assert set(kv["cost"]["kv_cache"]) == {"16"}  # 600 is past the tiny model's positions
+    summary = (run_dir / "summary.md").read_text()
+    assert "**Quantized KV cache**" in summary and "| fp16-kv-int4 | int4 (hqq) |" in summary
+    assert "fp16-kv-int4 (noise floor)" not in summary
+
+
 def test_group_size_that_does_not_tile_the_model_is_skipped_with_the_reason(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("methods:\n  - {name: hqq-g48, method: hqq-w4g64, group_size: 48}\ntasks: none\n")

@@ -19,7 +19,10 @@ GPU, with no per-step host synchronisation, logits processors or stopping checks
 """
 import contextlib
 import gc
+import importlib.metadata
+import importlib.util
 import logging
+import math
 import resource
 import sys
 import time
@@ -81,10 +84,90 @@ def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=
 @torch.no_grad()
 def logprobs(model, windows, *, first=0, batch_size=1):
     """Per batch of `windows` ([n, T] token ids): the float32 log-probabilities over the vocabulary of
-    the next token at positions first..T-2, [batch, T-1-first, vocabulary], on the model's device."""
+    the next token at positions first..T-2, [batch, T-1-first, vocabulary], on the model's device. With a
+    quantized KV cache (use_quantized_cache) the positions before `first` are a prefill and each later one
+    a decode step, so that every scored token reads its past from the cache, as in generation: a single
+    forward reads no cache."""
+    quantized = _quantized_cache_config(model)
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(model.device)
-        yield torch.log_softmax(model(batch).logits[:, first:-1].float(), dim=-1)
+        if quantized is None:
+            yield torch.log_softmax(model(batch).logits[:, first:-1].float(), dim=-1)
+            continue
+        from transformers import QuantizedCache
+
+        if first < 1:
+            raise ValueError("a quantized KV cache is scored after a prefill of at least one token")
+        cache = QuantizedCache(config=model.config, **quantized)
+        model(batch[:, :first], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        steps = [model(batch[:, p:p + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+                 for p in range(first, batch.shape[1] - 1)]
+        yield torch.log_softmax(torch.stack(steps, dim=1), dim=-1)
+
+
+# transformers' quantized KV cache (KIVI-style): keys and values quantized per channel in groups of 64,
+# the most recent 128 tokens kept in the model's dtype until they are quantized too; its defaults.
+KV_GROUP_SIZE, KV_RESIDUAL_LENGTH = 64, 128
+
+
+def use_quantized_cache(model, *, nbits, backend):
+    """Make every generation of `model` (and `logprobs`) keep its KV cache quantized to `nbits` by `backend`
+    (hqq or quanto), as a transformers user sets it: generation_config's cache_implementation "quantized".
+    Returns what was set."""
+    from quantbench.methods import MissingLibrary
+
+    library, module = {"hqq": ("hqq", "hqq"), "quanto": ("optimum-quanto", "optimum.quanto")}[backend]
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        raise MissingLibrary(f"the {backend} KV cache needs the Python package '{library}', which is not installed: "
+                             f"pip install {library}")
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    # HQQ quantizes a layer's whole keys in groups, so a group must divide every size they take: a head's width does
+    group = math.gcd(KV_GROUP_SIZE, head_dim)
+    config = {"backend": backend, "nbits": nbits, "q_group_size": group, "residual_length": KV_RESIDUAL_LENGTH}
+    model.generation_config.cache_implementation = "quantized"
+    model.generation_config.cache_config = dict(config)
+    return {**config, "library": library, "library_version": importlib.metadata.version(library),
+            "axis_key": 0, "axis_value": 0, "implementation": "transformers QuantizedCache"}
+
+
+def _quantized_cache_config(model):
+    config = getattr(model, "generation_config", None)
+    if config is None or getattr(config, "cache_implementation", None) != "quantized":
+        return None
+    return dict(config.cache_config)
+
+
+def _cache_bytes(cache):
+    """Bytes a KV cache holds: its tensors, a quantized layer's packed keys and values with their scales
+    and zeros, and the recent tokens it keeps unquantized."""
+    def size(x):
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, (tuple, list)):
+            return sum(size(v) for v in x)
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if hasattr(x, "__tensor_flatten__"):  # quanto's quantized tensors
+            return sum(size(getattr(x, n)) for n in x.__tensor_flatten__()[0])
+        return 0
+
+    return sum(size(getattr(layer, name, None)) for layer in cache.layers
+               for name in ("keys", "values", "_quantized_keys", "_quantized_values"))
+
+
+@torch.no_grad()
+def kv_cache_bytes(model, input_ids):
+    """(bytes of the quantized cache, bytes of the model's own cache) after a prefill of `input_ids` and one
+    decode step: what each holds at that context length."""
+    from transformers import DynamicCache, QuantizedCache
+
+    out = []
+    for cache in (QuantizedCache(config=model.config, **_quantized_cache_config(model)), DynamicCache(config=model.config)):
+        logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        model(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        out.append(_cache_bytes(cache))
+    return tuple(out)
 
 
 @contextlib.contextmanager
