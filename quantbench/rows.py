@@ -340,7 +340,10 @@ def kv_table(ok, several_runs):
                                      f"({100 * (b['bytes'] / b['model_cache_bytes'] - 1):+.0f}%)"
 
         def kld(x):
-            return "-" if not (x and x["kld"]) or x["is_baseline"] else f"{x['kld']['kld_mean']:.5f} ± {x['kld']['kld_mean_stderr']:.5f}"
+            if not (x and x["kld"]) or x["is_baseline"]:
+                return "-"
+            se = x["kld"]["kld_mean_stderr"]
+            return f"{x['kld']['kld_mean']:.5f}" + (f" ± {se:.5f}" if se is not None else "")
 
         def tok_s(x):
             p = x and x["decode"]["eager"].get(1)
