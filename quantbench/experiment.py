@@ -133,7 +133,7 @@ def load(run, config, exp, model_info, checkpoint, settings):
     if quantizes_on_load:
         part["quantization"] = {"at_load": True, "messages": said}
     if exp.get("kv_cache"):  # the method's model with transformers' quantized KV cache (sweep.create_run)
-        part["kv_cache"] = {"precision": exp["kv_cache"], "of": exp["id"].removesuffix(f"-kv-{exp['kv_cache']}"),
+        part["kv_cache"] = {"precision": exp["kv_cache"], "of": exp["kv_of"],
                             **engine.use_quantized_cache(model, nbits=KV_CACHE_BITS[exp["kv_cache"]],
                                                          backend=config.kv_cache_backend)}
     return model, tokenizer, part
@@ -197,8 +197,8 @@ def measure(run, config, exp):
                                decode_modes=["eager"] if kv else decode_modes(config.decode_mode))
     if kv:  # (eager decode only: compiled decode needs a static cache, which has no quantized form)
         lengths = [n for n in config.prompt_lengths if n <= min(len(stream), shapes["positions"] - 1)]
-        speed["kv_cache"] = {str(n): dict(zip(("bytes", "model_cache_bytes"), engine.kv_cache_bytes(
-            model, stream[None, :n].to(engine.input_device(model))))) for n in lengths}
+        speed["kv_cache"] = {str(n): {"bytes": engine.quantized_cache_bytes(model, stream[None, :n].to(engine.input_device(model))),
+                                      "model_cache_bytes": cost.kv_cache_bytes(shapes, 1, n + 1)} for n in lengths}
     yield "speed", {"cost": {"peak_eval_bytes": eval_peak, **engine.peak_bytes(device), **speed}}  # a GPU's peak: the sweep's
 
 

@@ -330,11 +330,14 @@ def load_gguf(path, *, device, trust_remote_code=False):
     """(the GGUF file, what made it): llama.cpp opens it itself (engines/llamacpp.py)."""
     _require("llama_cpp", "gguf")
     made = json.loads((Path(path) / "gguf.json").read_text())
-    return Path(path) / "model.gguf", {"library": "llama.cpp", "library_version": made["llama_cpp_python"],
-                                        "gguf_type": made["type"], "tensor_types": made["tensor_types"],
-                                        "unquantized_linears": {"count": made["unquantized"], "of": made["matrices"],
-                                                                "names": made["unquantized_names"]},
-                                        "compute_dtype": "float32", "linear_classes": [f"GGUF {made['type']}"]}
+    return Path(path) / "model.gguf", _gguf_info(made, made["llama_cpp_python"])
+
+
+def _gguf_info(made, version):
+    """What a GGUF holds (gguf.json's or gguf_files.describe's keys), as an experiment's backend records it."""
+    return {"library": "llama.cpp", "library_version": version, "gguf_type": made["type"], "tensor_types": made["tensor_types"],
+            "unquantized_linears": {"count": made["unquantized"], "of": made["matrices"], "names": made["unquantized_names"]},
+            "compute_dtype": "float32", "linear_classes": [f"GGUF {made['type']}"]}
 
 
 # What a quantization keeps: a checkpoint that differs from the run's model in one of these is another model's.
@@ -405,11 +408,7 @@ def load_gguf_file(path, *, device, source=None, trust_remote_code=False):
     problem = other_model(json.loads((Path(path) / "config.json").read_text()), made["config"], what=source)
     if problem:
         raise MethodUnsuitable(problem)
-    return file, {"library": "llama.cpp", "library_version": gguf_files.version(), "gguf_type": made["type"],
-                  "tensor_types": made["tensor_types"], "checkpoint": str(file), "bits": made["bits"],
-                  "unquantized_linears": {"count": made["unquantized"], "of": made["matrices"],
-                                          "names": made["unquantized_names"]},
-                  "compute_dtype": "float32", "linear_classes": [f"GGUF {made['type']}"]}
+    return file, {**_gguf_info(made, gguf_files.version()), "checkpoint": str(file), "bits": made["bits"]}
 
 
 def _method(load, family, bits, group_size=None, calibration=False, gpu=False, extra=None,

@@ -133,7 +133,7 @@ def create_run(config, cache_dir, device=None, hub=None):
                          next((e for e in mine if e["method"] in BASELINE_METHODS), None))
         m["reference_experiment"] = reference and reference["id"]
         # Each quantized KV cache beside each transformers experiment (llama.cpp keeps its own cache).
-        mine += [{**e, "id": f"{e['id']}-kv-{kv}", "name": f"{e['name']}-kv-{kv}", "kv_cache": kv}
+        mine += [{**e, "id": f"{e['id']}-kv-{kv}", "name": f"{e['name']}-kv-{kv}", "kv_cache": kv, "kv_of": e["id"]}
                  for kv in config.kv_cache if kv != "fp16" for e in list(mine) if METHODS[e["method"]]["engine"] == "transformers"]
         experiments += sorted(mine, key=lambda e: e is not reference)
     run = {"schema": SCHEMA, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None, "status": "running",

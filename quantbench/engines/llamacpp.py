@@ -477,7 +477,8 @@ def standard_bench(model, *, n_prompt=512, n_gen=128, repetitions=5):
 
     def rate(llm, n, whole):
         tokens = (llama_cpp.llama_token * n)(*(int(t) for t in rng.integers(0, llm.n_vocab(), n)))
-        each = [ctypes.cast(ctypes.addressof(tokens) + i * ctypes.sizeof(llama_cpp.llama_token), pointer) for i in range(n)]
+        each = [] if whole else [ctypes.cast(ctypes.addressof(tokens) + i * ctypes.sizeof(llama_cpp.llama_token), pointer)
+                                 for i in range(n)]
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), False)
         t0 = time.perf_counter()
         if whole:  # waiting for the device where llama-bench does: after the prompt, after each token

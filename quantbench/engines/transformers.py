@@ -157,17 +157,14 @@ def _cache_bytes(cache):
 
 
 @torch.no_grad()
-def kv_cache_bytes(model, input_ids):
-    """(bytes of the quantized cache, bytes of the model's own cache) after a prefill of `input_ids` and one
-    decode step: what each holds at that context length."""
-    from transformers import DynamicCache, QuantizedCache
+def quantized_cache_bytes(model, input_ids):
+    """Bytes the quantized cache (use_quantized_cache) holds after a prefill of `input_ids` and one decode step."""
+    from transformers import QuantizedCache
 
-    out = []
-    for cache in (QuantizedCache(config=model.config, **_quantized_cache_config(model)), DynamicCache(config=model.config)):
-        logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        model(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-        out.append(_cache_bytes(cache))
-    return tuple(out)
+    cache = QuantizedCache(config=model.config, **_quantized_cache_config(model))
+    logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    model(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    return _cache_bytes(cache)
 
 
 @contextlib.contextmanager
