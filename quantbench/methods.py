@@ -87,8 +87,9 @@ def unquantized_linears(model):
     {'count', 'of', 'names' (the first 10)}."""
     head = model.get_output_embeddings()
     linears = [(n, m) for n, m in model.named_modules() if "Linear" in type(m).__name__ and m is not head]
-    plain = [n for n, m in linears if type(m) is torch.nn.Linear and type(m.weight) in (torch.Tensor, torch.nn.Parameter)
-             and m.weight.dtype.is_floating_point]
+    # compressed-tensors keeps nn.Linear: packed ('weight_packed', no 'weight') or int8/FP8 beside a scale
+    plain = [n for n, m in linears if type(m) is torch.nn.Linear and type(getattr(m, "weight", None)) in (torch.Tensor, torch.nn.Parameter)
+             and m.weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not hasattr(m, "weight_scale")]
     return {"count": len(plain), "of": len(linears), "names": plain[:10]}
 
 
@@ -235,6 +236,47 @@ def quantize_hqq(src, dst, *, device, calibration=None, bits=4, group_size=64, c
     (Path(dst) / "hqq-compute-dtype.txt").write_text(compute_dtype)
 
 
+def quantize_llmc(src, dst, *, device, calibration=None, scheme="W4A16", group_size=None, smoothing_strength=0.8,
+                  dtype="auto", trust_remote_code=False):
+    """llm-compressor's oneshot, saved in the compressed-tensors format vLLM serves, as its examples make
+    them: W4A16 is GPTQ (int4 weights in groups), W8A8 SmoothQuant then GPTQ (int8 weights per channel,
+    int8 activations per token at run time), FP8_DYNAMIC round-to-nearest (FP8 weights per channel,
+    activations per token at run time; no calibration). The output head stays in float, as in them."""
+    _require("llmcompressor", "llmc")
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _auto(dtype, src)
+    if device == "cpu" and dtype == "float16":
+        dtype = "float32"  # the checkpoint's dtype is the reload's compute dtype: no float16 matmul on the CPU
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+    chosen = preset_name_to_scheme(scheme, ["Linear"])
+    if group_size and chosen.weights.strategy != "group":
+        raise MethodUnsuitable(f"{scheme} quantizes weights per output channel: it takes no group size")
+    if group_size:
+        chosen.weights.group_size = group_size  # the preset's 128 cannot tile every model (SmolLM2's 576)
+    groups = {"group_0": chosen}
+    if scheme == "FP8_DYNAMIC":  # round to nearest: no calibration
+        recipe = [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    elif scheme == "W8A8":  # smoothing moves activation outliers into the weights before int8
+        recipe = [SmoothQuantModifier(smoothing_strength=smoothing_strength), GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    else:
+        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    data = {}
+    if calibration:  # the run's calibration set, each sample whole (it was cut to the same token count)
+        longest = max(len(tokenizer(t).input_ids) for t in calibration)
+        data = {"dataset": Dataset.from_dict({"text": calibration}), "num_calibration_samples": len(calibration),
+                "max_seq_length": longest, "shuffle_calibration_samples": False}
+    oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **data)
+    model.save_pretrained(dst, save_compressed=True)
+    tokenizer.save_pretrained(dst)
+
+
 def load_saved(path, *, device, trust_remote_code=False, quantization_config=None):
     """A quantized checkpoint as users load it: transformers reads its quantization_config and picks
     the kernel (for GPTQ/AWQ, GPTQModel's best backend for this card). `quantization_config` only
@@ -251,15 +293,36 @@ def load_saved(path, *, device, trust_remote_code=False, quantization_config=Non
     for key in ["bits", "group_size", "desc_act", "sym", "zero_point", "backend", "format", "checkpoint_format"]:
         if key in qc:
             info[key] = qc[key]
+    if info["library"] == "compressed-tensors":
+        info.update(_compressed_tensors_info(qc))
+        with torch.no_grad():  # its first forward dequantizes the weights: count and time those that run
+            model(torch.zeros(1, 1, dtype=torch.long, device=model.device))
     if info["library"] == "torchao":
         w = next(m.weight for m in model.modules() if type(m).__name__ == "Linear" and
                  hasattr(m.weight, "__tensor_flatten__"))
         info["torchao_tensor"] = type(w).__name__  # names the packing too: Int4TilePackedTo4dTensor
-    for dist in ["gptqmodel", "optimum", "torchao"]:
+    for dist in ["gptqmodel", "optimum", "torchao", "compressed-tensors"]:
         version = library_version(dist)
         if version:
             info[f"{dist}_version"] = version
     return model, info
+
+
+def _compressed_tensors_info(qc):
+    """A compressed-tensors checkpoint's schemes in short ('int4 group 64' weights, 'int8 token dynamic'
+    activations) and how transformers runs them."""
+    def short(args):
+        return args and " ".join([f"{args['type']}{args['num_bits']}", args["strategy"], str(args.get("group_size") or ""),
+                                  "dynamic" if args.get("dynamic") else ""]).replace("  ", " ").strip()
+
+    groups = qc.get("config_groups", {}).values()
+    # transformers keeps the packed weights until the first forward, then holds them dequantized, and
+    # quantizes activations in the forward itself: no int4, int8 or FP8 matmul (vLLM has those).
+    execution = "weights dequantized to the compute dtype by the first forward (at load)" + (
+        "; activations quantized and dequantized in each forward" if any(g.get("input_activations") for g in groups) else "")
+    return {"schemes": {name: {"weights": short(g.get("weights")), "input_activations": short(g.get("input_activations"))}
+                        for name, g in qc.get("config_groups", {}).items()},
+            "ignore": qc.get("ignore"), "execution": execution}
 
 
 # GPTQModel backends to try, in order, when its automatic choice cannot hold a layer's shape.
@@ -425,6 +488,7 @@ def _gguf(kind, bits, about, imatrix=False):
 
 BNB = ("bitsandbytes",)
 GPTQ = ("gptqmodel", "optimum")
+LLMC = ("llmcompressor", "compressed_tensors")
 # bitsandbytes quantizes in blocks of 64 weights (its fixed 4-bit blocksize); the double-quant
 # variants also quantize those blocks' absmax scales to 8 bits. Methods with `quantize` are
 # quantized once into the cache and measured after a reload, as deployed. A dtype of "auto" is the
@@ -448,6 +512,9 @@ METHODS = {
     # bfloat16 always: the tinygemm kernel behind this packing takes bfloat16 only.
     "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm), bf16 compute", quantize=partial(quantize_torchao, scheme="int4wo", dtype="bfloat16")),
     "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8")),
+    "llmc-w4a16": _method(load_saved, "llm-compressor", 4, 128, calibration=True, extra="llmc", modules=LLMC, about="llm-compressor GPTQ: int4 weights, group 128, float activations (W4A16), compressed-tensors", quantize=partial(quantize_llmc, scheme="W4A16", group_size=128)),
+    "llmc-w8a8": _method(load_saved, "llm-compressor", 8, calibration=True, extra="llmc", modules=LLMC, about="llm-compressor SmoothQuant 0.8 then GPTQ: int8 weights per channel, int8 activations per token (W8A8)", quantize=partial(quantize_llmc, scheme="W8A8")),
+    "llmc-fp8": _method(load_saved, "llm-compressor", 8, extra="llmc", modules=LLMC, about="llm-compressor FP8 weights per channel, FP8 activations per token, no calibration (FP8_DYNAMIC)", quantize=partial(quantize_llmc, scheme="FP8_DYNAMIC")),
     "hqq-w4g64": _method(load_hqq, "hqq", 4, 64, extra="hqq", modules=("hqq",), about="HQQ 4-bit, group 64, no calibration", quantize=partial(quantize_hqq, bits=4, group_size=64)),
     # llama.cpp's GGUF types, made by its own converter and quantizer and run by llama.cpp itself.
     "gguf-f16": _gguf("float", 16, "the float GGUF llama.cpp's converter makes (bf16 for a bf16 model)"),

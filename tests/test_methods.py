@@ -239,3 +239,91 @@ def test_layers_a_quantizer_left_in_float_are_counted(tiny_model_dir):
     model, _ = methods.METHODS["fp16"]["load"](tiny_model_dir, device="cpu")
     left = methods.unquantized_linears(model)
     assert left["count"] == left["of"] == 14 and left["names"][0] == "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("name, weights, activations", [("llmc-w4a16", "int4 group 128", None),
+                                                        ("llmc-w8a8", "int8 channel", "int8 token dynamic"),
+                                                        ("llmc-fp8", "float8 channel", "float8 token dynamic")])
+def test_llm_compressor_schemes_are_saved_as_compressed_tensors_and_run_as_they_say(name, weights, activations,
+                                                                                    tiny_wide_model_dir, shared_data,
+                                                                                    tmp_path):
+    """llm-compressor's checkpoint reloads in transformers with the scheme it names: each weight on its
+    grid (int4 in groups of 128, int8 or FP8 per output row, times the saved scales), and activations
+    quantized in the forward exactly where the scheme has them."""
+    if methods.why_not_runnable(name, "cpu"):
+        pytest.skip(str(methods.why_not_runnable(name, "cpu")))
+    from transformers import AutoTokenizer
+
+    from quantbench import tasks
+
+    float_model = methods.METHODS["fp16"]["load"](tiny_wide_model_dir, device="cpu")[0]
+    base = _logits(float_model)
+    texts = tasks.calibration_texts(AutoTokenizer.from_pretrained(tiny_wide_model_dir), source=None, data_dir=shared_data,
+                                    hub=False, n_samples=8, seq_len=64)[0] if methods.METHODS[name]["calibration"] else None
+    methods.METHODS[name]["quantize"](str(tiny_wide_model_dir), str(tmp_path), device="cpu", calibration=texts,
+                                      dtype="float32")
+    model, info = methods.METHODS[name]["load"](str(tmp_path), device="cpu")
+    assert info["library"] == "compressed-tensors" and info["ignore"] == ["lm_head"]
+    assert info["schemes"] == {"group_0": {"weights": weights, "input_activations": activations}}
+    assert ("activations quantized" in info["execution"]) == (activations is not None)
+    logits = _logits(model)  # the first forward dequantizes the weights
+    _close_but_not_equal(logits, base)
+
+    layer = model.model.layers[0].mlp.up_proj  # in 256, out 512
+    w, scale = layer.weight.detach().double(), layer.weight_scale.detach().double()
+    q = w.reshape(512, scale.shape[1], -1) / scale[..., None]
+    assert scale.shape == ((512, 2) if "group" in weights else (512, 1))
+    if weights.startswith("int"):
+        bound = 2 ** (int(weights[3]) - 1)
+        assert (q - q.round()).abs().max() < 1e-4 and q.round().min() >= -bound and q.round().max() <= bound - 1
+    else:
+        on_grid = q.float().to(torch.float8_e4m3fn).double()  # E4M3's neighbours lie 6% or more apart
+        assert ((on_grid - q).abs() <= 1e-5 * q.abs()).all() and q.abs().max() <= 448 * (1 + 1e-5)  # E4M3 max
+    assert model.lm_head.weight.dtype == torch.float32 and not hasattr(model.lm_head, "weight_scale")
+
+    # The same dequantized weights in the float model: the same logits unless activations are quantized.
+    state = {k: v for k, v in model.state_dict().items() if k in float_model.state_dict()}
+    float_model.load_state_dict(state)
+    error = ((_logits(float_model) - logits).norm() / logits.norm()).item()
+    assert (error > 1e-4) if activations else (error < 1e-5), error
+
+
+@pytest.mark.demo
+def test_llm_compressor_schemes_on_the_demo_with_kld_and_perplexity(shared_data, tmp_path):
+    """The real demo (a Q4_1 GGUF dequantized to float): W4A16's default groups of 128 cannot tile its
+    576-wide layers and are refused with the fix; in groups of 64 (a method table), W8A8 and FP8 run."""
+    pytest.importorskip("llmcompressor")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("methods:\n  - fp16\n  - llmc-w4a16\n  - {name: llmc-w4a16-g64, method: llmc-w4a16, group_size: 64}\n"
+                     "  - llmc-w8a8\n  - llmc-fp8\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTBENCH_CACHE": os.environ.get("QUANTBENCH_CACHE") or str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "quantbench", "run", "--config", str(sweep), "--tasks", "none", "--data-dir", str(shared_data),
+           "--out", str(tmp_path / "r"), "--ppl-tokens", "1024", "--ppl-window", "512", "--kld-tokens", "1024",
+           "--prompt-lengths", "16", "--new-tokens", "4", "--batch-sizes", "1", "--repeats", "1",
+           "--calibration-samples", "8", "--calibration-tokens", "128"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = {m: json.loads((tmp_path / "r" / "run001" / f"{m}.json").read_text())
+           for m in ["fp16", "llmc-w4a16", "llmc-w4a16-g64", "llmc-w8a8", "llmc-fp8"]}
+    assert res["llmc-w4a16"]["status"] == "skipped" and "does not divide the model's hidden_size 576" in res["llmc-w4a16"]["error"]
+    base = res["fp16"]["quality"]["perplexity"]
+    for name in ["llmc-w4a16-g64", "llmc-w8a8", "llmc-fp8"]:
+        assert res[name]["status"] == "ok", (name, res[name].get("error"), res[name].get("traceback_tail"))
+        assert res[name]["backend"]["library"] == "compressed-tensors" and res[name]["backend"]["schemes"]
+        assert res[name]["backend"]["unquantized_linears"]["count"] == 0 and res[name]["compute_dtype"] == "float32"
+        assert res[name]["quality"]["perplexity"] > base
+        assert 0 < res[name]["quality"]["kld"]["kld_mean"] < 1
+        # transformers runs them dequantized: the weights that run are float32's, not the checkpoint's
+        assert res[name]["cost"]["weight_bytes"] > 0.9 * res["fp16"]["cost"]["weight_bytes"]
+    calibration = res["llmc-w8a8"]["quantization"]["calibration"]
+    assert calibration["samples"] == 8 and calibration["tokens_per_sample"] == 128
+    assert res["llmc-fp8"]["quantization"]["calibration"] is None
+    for eight in ["llmc-w8a8", "llmc-fp8"]:  # 8 bits cost less than 4
+        assert res[eight]["quality"]["kld"]["kld_mean"] < res["llmc-w4a16-g64"]["quality"]["kld"]["kld_mean"]
