@@ -18,6 +18,7 @@ clear error at the moment the method runs (and `quantbench methods` can tell ahe
 import importlib.metadata
 import importlib.util
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -277,6 +278,31 @@ def quantize_llmc(src, dst, *, device, calibration=None, scheme="W4A16", group_s
     tokenizer.save_pretrained(dst)
 
 
+def quantize_autoround(src, dst, *, device, calibration, bits=4, group_size=128, sym=True, iters=200, dtype="auto",
+                       trust_remote_code=False):
+    """Intel's AutoRound (SignRound: signed-gradient descent on each weight's rounding and each group's
+    range, block by block, against the float block's outputs on the calibration set) with its default
+    W4A16 recipe, exported in its own auto_round format, which transformers loads (AutoRoundConfig)."""
+    _require("auto_round", "autoround")
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _auto(dtype, src)
+    if device == "cpu" and dtype == "float16":
+        dtype = "float32"  # no float16 matmul on the CPU
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+    # the run's calibration set: AutoRound drops samples shorter than seqlen, so seqlen is the shortest
+    seqlen = min(len(tokenizer(t).input_ids) for t in calibration)
+    rounder = AutoRound(model, tokenizer, scheme="W4A16", bits=bits, group_size=group_size, sym=sym, iters=iters,
+                        dataset=list(calibration), nsamples=len(calibration), seqlen=seqlen, device_map=device)
+    rounder.quantize_and_save(str(Path(dst) / "export"), format="auto_round")
+    made = next(p.parent for p in (Path(dst) / "export").rglob("config.json"))  # it names a folder of its own
+    for item in made.iterdir():
+        shutil.move(str(item), dst)
+    shutil.rmtree(Path(dst) / "export")
+
+
 def load_saved(path, *, device, trust_remote_code=False, quantization_config=None):
     """A quantized checkpoint as users load it: transformers reads its quantization_config and picks
     the kernel (for GPTQ/AWQ, GPTQModel's best backend for this card). `quantization_config` only
@@ -290,7 +316,8 @@ def load_saved(path, *, device, trust_remote_code=False, quantization_config=Non
     method = qc.get("quant_method")
     info = {"library": str(getattr(method, "value", method)), "linear_classes": _linear_classes(model),
             "compute_dtype": str(model.dtype).replace("torch.", "")}
-    for key in ["bits", "group_size", "desc_act", "sym", "zero_point", "backend", "format", "checkpoint_format"]:
+    for key in ["bits", "group_size", "desc_act", "sym", "zero_point", "backend", "format", "checkpoint_format",
+                "packing_format", "iters"]:
         if key in qc:
             info[key] = qc[key]
     if info["library"] == "compressed-tensors":
@@ -301,7 +328,7 @@ def load_saved(path, *, device, trust_remote_code=False, quantization_config=Non
         w = next(m.weight for m in model.modules() if type(m).__name__ == "Linear" and
                  hasattr(m.weight, "__tensor_flatten__"))
         info["torchao_tensor"] = type(w).__name__  # names the packing too: Int4TilePackedTo4dTensor
-    for dist in ["gptqmodel", "optimum", "torchao", "compressed-tensors"]:
+    for dist in ["gptqmodel", "optimum", "torchao", "compressed-tensors", "auto-round"]:
         version = library_version(dist)
         if version:
             info[f"{dist}_version"] = version
@@ -515,6 +542,7 @@ METHODS = {
     "llmc-w4a16": _method(load_saved, "llm-compressor", 4, 128, calibration=True, extra="llmc", modules=LLMC, about="llm-compressor GPTQ: int4 weights, group 128, float activations (W4A16), compressed-tensors", quantize=partial(quantize_llmc, scheme="W4A16", group_size=128)),
     "llmc-w8a8": _method(load_saved, "llm-compressor", 8, calibration=True, extra="llmc", modules=LLMC, about="llm-compressor SmoothQuant 0.8 then GPTQ: int8 weights per channel, int8 activations per token (W8A8)", quantize=partial(quantize_llmc, scheme="W8A8")),
     "llmc-fp8": _method(load_saved, "llm-compressor", 8, extra="llmc", modules=LLMC, about="llm-compressor FP8 weights per channel, FP8 activations per token, no calibration (FP8_DYNAMIC)", quantize=partial(quantize_llmc, scheme="FP8_DYNAMIC")),
+    "autoround-w4g128": _method(load_saved, "autoround", 4, 128, calibration=True, extra="autoround", modules=("auto_round",), about="AutoRound (SignRound) int4, group 128, symmetric, 200 iterations, auto_round format", quantize=quantize_autoround),
     "hqq-w4g64": _method(load_hqq, "hqq", 4, 64, extra="hqq", modules=("hqq",), about="HQQ 4-bit, group 64, no calibration", quantize=partial(quantize_hqq, bits=4, group_size=64)),
     # llama.cpp's GGUF types, made by its own converter and quantizer and run by llama.cpp itself.
     "gguf-f16": _gguf("float", 16, "the float GGUF llama.cpp's converter makes (bf16 for a bf16 model)"),

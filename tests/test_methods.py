@@ -327,3 +327,59 @@ def test_llm_compressor_schemes_on_the_demo_with_kld_and_perplexity(shared_data,
     assert res["llmc-fp8"]["quantization"]["calibration"] is None
     for eight in ["llmc-w8a8", "llmc-fp8"]:  # 8 bits cost less than 4
         assert res[eight]["quality"]["kld"]["kld_mean"] < res["llmc-w4a16-g64"]["quality"]["kld"]["kld_mean"]
+
+
+def test_autoround_is_packed_in_4_bits_and_reloads_in_transformers(tiny_wide_model_dir, shared_data, tmp_path):
+    """AutoRound tunes the rounding on the calibration set, exports its auto_round format, and
+    transformers reloads it onto auto-round's own kernel, 4 bits per weight, groups of 128."""
+    if methods.why_not_runnable("autoround-w4g128", "cpu"):
+        pytest.skip(str(methods.why_not_runnable("autoround-w4g128", "cpu")))
+    from transformers import AutoTokenizer
+
+    from quantbench import tasks
+
+    base = _logits(methods.METHODS["fp16"]["load"](tiny_wide_model_dir, device="cpu")[0])
+    texts, _ = tasks.calibration_texts(AutoTokenizer.from_pretrained(tiny_wide_model_dir), source=None,
+                                       data_dir=shared_data, hub=False, n_samples=8, seq_len=64)
+    methods.METHODS["autoround-w4g128"]["quantize"](str(tiny_wide_model_dir), str(tmp_path), device="cpu",
+                                                    calibration=texts, iters=4)
+    model, info = methods.METHODS["autoround-w4g128"]["load"](str(tmp_path), device="cpu")
+    assert info["library"] == "auto-round" and info["bits"] == 4 and info["group_size"] == 128 and info["sym"] is True
+    assert info["iters"] == 4 and info["packing_format"].startswith("auto_round")
+    layer = model.model.layers[0].mlp.up_proj  # in 256, out 512
+    assert type(layer).__name__ in info["linear_classes"] and type(layer).__name__ != "Linear"
+    assert layer.qweight.dtype == torch.int32 and layer.qweight.numel() * 32 == 256 * 512 * 4
+    assert methods.unquantized_linears(model)["count"] == 0
+    _close_but_not_equal(_logits(model), base)
+
+
+@pytest.mark.demo
+def test_autoround_on_the_demo_with_kld_and_perplexity(shared_data, tmp_path):
+    """The real demo (a Q4_1 GGUF dequantized to float) with AutoRound in groups of 64 (128 cannot tile
+    its 576-wide layers) and 4 iterations instead of 200, so that it fits a test."""
+    pytest.importorskip("auto_round")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("methods:\n  - fp16\n  - {name: autoround-g64, method: autoround-w4g128, group_size: 64, iters: 4}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTBENCH_CACHE": os.environ.get("QUANTBENCH_CACHE") or str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "quantbench", "run", "--config", str(sweep), "--tasks", "none", "--data-dir", str(shared_data),
+           "--out", str(tmp_path / "r"), "--ppl-tokens", "1024", "--ppl-window", "512", "--kld-tokens", "1024",
+           "--prompt-lengths", "16", "--new-tokens", "4", "--batch-sizes", "1", "--repeats", "1",
+           "--calibration-samples", "8", "--calibration-tokens", "128"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = {m: json.loads((tmp_path / "r" / "run001" / f"{m}.json").read_text()) for m in ["fp16", "autoround-g64"]}
+    ar = res["autoround-g64"]
+    assert ar["status"] == "ok", (ar.get("error"), ar.get("traceback_tail"))
+    assert ar["backend"]["library"] == "auto-round" and ar["backend"]["group_size"] == 64 and ar["backend"]["iters"] == 4
+    assert ar["backend"]["unquantized_linears"]["count"] == 0
+    assert ar["quantization"]["calibration"]["samples"] == 8
+    assert ar["quality"]["perplexity"] > res["fp16"]["quality"]["perplexity"]
+    assert 0 < ar["quality"]["kld"]["kld_mean"] < 1
+    assert ar["cost"]["weight_bytes"] < 0.6 * res["fp16"]["cost"]["weight_bytes"]  # packed, and run packed
