@@ -288,11 +288,9 @@ def test_llm_compressor_schemes_are_saved_as_compressed_tensors_and_run_as_they_
     assert (error > 1e-4) if activations else (error < 1e-5), error
 
 
-@pytest.mark.demo
-def test_llm_compressor_schemes_on_the_demo_with_kld_and_perplexity(shared_data, tmp_path):
-    """The real demo (a Q4_1 GGUF dequantized to float): W4A16's default groups of 128 cannot tile its
-    576-wide layers and are refused with the fix; in groups of 64 (a method table), W8A8 and FP8 run."""
-    pytest.importorskip("llmcompressor")
+def _demo_run(shared_data, tmp_path, methods_yaml):
+    """`quantbench run` on the demo with a sweep file of `methods_yaml`, a small budget and no tasks;
+    {experiment: its result}."""
     import json
     import os
     import subprocess
@@ -301,8 +299,7 @@ def test_llm_compressor_schemes_on_the_demo_with_kld_and_perplexity(shared_data,
     from tests.conftest import REPO
 
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("methods:\n  - fp16\n  - llmc-w4a16\n  - {name: llmc-w4a16-g64, method: llmc-w4a16, group_size: 64}\n"
-                     "  - llmc-w8a8\n  - llmc-fp8\n")
+    sweep.write_text("methods:\n" + methods_yaml)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTBENCH_CACHE": os.environ.get("QUANTBENCH_CACHE") or str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "quantbench", "run", "--config", str(sweep), "--tasks", "none", "--data-dir", str(shared_data),
            "--out", str(tmp_path / "r"), "--ppl-tokens", "1024", "--ppl-window", "512", "--kld-tokens", "1024",
@@ -310,8 +307,16 @@ def test_llm_compressor_schemes_on_the_demo_with_kld_and_perplexity(shared_data,
            "--calibration-samples", "8", "--calibration-tokens", "128"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = {m: json.loads((tmp_path / "r" / "run001" / f"{m}.json").read_text())
-           for m in ["fp16", "llmc-w4a16", "llmc-w4a16-g64", "llmc-w8a8", "llmc-fp8"]}
+    return {p.stem: json.loads(p.read_text()) for p in (tmp_path / "r" / "run001").glob("*.json") if p.stem != "run"}
+
+
+@pytest.mark.demo
+def test_llm_compressor_schemes_on_the_demo_with_kld_and_perplexity(shared_data, tmp_path):
+    """The real demo (a Q4_1 GGUF dequantized to float): W4A16's default groups of 128 cannot tile its
+    576-wide layers and are refused with the fix; in groups of 64 (a method table), W8A8 and FP8 run."""
+    pytest.importorskip("llmcompressor")
+    res = _demo_run(shared_data, tmp_path, "  - fp16\n  - llmc-w4a16\n  - {name: llmc-w4a16-g64, method: llmc-w4a16, group_size: 64}\n"
+                    "  - llmc-w8a8\n  - llmc-fp8\n")
     assert res["llmc-w4a16"]["status"] == "skipped" and "does not divide the model's hidden_size 576" in res["llmc-w4a16"]["error"]
     base = res["fp16"]["quality"]["perplexity"]
     for name in ["llmc-w4a16-g64", "llmc-w8a8", "llmc-fp8"]:
@@ -358,23 +363,7 @@ def test_autoround_on_the_demo_with_kld_and_perplexity(shared_data, tmp_path):
     """The real demo (a Q4_1 GGUF dequantized to float) with AutoRound in groups of 64 (128 cannot tile
     its 576-wide layers) and 4 iterations instead of 200, so that it fits a test."""
     pytest.importorskip("auto_round")
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("methods:\n  - fp16\n  - {name: autoround-g64, method: autoround-w4g128, group_size: 64, iters: 4}\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTBENCH_CACHE": os.environ.get("QUANTBENCH_CACHE") or str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "quantbench", "run", "--config", str(sweep), "--tasks", "none", "--data-dir", str(shared_data),
-           "--out", str(tmp_path / "r"), "--ppl-tokens", "1024", "--ppl-window", "512", "--kld-tokens", "1024",
-           "--prompt-lengths", "16", "--new-tokens", "4", "--batch-sizes", "1", "--repeats", "1",
-           "--calibration-samples", "8", "--calibration-tokens", "128"]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = {m: json.loads((tmp_path / "r" / "run001" / f"{m}.json").read_text()) for m in ["fp16", "autoround-g64"]}
+    res = _demo_run(shared_data, tmp_path, "  - fp16\n  - {name: autoround-g64, method: autoround-w4g128, group_size: 64, iters: 4}\n")
     ar = res["autoround-g64"]
     assert ar["status"] == "ok", (ar.get("error"), ar.get("traceback_tail"))
     assert ar["backend"]["library"] == "auto-round" and ar["backend"]["group_size"] == 64 and ar["backend"]["iters"] == 4
