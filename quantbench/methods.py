@@ -77,6 +77,13 @@ def _auto(dtype, path):
     return checkpoint_dtype(path)[0] if dtype == "auto" else dtype
 
 
+def _cpu_dtype(dtype, src, device):
+    """A quantizer's dtype ("auto": the checkpoint's), float32 in place of float16 on the CPU, which has no
+    float16 matmul; the saved checkpoint's dtype is then its reload's compute dtype."""
+    dtype = _auto(dtype, src)
+    return "float32" if device == "cpu" and dtype == "float16" else dtype
+
+
 def _linear_classes(model):
     """Names of the classes that hold the Linear layers' weights: the kernel actually used."""
     names = {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}
@@ -226,9 +233,7 @@ def quantize_hqq(src, dst, *, device, calibration=None, bits=4, group_size=64, c
     from hqq.models.hf.base import AutoHQQHFModel
     from transformers import AutoModelForCausalLM
 
-    compute_dtype = _auto(compute_dtype, src)
-    if device == "cpu" and compute_dtype == "float16":
-        compute_dtype = "float32"  # no float16 matmul on the CPU
+    compute_dtype = _cpu_dtype(compute_dtype, src, device)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=_dtype(compute_dtype), trust_remote_code=trust_remote_code)
     AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=bits, group_size=group_size),
                                   compute_dtype=_dtype(compute_dtype), device=device)
@@ -251,9 +256,7 @@ def quantize_llmc(src, dst, *, device, calibration=None, scheme="W4A16", group_s
     from llmcompressor.modifiers.transform import SmoothQuantModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _auto(dtype, src)
-    if device == "cpu" and dtype == "float16":
-        dtype = "float32"  # the checkpoint's dtype is the reload's compute dtype: no float16 matmul on the CPU
+    dtype = _cpu_dtype(dtype, src, device)
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
     chosen = preset_name_to_scheme(scheme, ["Linear"])
@@ -287,9 +290,7 @@ def quantize_autoround(src, dst, *, device, calibration, bits=4, group_size=128,
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _auto(dtype, src)
-    if device == "cpu" and dtype == "float16":
-        dtype = "float32"  # no float16 matmul on the CPU
+    dtype = _cpu_dtype(dtype, src, device)
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
     # the run's calibration set: AutoRound drops samples shorter than seqlen, so seqlen is the shortest
@@ -342,13 +343,13 @@ def _compressed_tensors_info(qc):
         return args and " ".join([f"{args['type']}{args['num_bits']}", args["strategy"], str(args.get("group_size") or ""),
                                   "dynamic" if args.get("dynamic") else ""]).replace("  ", " ").strip()
 
-    groups = qc.get("config_groups", {}).values()
+    groups = qc.get("config_groups", {})
     # transformers keeps the packed weights until the first forward, then holds them dequantized, and
     # quantizes activations in the forward itself: no int4, int8 or FP8 matmul (vLLM has those).
     execution = "weights dequantized to the compute dtype by the first forward (at load)" + (
-        "; activations quantized and dequantized in each forward" if any(g.get("input_activations") for g in groups) else "")
+        "; activations quantized and dequantized in each forward" if any(g.get("input_activations") for g in groups.values()) else "")
     return {"schemes": {name: {"weights": short(g.get("weights")), "input_activations": short(g.get("input_activations"))}
-                        for name, g in qc.get("config_groups", {}).items()},
+                        for name, g in groups.items()},
             "ignore": qc.get("ignore"), "execution": execution}
 
 
