@@ -317,6 +317,11 @@ def load_saved(path, *, device, trust_remote_code=False, quantization_config=Non
     method = qc.get("quant_method")
     info = {"library": str(getattr(method, "value", method)), "linear_classes": _linear_classes(model),
             "compute_dtype": str(model.dtype).replace("torch.", "")}
+    # 'QuantLinear' names gptqmodel's and auto-round's layers alike: the module says which kernel it is
+    kernels = sorted({type(m).__module__ for m in model.modules()
+                      if "Linear" in type(m).__name__ and not type(m).__module__.startswith("torch.")})
+    if kernels:
+        info["linear_modules"] = kernels
     for key in ["bits", "group_size", "desc_act", "sym", "zero_point", "backend", "format", "checkpoint_format",
                 "packing_format", "iters"]:
         if key in qc:

@@ -145,6 +145,8 @@ def kernel_of(result):
     """A short name for what ran the matmuls: the quantized layer class, torchao tensor or HQQ backend."""
     b = result.get("backend") or {}
     parts = [c for c in b.get("linear_classes", []) if c != "Linear"]
+    if parts and b.get("linear_modules"):  # which library's QuantLinear: qlinear_tritonv2, marlin, ...
+        parts = [", ".join(parts) + f" ({', '.join(m.rsplit('.', 1)[-1] for m in b['linear_modules'])})"]
     if b.get("torchao_tensor"):
         parts.append(b["torchao_tensor"])
     if b.get("backend_fallback"):

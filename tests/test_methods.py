@@ -353,6 +353,7 @@ def test_autoround_is_packed_in_4_bits_and_reloads_in_transformers(tiny_wide_mod
     assert info["iters"] == 4 and info["packing_format"].startswith("auto_round")
     layer = model.model.layers[0].mlp.up_proj  # in 256, out 512
     assert type(layer).__name__ in info["linear_classes"] and type(layer).__name__ != "Linear"
+    assert info["linear_modules"] == [type(layer).__module__] and type(layer).__module__.startswith("auto_round")
     assert layer.qweight.dtype == torch.int32 and layer.qweight.numel() * 32 == 256 * 512 * 4
     assert methods.unquantized_linears(model)["count"] == 0
     _close_but_not_equal(_logits(model), base)

@@ -70,3 +70,12 @@ def test_held_beyond_weights_is_named_only_when_it_matters():
     assert rows.held_beyond_weights({"weight_bytes": 1026 * mib, "resident_after_load_bytes": 2098 * mib}) == 1072 * mib
     assert rows.held_beyond_weights({"weight_bytes": 2357 * mib, "resident_after_load_bytes": 2358 * mib}) is None
     assert rows.held_beyond_weights({"weight_bytes": 100, "resident_after_load_bytes": None}) is None
+
+
+def test_the_kernel_column_names_which_library_a_quantlinear_comes_from():
+    # gptqmodel's and auto-round's layers are both called QuantLinear; the module tells them apart
+    ar = {"backend": {"linear_classes": ["Linear", "QuantLinear"],
+                      "linear_modules": ["auto_round_extension.triton.qlinear_tritonv2"]}}
+    assert rows.kernel_of(ar) == "QuantLinear (qlinear_tritonv2)"
+    assert rows.kernel_of({"backend": {"linear_classes": ["Linear"]}}) == "torch Linear"
+    assert rows.kernel_of({"backend": {"linear_classes": ["Linear4bit"]}}) == "Linear4bit"
