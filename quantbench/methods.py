@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import json
 import shutil
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -154,6 +155,28 @@ def load_bnb_int8(path, *, device, threshold=6.0, compute_dtype="auto", trust_re
     info = {"weight_dtype": "int8", "compute_dtype": compute_dtype, "outlier_threshold": threshold,
             "library": "bitsandbytes", "library_version": library_version("bitsandbytes"),
             "linear_classes": _linear_classes(model)}
+    return model, info
+
+
+def load_quanto(path, *, device, weights="int8", compute_dtype="auto", trust_remote_code=False):
+    """optimum-quanto weight-only through transformers' QuantoConfig, quantized as the model loads, as its
+    users run it (transformers cannot save a quanto model): int8 per output channel; int4 in quanto's
+    groups along the input, 128 where it divides the layer's width, else the largest multiple of 32
+    below that does (576 -> 96). The output head stays in float, as transformers leaves it."""
+    _require("optimum.quanto", "quanto")
+    from transformers import AutoModelForCausalLM, QuantoConfig
+
+    compute_dtype = _cpu_dtype(compute_dtype, path, device)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=QuantoConfig(weights=weights),
+                                                 dtype=_dtype(compute_dtype), device_map=device,
+                                                 trust_remote_code=trust_remote_code)
+    layers = [m for m in model.modules() if type(m).__name__ == "QLinear"]
+    groups = Counter(str(m.weight_group_size or "per channel") for m in layers)
+    info = {"weight_dtype": weights, "compute_dtype": compute_dtype, "library": "optimum-quanto",
+            "library_version": library_version("optimum-quanto"), "linear_classes": _linear_classes(model),
+            # the tensor class names the kernel: on CUDA in float16, int4 repacks for AWQ's or Marlin's GEMM
+            "quanto_tensor": sorted({type(m.weight).__name__ for m in layers}),
+            "group_sizes": dict(sorted(groups.items()))}
     return model, info
 
 
@@ -522,6 +545,7 @@ def _gguf(kind, bits, about, imatrix=False):
 BNB = ("bitsandbytes",)
 GPTQ = ("gptqmodel", "optimum")
 LLMC = ("llmcompressor", "compressed_tensors")
+QUANTO = ("optimum.quanto",)
 # bitsandbytes quantizes in blocks of 64 weights (its fixed 4-bit blocksize); the double-quant
 # variants also quantize those blocks' absmax scales to 8 bits. Methods with `quantize` are
 # quantized once into the cache and measured after a reload, as deployed. A dtype of "auto" is the
@@ -549,6 +573,9 @@ METHODS = {
     "llmc-w8a8": _method(load_saved, "llm-compressor", 8, calibration=True, extra="llmc", modules=LLMC, about="llm-compressor SmoothQuant 0.8 then GPTQ: int8 weights per channel, int8 activations per token (W8A8)", quantize=partial(quantize_llmc, scheme="W8A8")),
     "llmc-fp8": _method(load_saved, "llm-compressor", 8, extra="llmc", modules=LLMC, about="llm-compressor FP8 weights per channel, FP8 activations per token, no calibration (FP8_DYNAMIC)", quantize=partial(quantize_llmc, scheme="FP8_DYNAMIC")),
     "autoround-w4g128": _method(load_saved, "autoround", 4, 128, calibration=True, extra="autoround", modules=("auto_round",), about="AutoRound (SignRound) int4, group 128, symmetric, 200 iterations, auto_round format", quantize=quantize_autoround),
+    "quanto-int8": _method(partial(load_quanto, weights="int8"), "quanto", 8, extra="quanto", modules=QUANTO, about="optimum-quanto int8 weights per output channel, quantized at load (QuantoConfig)"),
+    # group_size None: quanto picks each layer's (128, else 96, 64 or 32), recorded per run
+    "quanto-int4": _method(partial(load_quanto, weights="int4"), "quanto", 4, extra="quanto", modules=QUANTO, about="optimum-quanto int4 weights in groups of 128 (or the largest of 96, 64, 32 that divides a layer), quantized at load"),
     "hqq-w4g64": _method(load_hqq, "hqq", 4, 64, extra="hqq", modules=("hqq",), about="HQQ 4-bit, group 64, no calibration", quantize=partial(quantize_hqq, bits=4, group_size=64)),
     # llama.cpp's GGUF types, made by its own converter and quantizer and run by llama.cpp itself.
     "gguf-f16": _gguf("float", 16, "the float GGUF llama.cpp's converter makes (bf16 for a bf16 model)"),

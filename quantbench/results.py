@@ -21,7 +21,7 @@ from pathlib import Path
 SCHEMA = 2  # docs/results.md; 2: engines, cost.decode by mode, a version in every file
 LIBRARIES = ["torch", "transformers", "accelerate", "bitsandbytes", "lm_eval", "datasets",
              "safetensors", "gguf", "huggingface_hub", "optimum", "gptqmodel", "torchao", "hqq",
-             "llmcompressor", "compressed-tensors", "auto-round"]
+             "llmcompressor", "compressed-tensors", "auto-round", "optimum-quanto"]
 
 
 class ResultsError(Exception):

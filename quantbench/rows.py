@@ -149,6 +149,8 @@ def kernel_of(result):
         parts = [", ".join(parts) + f" ({', '.join(m.rsplit('.', 1)[-1] for m in b['linear_modules'])})"]
     if b.get("torchao_tensor"):
         parts.append(b["torchao_tensor"])
+    if b.get("quanto_tensor"):
+        parts.extend(b["quanto_tensor"])
     if b.get("backend_fallback"):
         parts.append(f"fallback {b['backend_fallback']['backend']}")
     if b.get("hqq_backend"):

@@ -212,22 +212,25 @@ def test_the_compiled_step_computes_the_eager_logits_on_llama_3_2_1b_shapes():
     assert settings["programmatic_dependent_launch"] == (torch.cuda.get_device_capability()[0] >= 9)
 
 
-def test_a_quantized_kv_cache_scores_each_token_as_a_decode_step_after_a_prefill(tiny_model_dir):
-    """logprobs through transformers' quantized cache: the first half of each window a prefill, then one
-    token a step, each reading its past back from the cache. At 8 bits it gives the plain forward's
-    log-probabilities within the cache's rounding; fewer bits diverge more."""
+@pytest.mark.parametrize("backend, library, bits", [("hqq", "hqq", (8, 4, 2)), ("quanto", "optimum-quanto", (4, 2))])
+def test_a_quantized_kv_cache_scores_each_token_as_a_decode_step_after_a_prefill(tiny_model_dir, backend, library, bits):
+    """logprobs through transformers' quantized cache (HQQ's or optimum-quanto's): the first half of each
+    window a prefill, then one token a step, each reading its past back from the cache. At 8 bits it gives
+    the plain forward's log-probabilities within the cache's rounding; fewer bits diverge more."""
+    pytest.importorskip(library.replace("-", "."))
     from quantbench.methods import load_float
 
     model, _ = load_float(str(tiny_model_dir), device="cpu", dtype="float32")
     windows = torch.randint(3, 300, (3, 48), generator=torch.Generator().manual_seed(0))
     plain = torch.cat(list(engine.logprobs(model, windows, first=24, batch_size=2)))
     kld = {}
-    for nbits in (8, 4, 2):
-        info = engine.use_quantized_cache(model, nbits=nbits, backend="hqq")
+    for nbits in bits:
+        info = engine.use_quantized_cache(model, nbits=nbits, backend=backend)
         stepped = torch.cat(list(engine.logprobs(model, windows, first=24, batch_size=2)))
         assert stepped.shape == plain.shape == (3, 23, model.config.vocab_size)
         kld[nbits] = float((plain.exp() * (plain - stepped)).sum(-1).mean())
-    assert info["library"] == "hqq" and info["residual_length"] == 128
-    assert (stepped - plain).abs().max() > 0 and kld[8] < 1e-4 and kld[8] < kld[4] < kld[2]
+    assert info["library"] == library and info["residual_length"] == 128
+    assert (stepped - plain).abs().max() > 0 and all(kld[a] < kld[b] for a, b in zip(bits, bits[1:]))
+    assert kld.get(8, 0) < 1e-4 and 0 < kld[4] < 1e-3, kld
     model.generation_config.cache_implementation = None
     assert torch.equal(torch.cat(list(engine.logprobs(model, windows, first=24, batch_size=2))), plain)

@@ -117,6 +117,50 @@ def test_hqq_is_stored_in_4_bits_and_reloads(tiny_model_dir, tmp_path):
     _close_but_not_equal(_logits(model), base)
 
 
+def test_quanto_weights_lie_on_their_grids_and_run_weight_only(tiny_wide_model_dir):
+    """optimum-quanto through transformers' QuantoConfig, checked against a recomputation from the float
+    weights: int8 is round(w / (absmax / 127)) per output channel; int4 has at most 16 levels in each
+    group of 128 inputs, spaced to span the group's range. The float model holding the dequantized
+    weights gives the same logits: nothing but the weights is quantized."""
+    if methods.why_not_runnable("quanto-int8", "cpu"):
+        pytest.skip(str(methods.why_not_runnable("quanto-int8", "cpu")))
+    from quantbench.engines.transformers import weight_bytes
+
+    float_model = methods.METHODS["fp16"]["load"](tiny_wide_model_dir, device="cpu")[0]
+    w = float_model.model.layers[0].mlp.up_proj.weight.detach().double()  # out 512, in 256
+    sizes = {}
+    for name in ["quanto-int8", "quanto-int4"]:
+        model, info = methods.METHODS[name]["load"](tiny_wide_model_dir, device="cpu")
+        assert info["library"] == "optimum-quanto" and info["compute_dtype"] == "float32"
+        assert "QLinear" in info["linear_classes"] and methods.unquantized_linears(model)["count"] == 0
+        assert type(model.lm_head) is torch.nn.Linear  # the head stays in float
+        q = model.model.layers[0].mlp.up_proj.weight
+        deq = q.dequantize().double()
+        if name == "quanto-int8":
+            assert info["quanto_tensor"] == ["WeightQBytesTensor"] and info["group_sizes"] == {"per channel": 14}
+            assert q._data.dtype == torch.int8
+            codes = torch.round(w / (w.abs().amax(dim=1, keepdim=True) / 127))
+            assert (q._data.double() - codes).abs().max() <= 1 and (q._data.double() == codes).double().mean() > 0.999
+        else:
+            assert info["quanto_tensor"] == ["WeightQBitsTensor"] and info["group_sizes"] == {"128": 14}
+            groups, dgroups = w.reshape(-1, 128), deq.reshape(-1, 128)
+            step = (groups.amax(dim=1) - groups.amin(dim=1)) / 15
+            assert ((dgroups - groups).abs() <= step[:, None] * 0.51 + 1e-6).all()
+            assert max(len(torch.unique(g)) for g in dgroups) <= 16
+        same = methods.METHODS["fp16"]["load"](tiny_wide_model_dir, device="cpu")[0]
+        with torch.no_grad():
+            for (n, m), (_, f) in zip(model.named_modules(), same.named_modules()):
+                if type(m).__name__ == "QLinear":
+                    f.weight.copy_(m.weight.dequantize())
+        assert torch.allclose(_logits(model), _logits(same), atol=1e-4)
+        _close_but_not_equal(_logits(model), _logits(float_model))
+        sizes[name] = weight_bytes(model)["weight_bytes"]
+        linear = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "QLinear")
+    # float32 4 bytes a weight, int8 one (and a scale a row), int4 two a byte (and a scale and shift a group)
+    assert 2.9 * linear < weight_bytes(float_model)["weight_bytes"] - sizes["quanto-int8"] < 3 * linear
+    assert 0.4 * linear < sizes["quanto-int8"] - sizes["quanto-int4"] < 0.5 * linear
+
+
 def test_gpu_only_torchao_schemes_say_why_on_cpu(tiny_model_dir, tmp_path):
     with pytest.raises(methods.MethodUnsuitable, match="CUDA"):
         methods.METHODS["torchao-int4wo"]["quantize"](str(tiny_model_dir), str(tmp_path), device="cpu")
@@ -373,3 +417,22 @@ def test_autoround_on_the_demo_with_kld_and_perplexity(shared_data, tmp_path):
     assert ar["quality"]["perplexity"] > res["fp16"]["quality"]["perplexity"]
     assert 0 < ar["quality"]["kld"]["kld_mean"] < 1
     assert ar["cost"]["weight_bytes"] < 0.6 * res["fp16"]["cost"]["weight_bytes"]  # packed, and run packed
+
+
+@pytest.mark.demo
+def test_quanto_on_the_demo_with_kld_and_perplexity(shared_data, tmp_path):
+    """The real demo (a Q4_1 GGUF dequantized to float) with optimum-quanto: int4 takes groups of 96 on its
+    576-wide inputs and 128 on the 1536-wide MLP's; int8 costs less KLD than int4."""
+    pytest.importorskip("optimum.quanto")
+    res = _demo_run(shared_data, tmp_path, "  - fp16\n  - quanto-int8\n  - quanto-int4\n")
+    for name in ["quanto-int8", "quanto-int4"]:
+        r = res[name]
+        assert r["status"] == "ok", (name, r.get("error"), r.get("traceback_tail"))
+        assert r["backend"]["library"] == "optimum-quanto" and r["backend"]["unquantized_linears"]["count"] == 0
+        assert 0 < r["quality"]["kld"]["kld_mean"] < 1
+    ppl = {n: res[n]["quality"]["perplexity"] for n in ["fp16", "quanto-int8", "quanto-int4"]}  # int8: noise, either side
+    assert abs(ppl["quanto-int8"] / ppl["fp16"] - 1) < 0.01 and ppl["quanto-int4"] > 1.1 * ppl["fp16"]
+    assert res["quanto-int4"]["backend"]["group_sizes"] == {"96": 30 * 6, "128": 30}  # q, k, v, o, gate, up; down
+    assert res["quanto-int8"]["quality"]["kld"]["kld_mean"] < res["quanto-int4"]["quality"]["kld"]["kld_mean"]
+    base = res["fp16"]["cost"]["weight_bytes"]  # float32 on the CPU
+    assert res["quanto-int4"]["cost"]["weight_bytes"] < res["quanto-int8"]["cost"]["weight_bytes"] < 0.5 * base
