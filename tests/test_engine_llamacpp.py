@@ -107,6 +107,30 @@ def test_gguf_types_of_the_demo_in_llama_cpp_beside_transformers_and_as_llama_pe
         methods.load_gguf_file(str(tiny_model_dir), device="cpu", source=q4)
 
 
+def test_choices_of_one_context_are_scored_from_its_cache_as_from_an_empty_one(tiny_chat_model_dir, tmp_path):
+    """lm-eval's choices of a question share its context: the second choice is scored from the cache the
+    first left, evaluating only the tokens past their common prefix, and its logits are a fresh context's."""
+    import numpy as np
+
+    from quantbench import methods
+    from quantbench.engines import llamacpp
+
+    (tmp_path / "g").mkdir()
+    methods.METHODS["gguf-f16"]["quantize"](str(tiny_chat_model_dir), str(tmp_path / "g"), device="cpu")
+    model, fresh = (llamacpp.gguf_model(tmp_path / "g" / "model.gguf") for _ in range(2))
+    context, first, second = list(range(5, 45)), [50, 51, 52], [60, 61]
+    llamacpp._scores(model, context + first, 64)
+    evaluated, real = [], model["llm"].eval
+    model["llm"].eval = lambda tokens: (evaluated.append(len(tokens)), real(tokens))[1]
+    reused = llamacpp._scores(model, context + second, 64)
+    want = llamacpp._scores(fresh, context + second, 64)
+    assert evaluated == [2] and reused.shape == want.shape == (42, 400)
+    assert np.abs(reused - want).max() <= 1e-4 * np.abs(want).max()
+    again = llamacpp._scores(model, context + second, 64)  # the same sequence: its last token runs again
+    assert evaluated == [2, 1] and np.array_equal(again[:-1], reused[:-1])
+    assert np.abs(again - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_a_model_llama_cpps_converter_does_not_know_is_skipped_with_its_reason(tiny_model_dir, tmp_path):
     """The tiny model's tokenizer was trained here: llama.cpp's converter knows no such pre-tokenizer."""
     _run("--model", str(tiny_model_dir), "--methods", "fp16,gguf-q8_0", "--tasks", "none", "--out", str(tmp_path / "r"),

@@ -181,10 +181,18 @@ def forwards(model, *, varying_shapes=False):
 
 
 def _scores(model, ids, n_ctx):
-    """The float32 logits of every position of `ids` (one sequence from an empty cache)."""
+    """The float32 logits of every position of `ids`, one sequence. The cache keeps the sequence scored
+    before: where `ids` begins with it (lm-eval's choices of one question share its context), only the
+    rest is evaluated, as llama.cpp's server reuses a prompt's prefix."""
     llm = _llm(model, n_ctx, logits_all=True)
+    ids = list(map(int, ids))
+    keep = 0
+    if not (llm._is_recurrent or llm._is_hybrid):  # a recurrent state cannot be cut back to a position
+        before = llm.input_ids[:llm.n_tokens]
+        keep = next((i for i, (a, b) in enumerate(zip(before, ids)) if a != b), min(len(before), len(ids)))
     llm.reset()
-    llm.eval(list(map(int, ids)))
+    llm.n_tokens = min(keep, len(ids) - 1)  # eval() drops the cache past n_tokens; one token at least runs
+    llm.eval(ids[llm.n_tokens:])
     logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
     _count(model, logits)
     return logits
