@@ -198,14 +198,17 @@ def test_quantized_checkpoints_are_cached_and_unfit_group_sizes_skipped(tiny_mod
 def test_a_checkpoint_quantized_by_an_earlier_run_passed_by_its_path_gives_the_same_numbers(tiny_model_dir,
                                                                                           tiny_wide_model_dir, tmp_path):
     """Item 5 of the formats issue: a quantized checkpoint named in --methods by its folder is loaded as its
-    format says (hqq's own save; torchao's quantization_config), named by its folder, and measured against
-    the run's baseline on the same tokens; another model's checkpoint is refused in one line."""
+    format says (hqq's own save; torchao's and compressed-tensors' quantization_config), named by its
+    folder, and measured against the run's baseline on the same tokens; another model's checkpoint is
+    refused in one line."""
     from quantbench import methods
 
     args = ["run", "--model", str(tiny_model_dir), "--tasks", "none", "--cache-dir", str(tmp_path / "cache"), *TINY_RUN_FLAGS]
-    code, out = run(*args, "--out", str(tmp_path / "a"), "--methods", "fp16,hqq-w4g64,torchao-int8wo")
+    # compressed-tensors (llm-compressor's FP8, which needs no calibration) where llmcompressor is installed
+    ours = ["hqq-w4g64", "torchao-int8wo"] + ([] if methods.why_not_runnable("llmc-fp8", "cpu") else ["llmc-fp8"])
+    code, out = run(*args, "--out", str(tmp_path / "a"), "--methods", ",".join(["fp16", *ours]))
     assert code == 0, out
-    made = {m: load(tmp_path / "a" / "run001" / f"{m}.json") for m in ["hqq-w4g64", "torchao-int8wo"]}
+    made = {m: load(tmp_path / "a" / "run001" / f"{m}.json") for m in ours}
     other = tmp_path / "other-model-hqq"
     methods.quantize_hqq(str(tiny_wide_model_dir), str(other), device="cpu")
     paths = [made[m]["quantization"]["path"] for m in made]
@@ -220,8 +223,11 @@ def test_a_checkpoint_quantized_by_an_earlier_run_passed_by_its_path_gives_the_s
         assert again["quality"]["perplexity"] == first["quality"]["perplexity"]
         assert again["quality"]["kld"] == first["quality"]["kld"]
         assert again["cost"]["weight_bytes"] == first["cost"]["weight_bytes"]
-    assert load(tmp_path / "b" / "run001" / f"{name}.json")["backend"].get("bits") is None  # torchao's config says none
-    assert load(tmp_path / "b" / "run001" / f"{paths[0].split('/')[-1]}.json")["backend"]["bits"] == 4
+    again = {m: load(tmp_path / "b" / "run001" / f"{made[m]['quantization']['path'].split('/')[-1]}.json") for m in made}
+    assert again["torchao-int8wo"]["backend"].get("bits") is None  # torchao's config says none
+    assert again["hqq-w4g64"]["backend"]["bits"] == 4
+    if "llmc-fp8" in made:
+        assert again["llmc-fp8"]["backend"]["schemes"] == made["llmc-fp8"]["backend"]["schemes"]
     refused = load(tmp_path / "b" / "run001" / "other-model-hqq.json")
     assert refused["status"] == "skipped" and refused["error"] == (
         f"{other} is a checkpoint of another model: its hidden_size is 256, the run's model's is 64")
