@@ -1,0 +1,83 @@
+"""The vLLM engine's scoring on the CPU: vLLM's prompt log-probabilities (its prompt token and top k a
+position) read into arrays, and the KL divergence's lower bound from them against the exact divergence
+in float64."""
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from quantbench.engines import vllm
+
+
+def _log_softmax(rng, n, vocab, scale=3.0):
+    return torch.log_softmax(torch.from_numpy(rng.normal(size=(n, vocab)) * scale), dim=-1)
+
+
+def _exact(p_log, q_log):
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def _as_vllm_gives(q_log, prompt, k, flat):
+    """What vLLM returns for `prompt` whose next-token log-probabilities are `q_log` ([T - 1, V]): per
+    position the prompt's own token, then the top k (vllm/logprobs.py, append_logprobs_for_next_position);
+    flat keeps the repeat, the dict form folds it."""
+    positions = [None]
+    for t in range(1, len(prompt)):
+        top = torch.topk(q_log[t - 1], k).indices.tolist()
+        ids = [prompt[t], *top]
+        positions.append([(i, float(q_log[t - 1, i])) for i in ids])
+    if not flat:
+        return [None] + [{i: types.SimpleNamespace(logprob=v) for i, v in pos} for pos in positions[1:]]
+    out = types.SimpleNamespace(start_indices=[0], end_indices=[0], token_ids=[], logprobs=[])
+    for pos in positions[1:]:
+        out.start_indices.append(len(out.token_ids))
+        out.token_ids += [i for i, _ in pos]
+        out.logprobs += [v for _, v in pos]
+        out.end_indices.append(len(out.token_ids))
+    return out
+
+
+def test_the_bound_is_below_the_exact_divergence_tightens_with_k_and_is_exact_where_it_should_be():
+    rng = np.random.default_rng(0)
+    p_log, q_log = _log_softmax(rng, 6, 500), _log_softmax(rng, 6, 500)
+    exact = _exact(p_log, q_log)
+    previous = None
+    for k in (1, 5, 20, 100, 499):
+        ids = torch.topk(q_log, k, dim=-1).indices
+        got = vllm.kld_lower_bound(p_log, ids, q_log.gather(1, ids))
+        assert (got["kld"] <= exact + 1e-12).all()
+        if previous is not None:  # a larger set of known tokens never loosens it
+            assert (got["kld"] >= previous - 1e-12).all()
+        previous = got["kld"]
+    every = torch.arange(500).repeat(6, 1)
+    got = vllm.kld_lower_bound(p_log, every, q_log)
+    assert torch.allclose(got["kld"], exact, rtol=0, atol=1e-12) and (got["reference_outside"] < 1e-12).all()
+    # Equality of the log-sum inequality: q proportional to p outside the known tokens.
+    known = torch.topk(q_log, 10, dim=-1).indices
+    inside = torch.zeros_like(p_log, dtype=torch.bool).scatter_(1, known, True)
+    q = torch.where(inside, q_log.exp(), 0)
+    p_out = torch.where(inside, 0, p_log.exp())
+    q = q + p_out / p_out.sum(1, keepdim=True) * (1 - q.sum(1, keepdim=True))
+    got = vllm.kld_lower_bound(p_log, known, q.log().gather(1, known))
+    assert torch.allclose(got["kld"], _exact(p_log, q.log()), rtol=0, atol=1e-12)
+    assert torch.allclose(got["method_outside"], 1 - torch.where(inside, q, 0).sum(1))
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_vllms_prompt_logprobs_read_as_arrays_score_the_prompt_and_bound_the_divergence(flat):
+    rng = np.random.default_rng(1)
+    vocab, k = 300, 8
+    q_log, p_log = _log_softmax(rng, 11, vocab), _log_softmax(rng, 11, vocab, scale=2.5)
+    prompt = [int(t) for t in rng.integers(0, vocab, 12)]
+    prompt[5] = int(q_log[4].argmax())  # a prompt token among the top k: the dict form folds its repeat
+    top = vllm.flat_arrays(_as_vllm_gives(q_log, prompt, k, flat), k)
+    assert top["ids"].shape == top["logprobs"].shape == (11, k + 1)
+    assert (top["ids"][:, 0] == prompt[1:]).all()
+    assert np.allclose(top["target"], [float(q_log[t, i]) for t, i in enumerate(prompt[1:])], rtol=0, atol=1e-12)
+    got = vllm.kld_lower_bound(p_log, top["ids"], top["logprobs"])
+    assert (got["kld"] <= _exact(p_log, q_log) + 1e-12).all() and (got["kld"] > 0).all()
+    outside = [1 - float(q_log[t, sorted(set(row.tolist()))].exp().sum()) for t, row in enumerate(top["ids"])]
+    assert np.allclose(got["method_outside"].numpy(), outside, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="expected 4 or 5"):
+        vllm.flat_arrays(_as_vllm_gives(q_log, prompt, k, flat), 4)
