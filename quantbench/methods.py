@@ -174,7 +174,8 @@ def load_quanto(path, *, device, weights="int8", compute_dtype="auto", trust_rem
     groups = Counter(str(m.weight_group_size or "per channel") for m in layers)
     info = {"weight_dtype": weights, "compute_dtype": compute_dtype, "library": "optimum-quanto",
             "library_version": library_version("optimum-quanto"), "linear_classes": _linear_classes(model),
-            # the tensor class names the kernel: on CUDA in float16, int4 repacks for AWQ's or Marlin's GEMM
+            # the tensor class names the kernel: int4 in groups of 128 repacks for AWQ's GEMM (CUDA, float16)
+            # or tinygemm (bfloat16); otherwise quanto's own ops run it
             "quanto_tensor": sorted({type(m.weight).__name__ for m in layers}),
             "group_sizes": dict(sorted(groups.items()))}
     return model, info
