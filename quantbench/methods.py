@@ -34,8 +34,15 @@ class MethodUnsuitable(Exception):
     """The method cannot run on this model or card (a shape or capability it lacks); the message says why."""
 
 
+def installed(module):
+    """Whether `module` can be imported; for a dotted name its parents first (find_spec raises, not
+    answers None, when a parent such as optimum of optimum.quanto is missing)."""
+    parts = module.split(".")
+    return all(importlib.util.find_spec(".".join(parts[:i])) is not None for i in range(1, len(parts) + 1))
+
+
 def _require(module, extra):
-    if importlib.util.find_spec(module) is None:
+    if not installed(module):
         raise MissingLibrary(f"needs the Python package '{module}', which is not installed: "
                              f"pip install 'quantbench[{extra}]'")
 
@@ -698,7 +705,7 @@ def why_not_runnable(name, device, libraries=True):
     """None if the method can run here on `device`, else (reason, fix). libraries=False: the
     experiments run elsewhere (Ray, Modal), which find a missing library themselves."""
     m = METHODS[name]
-    missing = [mod for mod in m["modules"] if importlib.util.find_spec(mod) is None] if libraries else []
+    missing = [mod for mod in m["modules"] if not installed(mod)] if libraries else []
     if missing:
         return (f"the Python package{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                 f"{'are' if len(missing) > 1 else 'is'} not installed", f"pip install 'quantbench[{m['extra']}]'")

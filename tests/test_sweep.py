@@ -214,16 +214,16 @@ def test_a_checkpoint_quantized_by_an_earlier_run_passed_by_its_path_gives_the_s
     paths = [made[m]["quantization"]["path"] for m in made]
     code, out = run(*args, "--out", str(tmp_path / "b"), "--methods", ",".join(["fp16", *paths, str(other)]))
     assert code == 0, out
+    again = {m: load(tmp_path / "b" / "run001" / f"{first['quantization']['path'].split('/')[-1]}.json")
+             for m, first in made.items()}
     for m, first in made.items():
-        name = first["quantization"]["path"].split("/")[-1]
-        again = load(tmp_path / "b" / "run001" / f"{name}.json")
-        assert again["status"] == "ok" and again["method"] == "checkpoint", again
-        assert again["backend"]["checkpoint"] == first["quantization"]["path"]
-        assert again["backend"]["linear_classes"] == first["backend"]["linear_classes"]
-        assert again["quality"]["perplexity"] == first["quality"]["perplexity"]
-        assert again["quality"]["kld"] == first["quality"]["kld"]
-        assert again["cost"]["weight_bytes"] == first["cost"]["weight_bytes"]
-    again = {m: load(tmp_path / "b" / "run001" / f"{made[m]['quantization']['path'].split('/')[-1]}.json") for m in made}
+        r = again[m]
+        assert r["status"] == "ok" and r["method"] == "checkpoint", r
+        assert r["backend"]["checkpoint"] == first["quantization"]["path"]
+        assert r["backend"]["linear_classes"] == first["backend"]["linear_classes"]
+        assert r["quality"]["perplexity"] == first["quality"]["perplexity"]
+        assert r["quality"]["kld"] == first["quality"]["kld"]
+        assert r["cost"]["weight_bytes"] == first["cost"]["weight_bytes"]
     assert again["torchao-int8wo"]["backend"].get("bits") is None  # torchao's config says none
     assert again["hqq-w4g64"]["backend"]["bits"] == 4
     if "llmc-fp8" in made:

@@ -20,7 +20,6 @@ GPU, with no per-step host synchronisation, logits processors or stopping checks
 import contextlib
 import gc
 import importlib.metadata
-import importlib.util
 import logging
 import math
 import resource
@@ -114,10 +113,10 @@ def use_quantized_cache(model, *, nbits, backend):
     """Make every generation of `model` (and `logprobs`) keep its KV cache quantized to `nbits` by `backend`
     (hqq or quanto), as a transformers user sets it: generation_config's cache_implementation "quantized".
     Returns what was set."""
-    from quantbench.methods import MissingLibrary
+    from quantbench.methods import MissingLibrary, installed
 
     library, module = {"hqq": ("hqq", "hqq"), "quanto": ("optimum-quanto", "optimum.quanto")}[backend]
-    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+    if not installed(module):
         raise MissingLibrary(f"the {backend} KV cache needs the Python package '{library}', which is not installed: "
                              f"pip install {library}")
     c = model.config.get_text_config()
