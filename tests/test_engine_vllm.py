@@ -81,3 +81,51 @@ def test_vllms_prompt_logprobs_read_as_arrays_score_the_prompt_and_bound_the_div
     assert np.allclose(got["method_outside"].numpy(), outside, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="expected 4 or 5"):
         vllm.flat_arrays(_as_vllm_gives(q_log, prompt, k, flat), 4)
+
+
+def test_vllm_bench_results_read_in_quantbench_units():
+    """The JSON `vllm bench` writes (fields as vllm/benchmarks/latency.py, throughput.py and serve.py of
+    0.26.0 write them), read into the units of quantbench's speed columns."""
+    one = {"avg_latency": 0.0105, "latencies": [0.011, 0.010, 0.012], "percentiles": {"50": 0.011}}
+    many = {"avg_latency": 0.138, "latencies": [0.139, 0.138, 0.137, 0.400], "percentiles": {"50": 0.1385}}
+    got = vllm.read_latency(one, many, batch_size=8, output_len=128)
+    step = (0.1385 - 0.011) / 127  # the medians' difference over the 127 steps after the first token
+    assert got["ttft_ms"] == pytest.approx(11.0) and got["time_per_output_token_ms"] == pytest.approx(1e3 * step)
+    assert got["decode_tokens_per_s"] == pytest.approx(8 / step) and got["iterations"] == [3, 4]
+    with pytest.raises(ValueError, match="no decode time"):
+        vllm.read_latency(many, one, batch_size=8, output_len=128)
+    through = vllm.read_throughput({"elapsed_time": 2.0, "num_requests": 64, "total_num_tokens": 40960,
+                                    "requests_per_second": 32.0, "tokens_per_second": 20480.0}, output_len=128)
+    assert through == {"requests_per_s": 32.0, "total_tokens_per_s": 20480.0, "output_tokens_per_s": 64 * 128 / 2.0}
+    serve = vllm.read_serve({"request_rate": 4.0, "completed": 100, "failed": 0, "output_throughput": 480.5,
+                             "mean_ttft_ms": 20.1, "median_ttft_ms": 19.0, "std_ttft_ms": 3.0, "p50_ttft_ms": 19.0,
+                             "p90_ttft_ms": 25.0, "p99_ttft_ms": 41.0, "mean_tpot_ms": 2.1, "median_tpot_ms": 2.0,
+                             "std_tpot_ms": 0.2, "p50_tpot_ms": 2.0, "p90_tpot_ms": 2.4, "p99_tpot_ms": 3.3,
+                             "mean_e2el_ms": 300.0, "p99_e2el_ms": 420.0})
+    assert serve["ttft_ms"] == {"mean": 20.1, "median": 19.0, "p50": 19.0, "p90": 25.0, "p99": 41.0}
+    assert serve["tpot_ms"]["p99"] == 3.3 and "std" not in serve["tpot_ms"] and serve["output_tokens_per_s"] == 480.5
+
+
+@pytest.mark.gpu
+def test_vllm_scores_the_tokens_transformers_scores(tmp_path):
+    """On the GPU machine with vLLM: a float16 Llama in vLLM gives each prompt token the log-probability
+    transformers gives it, and the KLD bound from its top 20 against transformers' full distribution sits
+    near zero."""
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", hidden=256, intermediate=512)  # head size 64, as vLLM's kernels take
+    windows = np.random.default_rng(0).integers(3, 200, size=(4, 64)).tolist()
+    llm, info = vllm.load(path, dtype="float16", max_model_len=128, k=20, gpu_memory_utilization=0.2)
+    assert info["quantization"] is None and info["linear_methods"] == ["UnquantizedLinearMethod"]
+    got = vllm.prompt_logprobs(llm, windows, 20)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16).cuda()
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor(windows).cuda()).logits.float(), -1)[:, :-1].cpu()
+    for ref, top, ids in zip(reference, got, windows):
+        own = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].double()
+        assert torch.allclose(torch.from_numpy(top["target"]), own, atol=0.05)
+        bound = vllm.kld_lower_bound(ref, top["ids"], top["logprobs"])
+        assert float(bound["kld"].mean()) < 1e-3 and torch.isfinite(bound["kld"]).all()

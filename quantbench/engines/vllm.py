@@ -18,11 +18,60 @@ upper bound, since q may put almost nothing on a token p likes.
     top = flat_arrays(output.prompt_logprobs, k)           # what vLLM gave for one window
     per_token = kld_lower_bound(reference_logprobs, top["ids"], top["logprobs"])
 """
+import os
+
 import numpy as np
 import torch
 
 # float32 log-probabilities sum to 1 within about this much: a missing mass below it is rounding
 MASS_RESOLUTION = 1e-6
+
+
+def load(checkpoint, *, dtype, max_model_len, k, gpu_memory_utilization=0.4, enforce_eager=False):
+    """(vLLM's LLM on a checkpoint folder, opened as `vllm serve` opens it: the format from its config, the
+    kernels vLLM's own choice; what it chose). Prefix caching off, so every window is computed; `k`: the
+    top log-probabilities a prompt position may return."""
+    # apply_model sends a function to vLLM's worker process, which vLLM refuses to unpickle unless allowed
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    from vllm import LLM
+
+    llm = LLM(model=str(checkpoint), dtype=dtype, max_model_len=max_model_len, max_logprobs=k, seed=0,
+              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, enable_prefix_caching=False)
+    return llm, {"quantization": llm.llm_engine.model_config.quantization, "linear_methods": llm.apply_model(_linear_methods)[0]}
+
+
+def _linear_methods(model):
+    """The classes of the quantization methods vLLM put on the model's layers (e.g. GPTQMarlinLinearMethod)."""
+    return sorted({type(m.quant_method).__name__ for m in model.modules() if getattr(m, "quant_method", None) is not None})
+
+
+def prompt_logprobs(llm, windows, k):
+    """flat_arrays of each token window (lists of token ids), scored in one `generate` so vLLM batches them."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in w]) for w in windows], params, use_tqdm=False)
+    return [flat_arrays(o.prompt_logprobs, k) for o in outputs]
+
+
+def time_generate(llm, *, batch_size, input_len, output_len, warmup=5, iters=15, seed=0):
+    """Seconds of each of `iters` generations of `batch_size` random prompts of `input_len` tokens to
+    `output_len` new tokens each, after `warmup` untimed: `vllm bench latency`'s protocol in this process
+    (its random ids below 10000, EOS ignored, no detokenizing), so read_latency reads both alike. `generate`
+    returns when every sequence is done, so the clock needs no device synchronisation of its own."""
+    import time
+
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = np.random.default_rng(seed).integers(10000, size=(batch_size, input_len)).tolist()
+    prompts = [TokensPrompt(prompt_token_ids=row) for row in ids]
+    params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len, detokenize=False)
+    times = []
+    for i in range(warmup + iters):
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    return {"latencies": times[warmup:]}
 
 
 def flat_arrays(prompt_logprobs, k):
@@ -60,3 +109,63 @@ def kld_lower_bound(reference, ids, logprobs):
     q_out = (1 - torch.where(inside, q_log.exp(), 0).sum(1)).clamp(min=MASS_RESOLUTION)
     rest = torch.where(p_out > 0, p_out * (p_out.clamp(min=1e-300).log() - q_out.log()), 0)
     return {"kld": known + rest, "reference_outside": p_out, "method_outside": q_out}
+
+
+# vLLM's own benchmarks, run as its users run them (`vllm bench latency|throughput|serve`, a process each),
+# and what their JSON files say in quantbench's units: the reference quantbench's vLLM speed is checked
+# against (docs/protocols.md, "vLLM's own benchmarks"). Field names: vllm/benchmarks/*.py of vLLM 0.26.0.
+
+def latency_command(model, out_json, *, batch_size, input_len, output_len, dtype, warmup=5, iters=15):
+    """`vllm bench latency`: `iters` timed generations of `batch_size` random prompts of `input_len`
+    tokens, `output_len` new tokens each (EOS ignored), after `warmup` untimed ones; prefix caching off,
+    its default there, so every prompt is computed."""
+    return ["vllm", "bench", "latency", "--model", str(model), "--dtype", dtype, "--batch-size", str(batch_size),
+            "--input-len", str(input_len), "--output-len", str(output_len), "--num-iters-warmup", str(warmup),
+            "--num-iters", str(iters), "--max-model-len", str(input_len + output_len), "--disable-detokenize",
+            "--output-json", str(out_json)]
+
+
+def throughput_command(model, out_json, *, batch_size, input_len, output_len, dtype, num_prompts):
+    """`vllm bench throughput` on random prompts with at most `batch_size` sequences in flight."""
+    return ["vllm", "bench", "throughput", "--model", str(model), "--dtype", dtype, "--dataset-name", "random",
+            "--input-len", str(input_len), "--output-len", str(output_len), "--num-prompts", str(num_prompts),
+            "--max-num-seqs", str(batch_size), "--max-model-len", str(input_len + output_len),
+            "--output-json", str(out_json)]
+
+
+def serve_command(model, result_dir, result_name, *, request_rate, input_len, output_len, num_prompts, port):
+    """`vllm bench serve` against a `vllm serve` of `model` on localhost:`port`: random prompts arriving
+    as a Poisson process of `request_rate` a second; TTFT and TPOT at the 50th, 90th and 99th percentiles."""
+    return ["vllm", "bench", "serve", "--backend", "vllm", "--model", str(model), "--port", str(port),
+            "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+            "--num-prompts", str(num_prompts), "--request-rate", str(request_rate), "--ignore-eos",
+            "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,90,99",
+            "--save-result", "--result-dir", str(result_dir), "--result-filename", result_name]
+
+
+def read_latency(one_token, many_tokens, *, batch_size, output_len):
+    """Prefill and decode from two `vllm bench latency` results of the same batch and prompts, one with one
+    new token (the time to the first token) and one with `output_len`: a decode step is the difference of
+    their median latencies over the `output_len - 1` extra steps. In ms and tokens/s."""
+    first, whole = float(np.median(one_token["latencies"])), float(np.median(many_tokens["latencies"]))
+    if output_len < 2 or whole <= first:
+        raise ValueError(f"no decode time: {output_len} new tokens took {whole:.4f} s against {first:.4f} s for one")
+    step = (whole - first) / (output_len - 1)
+    return {"ttft_ms": 1e3 * first, "time_per_output_token_ms": 1e3 * step, "decode_tokens_per_s": batch_size / step,
+            "iterations": [len(one_token["latencies"]), len(many_tokens["latencies"])]}
+
+
+def read_throughput(result, *, output_len):
+    """`vllm bench throughput`'s result: requests and tokens a second, prompt and output tokens counted
+    together as it reports them, and the output tokens alone (each request makes `output_len`)."""
+    return {"requests_per_s": result["requests_per_second"], "total_tokens_per_s": result["tokens_per_second"],
+            "output_tokens_per_s": result["num_requests"] * output_len / result["elapsed_time"]}
+
+
+def read_serve(result):
+    """`vllm bench serve`'s saved result: the request rate, completed and failed requests, output tokens
+    a second, and TTFT and TPOT in ms (mean, median and each saved percentile)."""
+    metrics = {m: {k[:-len(f"_{m}_ms")]: v for k, v in result.items() if k.endswith(f"_{m}_ms") and k != f"std_{m}_ms"}
+               for m in ("ttft", "tpot")}
+    return {"request_rate": result["request_rate"], "completed": result["completed"], "failed": result.get("failed", 0),
+            "output_tokens_per_s": result["output_throughput"], "ttft_ms": metrics["ttft"], "tpot_ms": metrics["tpot"]}
