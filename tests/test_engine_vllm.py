@@ -129,3 +129,41 @@ def test_vllm_scores_the_tokens_transformers_scores(tmp_path):
         assert torch.allclose(torch.from_numpy(top["target"]), own, atol=0.05)
         bound = vllm.kld_lower_bound(ref, top["ids"], top["logprobs"])
         assert float(bound["kld"].mean()) < 1e-3 and torch.isfinite(bound["kld"]).all()
+
+
+@pytest.mark.parametrize("k", [5, 399])
+def test_the_kld_summary_from_vllms_top_k_against_the_exact_one(tiny_model_dir, tmp_path, k):
+    """A perturbed copy of the tiny Llama scored as vLLM returns its prompts (its token and top k a
+    position), against a baseline reference written by the transformers engine: every statistic but
+    the KLD equals quality.compare_to_reference's, the KLD is below the exact one (float64, against the
+    same stored reference), and with the whole vocabulary but one token returned it is the exact KLD."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantbench import quality, tasks
+    from quantbench.engines import transformers as engine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.3 * p.std())
+    text = tasks.perplexity_corpus(None, hub=False)[0]
+    chunks, bos = quality.kld_chunks(AutoTokenizer.from_pretrained(tiny_model_dir), text, n_ctx=32, max_tokens=32 * 4 + 5)
+    quality.write_reference(engine, model, chunks, tmp_path / "ref", adds_bos=bos, dtype="float32", batch_size=4,
+                            about={"experiment": "fp16"})
+    summary, _ = quality.compare_to_reference(engine, other, tmp_path / "ref", dtype="float32", batch_size=4)
+    with torch.no_grad():
+        q_log = torch.log_softmax(other(chunks).logits[:, :-1].float(), -1)
+    scored = [vllm.flat_arrays(_as_vllm_gives(q, c.tolist(), k, flat=True), k) for q, c in zip(q_log, chunks)]
+    got, used = vllm.compare_to_reference(scored, tmp_path / "ref")
+    assert got["tokens"] == summary["tokens"] == 4 * (32 - 1 - 16) and used["reference"] == "fp16"
+    for key in ("same_top_p", "delta_p_mean", "delta_p_rms", "ppl", "ppl_base", "ppl_ratio"):
+        assert got[key] == pytest.approx(summary[key], rel=1e-6, abs=1e-9), key
+    p_log = torch.from_numpy(np.load(tmp_path / "ref" / "logprobs.npy").astype(np.float64))
+    exact = float(_exact(p_log, q_log[:, 16:].reshape(-1, q_log.shape[-1]).double()).mean())
+    assert got["kld_is_lower_bound"] and got["top_k"] == k and 0 < got["kld_mean"] <= exact + 1e-12
+    if k == 399:  # the tiny vocabulary is 400: one token outside, whose term the bound then gives exactly
+        assert got["kld_mean"] == pytest.approx(exact, rel=1e-5)
+    else:
+        assert got["method_outside_mean"] > 0 and got["kld_mean"] < 0.999 * exact

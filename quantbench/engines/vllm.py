@@ -17,11 +17,19 @@ upper bound, since q may put almost nothing on a token p likes.
 
     top = flat_arrays(output.prompt_logprobs, k)           # what vLLM gave for one window
     per_token = kld_lower_bound(reference_logprobs, top["ids"], top["logprobs"])
+
+Everything else of the KLD summary (the top token's agreement, the change in the next token's
+probability, the perplexity ratio) is exact: vLLM returns the prompt token's own log-probability and
+the most likely token's (compare_to_reference).
 """
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from quantbench import quality
 
 # float32 log-probabilities sum to 1 within about this much: a missing mass below it is rounding
 MASS_RESOLUTION = 1e-6
@@ -105,7 +113,8 @@ def kld_lower_bound(reference, ids, logprobs):
     inside = torch.zeros_like(p_log, dtype=torch.bool).scatter_(1, ids, True)
     p = p_log.exp()
     known = torch.where(inside, p * (p_log - q_log), 0).sum(1)
-    p_out = (1 - torch.where(inside, p, 0).sum(1)).clamp(min=0)
+    # the reference's outside mass summed, not 1 - p(S): its stored float16 rounding does not sum to 1
+    p_out = torch.where(inside, 0, p).sum(1)
     q_out = (1 - torch.where(inside, q_log.exp(), 0).sum(1)).clamp(min=MASS_RESOLUTION)
     rest = torch.where(p_out > 0, p_out * (p_out.clamp(min=1e-300).log() - q_out.log()), 0)
     return {"kld": known + rest, "reference_outside": p_out, "method_outside": q_out}
@@ -169,3 +178,34 @@ def read_serve(result):
                for m in ("ttft", "tpot")}
     return {"request_rate": result["request_rate"], "completed": result["completed"], "failed": result.get("failed", 0),
             "output_tokens_per_s": result["output_throughput"], "ttft_ms": metrics["ttft"], "tpot_ms": metrics["tpot"]}
+
+
+def compare_to_reference(scored, folder):
+    """(the KLD summary of quality.kld_statistics with its mean a lower bound, how it was measured) of the
+    method whose flat_arrays for each of the reference's chunks are `scored`, against the baseline's
+    reference in `folder` (quality.write_reference: positions n_ctx // 2 .. n_ctx - 2 of each chunk)."""
+    folder = Path(folder)
+    info = json.loads((folder / "reference.json").read_text())
+    base = np.load(folder / "logprobs.npy", mmap_mode="r")
+    saved = np.load(folder / "tokens.npz")
+    first = saved["chunks"].shape[1] // 2
+    if len(scored) != len(saved["chunks"]):
+        raise ValueError(f"{len(scored)} chunks scored, the reference has {len(saved['chunks'])}")
+    parts, same_top, target, row = [], [], [], 0
+    for top in scored:
+        # unrounded: the mass outside the returned tokens is 1 less theirs, which float16 would blur
+        ids, logprobs = top["ids"][first:], top["logprobs"][first:]
+        n = len(ids)
+        parts.append(kld_lower_bound(np.array(base[row:row + n], dtype=np.float64), ids, logprobs))
+        same_top.append(ids[np.arange(n), logprobs.argmax(1)] == saved["top1"][row:row + n])
+        target.append(top["target"][first:])
+        row += n
+    kld = {key: torch.cat([p[key] for p in parts]).numpy() for key in parts[0]}
+    stats = quality.kld_statistics(kld["kld"], np.concatenate(same_top), np.concatenate(target),
+                                   saved["logp_target"].astype(np.float64))
+    stats.update({"kld_is_lower_bound": True, "top_k": int(scored[0]["ids"].shape[1] - 1),
+                  "reference_outside_mean": float(kld["reference_outside"].mean()),
+                  "method_outside_mean": float(kld["method_outside"].mean()),
+                  "method_outside_max": float(kld["method_outside"].max())})
+    return stats, {k: info[k] for k in ("n_ctx", "chunks", "tokens_scored", "bos_first", "scored", "storage",
+                                        "bytes") if k in info} | {"reference": info.get("experiment")}
