@@ -39,13 +39,13 @@ def main():
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as folder:  # vLLM's side first: its processes end before ours loads
         reference = {b: [theirs(args.checkpoint, folder, b, n, args) for n in (1, args.output_len)] for b in sizes}
-    llm, info = vllm.load(args.checkpoint, dtype=args.dtype, max_model_len=args.input_len + args.output_len, k=1,
+    lm, info = vllm.load(args.checkpoint, dtype=args.dtype, max_model_len=args.input_len + args.output_len, k=1,
                           gpu_memory_utilization=args.gpu_memory_utilization)
     print(f"# {args.checkpoint}: quantization {info['quantization']}, {', '.join(info['linear_methods'])}")
     print("| batch | TTFT ms quantbench / vllm bench | ratio | decode tok/s quantbench / vllm bench | ratio |")
     print("|---|---|---|---|---|")
     for b in sizes:
-        mine = [vllm.time_generate(llm, batch_size=b, input_len=args.input_len, output_len=n, warmup=args.warmup,
+        mine = [vllm.time_generate(lm.model, batch_size=b, input_len=args.input_len, output_len=n, warmup=args.warmup,
                                    iters=args.iters) for n in (1, args.output_len)]
         ours, ref = (vllm.read_latency(*pair, batch_size=b, output_len=args.output_len) for pair in (mine, reference[b]))
         print(f"| {b} | {ours['ttft_ms']:.2f} / {ref['ttft_ms']:.2f} | {ours['ttft_ms'] / ref['ttft_ms']:.3f} | "

@@ -118,9 +118,9 @@ def test_vllm_scores_the_tokens_transformers_scores(tmp_path):
 
     path = build_tiny_model(tmp_path / "m", hidden=256, intermediate=512)  # head size 64, as vLLM's kernels take
     windows = np.random.default_rng(0).integers(3, 200, size=(4, 64)).tolist()
-    llm, info = vllm.load(path, dtype="float16", max_model_len=128, k=20, gpu_memory_utilization=0.2)
+    lm, info = vllm.load(path, dtype="float16", max_model_len=128, k=20, gpu_memory_utilization=0.2)
     assert info["quantization"] is None and info["linear_methods"] == ["UnquantizedLinearMethod"]
-    got = vllm.prompt_logprobs(llm, windows, 20)
+    got = vllm.prompt_logprobs(lm.model, windows, 20)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16).cuda()
     with torch.no_grad():
         reference = torch.log_softmax(model(torch.tensor(windows).cuda()).logits.float(), -1)[:, :-1].cpu()

@@ -36,16 +36,18 @@ MASS_RESOLUTION = 1e-6
 
 
 def load(checkpoint, *, dtype, max_model_len, k, gpu_memory_utilization=0.4, enforce_eager=False):
-    """(vLLM's LLM on a checkpoint folder, opened as `vllm serve` opens it: the format from its config, the
-    kernels vLLM's own choice; what it chose). Prefix caching off, so every window is computed; `k`: the
-    top log-probabilities a prompt position may return."""
+    """(lm-eval's vLLM model on a checkpoint folder, what vLLM chose): its `.model` is the vLLM `LLM`, opened
+    as `vllm serve` opens the folder (the format from its config, the kernels vLLM's choice), so tasks,
+    scoring and timing share one engine. Prefix caching off, so every window is computed; `k`: the top
+    log-probabilities a prompt position may return."""
     # apply_model sends a function to vLLM's worker process, which vLLM refuses to unpickle unless allowed
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    from vllm import LLM
+    from lm_eval.models.vllm_causallms import VLLM
 
-    llm = LLM(model=str(checkpoint), dtype=dtype, max_model_len=max_model_len, max_logprobs=k, seed=0,
+    lm = VLLM(pretrained=str(checkpoint), dtype=dtype, max_model_len=max_model_len, max_logprobs=k, seed=0,
               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, enable_prefix_caching=False)
-    return llm, {"quantization": llm.llm_engine.model_config.quantization, "linear_methods": llm.apply_model(_linear_methods)[0]}
+    llm = lm.model
+    return lm, {"quantization": llm.llm_engine.model_config.quantization, "linear_methods": llm.apply_model(_linear_methods)[0]}
 
 
 def _linear_methods(model):
