@@ -24,6 +24,7 @@ the most likely token's (compare_to_reference).
 """
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +70,13 @@ def time_generate(llm, *, batch_size, input_len, output_len, warmup=5, iters=15,
     `output_len` new tokens each, after `warmup` untimed: `vllm bench latency`'s protocol in this process
     (its random ids below 10000, EOS ignored, no detokenizing), so read_latency reads both alike. `generate`
     returns when every sequence is done, so the clock needs no device synchronisation of its own."""
-    import time
-
     from vllm import SamplingParams, TokensPrompt
 
     ids = np.random.default_rng(seed).integers(10000, size=(batch_size, input_len)).tolist()
     prompts = [TokensPrompt(prompt_token_ids=row) for row in ids]
     params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len, detokenize=False)
     times = []
-    for i in range(warmup + iters):
+    for _ in range(warmup + iters):
         t = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - t)
