@@ -304,10 +304,7 @@ def write_reference(engine, model, chunks, folder, *, adds_bos, dtype, batch_siz
 def compare_to_reference(engine, model, folder, *, dtype, batch_size=1):
     """(the method's divergence from the baseline reference in `folder`, token by token, summarised;
     how it was measured)."""
-    folder = Path(folder)
-    info = json.loads((folder / "reference.json").read_text())
-    base = np.load(folder / "logprobs.npy", mmap_mode="r")
-    saved = np.load(folder / "tokens.npz")
+    info, base, saved = read_reference(folder)
     chunks = torch.from_numpy(saved["chunks"])
     kld, same_top, lp_target, row = [], [], [], 0
     with finite_logits(engine, model, "kld", dtype):
@@ -325,8 +322,21 @@ def compare_to_reference(engine, model, folder, *, dtype, batch_size=1):
     stats = kld_statistics(torch.cat(kld).numpy(), np.concatenate(same_top), torch.cat(lp_target).numpy(),
                            saved["logp_target"].astype(np.float64))
     check_finite("kld", stats, dtype)
-    return stats, {k: info[k] for k in ("n_ctx", "chunks", "tokens_scored", "bos_first", "scored", "storage",
-                                        "bytes") if k in info} | {"reference": info.get("experiment")}
+    return stats, reference_used(info)
+
+
+def read_reference(folder):
+    """(reference.json, the stored log-probabilities memory-mapped, tokens.npz: the chunks and the baseline's
+    top-1 ids and target log-probabilities) of a folder written by write_reference."""
+    folder = Path(folder)
+    return (json.loads((folder / "reference.json").read_text()), np.load(folder / "logprobs.npy", mmap_mode="r"),
+            np.load(folder / "tokens.npz"))
+
+
+def reference_used(info):
+    """What a comparison records of the reference (its reference.json) it was made against."""
+    return {k: info[k] for k in ("n_ctx", "chunks", "tokens_scored", "bos_first", "scored", "storage", "bytes")
+            if k in info} | {"reference": info.get("experiment")}
 
 
 def kld_statistics(kld, same_top, logp_target, logp_target_base):

@@ -1,6 +1,7 @@
 """The vLLM engine's scoring on the CPU: vLLM's prompt log-probabilities (its prompt token and top k a
 position) read into arrays, and the KL divergence's lower bound from them against the exact divergence
 in float64."""
+import copy
 import types
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_the_kld_summary_from_vllms_top_k_against_the_exact_one(tiny_model_dir, 
     from quantbench.engines import transformers as engine
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    other = copy.deepcopy(model)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in other.parameters():

@@ -22,10 +22,8 @@ Everything else of the KLD summary (the top token's agreement, the change in the
 probability, the perplexity ratio) is exact: vLLM returns the prompt token's own log-probability and
 the most likely token's (compare_to_reference).
 """
-import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -185,10 +183,7 @@ def compare_to_reference(scored, folder):
     """(the KLD summary of quality.kld_statistics with its mean a lower bound, how it was measured) of the
     method whose flat_arrays for each of the reference's chunks are `scored`, against the baseline's
     reference in `folder` (quality.write_reference: positions n_ctx // 2 .. n_ctx - 2 of each chunk)."""
-    folder = Path(folder)
-    info = json.loads((folder / "reference.json").read_text())
-    base = np.load(folder / "logprobs.npy", mmap_mode="r")
-    saved = np.load(folder / "tokens.npz")
+    info, base, saved = quality.read_reference(folder)
     first = saved["chunks"].shape[1] // 2
     if len(scored) != len(saved["chunks"]):
         raise ValueError(f"{len(scored)} chunks scored, the reference has {len(saved['chunks'])}")
@@ -208,5 +203,4 @@ def compare_to_reference(scored, folder):
                   "reference_outside_mean": float(kld["reference_outside"].mean()),
                   "method_outside_mean": float(kld["method_outside"].mean()),
                   "method_outside_max": float(kld["method_outside"].max())})
-    return stats, {k: info[k] for k in ("n_ctx", "chunks", "tokens_scored", "bos_first", "scored", "storage",
-                                        "bytes") if k in info} | {"reference": info.get("experiment")}
+    return stats, quality.reference_used(info)
