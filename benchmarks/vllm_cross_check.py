@@ -39,7 +39,7 @@ def main():
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as folder:  # vLLM's side first: its processes end before ours loads
         reference = {b: [theirs(args.checkpoint, folder, b, n, args) for n in (1, args.output_len)] for b in sizes}
-    lm, info = vllm.load(args.checkpoint, dtype=args.dtype, max_model_len=args.input_len + args.output_len, k=1,
+    lm, info = vllm.open_llm(args.checkpoint, dtype=args.dtype, max_model_len=args.input_len + args.output_len, k=1,
                           gpu_memory_utilization=args.gpu_memory_utilization)
     print(f"# {args.checkpoint}: quantization {info['quantization']}, {', '.join(info['linear_methods'])}")
     print("| batch | TTFT ms quantbench / vllm bench | ratio | decode tok/s quantbench / vllm bench | ratio |")

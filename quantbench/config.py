@@ -40,6 +40,7 @@ DECODE_MODE_CHOICES = ["eager", "compiled", "both"]
 BACKEND_CHOICES = ["local", "ray", "modal"]
 COMPUTE_DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 KV_CACHE_CHOICES = ["fp16", "int8", "int4", "int2"]
+ENGINE_CHOICES = ["transformers", "llama.cpp", "vllm"]
 KV_CACHE_BITS = {"int8": 8, "int4": 4, "int2": 2}
 GROUPS = {"compare": "what to compare", "quality": "quality budget", "speed": "speed sweep",
           "decide": "the pick (the report's first paragraph; `quantbench report` takes these too)", "where": "where to run"}
@@ -142,6 +143,12 @@ class RunConfig:
                                 "nf4, fp4, gptq-w4g128, awq-w4g128)", parse=_names, flag="--methods", keys=("methods",))
     all_methods: bool = setting(False, "compare", "every method that can run on this machine", flag="--all",
                                 action="store_true", keys=("all",))
+    engines: list = setting(["transformers", "llama.cpp"], "compare", "engines to measure in: each method runs in its own "
+                            "(transformers, or llama.cpp for GGUF types), and with vllm again in vLLM where vLLM serves its "
+                            "checkpoint (float, GPTQ, AWQ, torchao, llm-compressor, AutoRound, a checkpoint folder), as "
+                            "experiment <name>@vllm (default transformers,llama.cpp)", parse=_names,
+                            check=lambda v: None if v and all(x in ENGINE_CHOICES for x in v) and len(set(v)) == len(v)
+                            else f"must be distinct names among {', '.join(ENGINE_CHOICES)}")
     tasks: list = setting(["coqa"], "compare", "comma-separated lm-eval tasks, or 'none' (default coqa)", parse=parse_tasks)
     include_path: str | None = setting(None, "compare", "a folder of lm-eval task YAMLs, as lm-eval's --include_path: "
                                        "name its tasks in --tasks like any other (their data: dataset_path json, csv, "
@@ -376,6 +383,14 @@ def validate(config):
                           "(give a method table its own 'name')")
     if not config.models:
         raise ConfigError("no model given")
+    if "vllm" in config.engines and "transformers" not in config.engines:
+        raise ConfigError("--engines vllm needs transformers too: the KL divergence's reference is the baseline's whole "
+                          "next-token distributions, which vLLM does not return")
+    for e in config.experiments:
+        own = METHODS[e["method"]]["engine"]
+        if e["method"] != "baseline" and own not in config.engines:
+            raise ConfigError(f"method {e['name']} runs in {own}, which --engines {','.join(config.engines)} leaves out; "
+                              f"add {own} to --engines")
 
 
 def eval_batch(value, device):
@@ -498,7 +513,7 @@ def load_sweep_file(path):
                          for i, v in enumerate(items)]
         elif name == "tasks":
             out[name] = parse_tasks(value if isinstance(value, str) else ",".join(map(str, value)))
-        elif name in ("models", "batch_sizes", "prompt_lengths", "long_context"):
+        elif name in ("models", "batch_sizes", "prompt_lengths", "long_context", "engines"):
             out[name] = value if isinstance(value, list) else [value]
         elif name in ("ppl_tokens", "kld_tokens") and value == "all":
             out[name] = None  # the whole corpus

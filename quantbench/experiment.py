@@ -22,9 +22,9 @@ from pathlib import Path
 
 from quantbench import cost, quality, tasks
 from quantbench.config import EVAL_MAX_BATCH, EVAL_MIN_START, KV_CACHE_BITS, decode_modes, eval_batch, from_run
-from quantbench.engines import ENGINES
+from quantbench.engines import ENGINES, vllm
 from quantbench.messages import import_libraries, quantizer_messages
-from quantbench.methods import (METHODS, MethodUnsuitable, MissingLibrary, bfloat16_variants, dtype_setting,
+from quantbench.methods import (METHODS, MethodUnsuitable, MissingLibrary, bfloat16_variants, dtype_setting, engine_of,
                                 group_size_problem, library_version, method_settings)
 from quantbench.models import model_slug
 from quantbench.results import SCHEMA, atomic_folder, read_json, read_run_file, write_json
@@ -48,7 +48,7 @@ def effective_settings(exp, model_info):
     key, settings = dtype_setting(exp["method"]), dict(exp["settings"])
     if exp.get("baseline_from"):  # `baseline`, made the float method of the model's dtype
         return settings, exp["baseline_from"]
-    if METHODS[exp["method"]]["engine"] == "llama.cpp":
+    if engine_of(exp) == "llama.cpp":
         return settings, "llama.cpp's: float32 activations with the GGUF's weight types"
     if key is None:
         return settings, "chosen by the quantization library when it loads the checkpoint"
@@ -116,7 +116,7 @@ def load(run, config, exp, model_info, checkpoint, settings):
     """(model, tokenizer, the result's part: backend, compute dtype, load cost and, for a method that
     quantizes as it loads, what its library said)."""
     method, device = METHODS[exp["method"]], run["device"]
-    engine = ENGINES[method["engine"]]
+    engine = ENGINES[engine_of(exp)]
     quantizes_on_load = method["family"] not in ("baseline", "checkpoint") and not method["quantize"]  # bitsandbytes
     import_libraries(method)  # before the clock: load_s is loading, not importing
     t = time.perf_counter()
@@ -142,7 +142,7 @@ def load(run, config, exp, model_info, checkpoint, settings):
 def measure(run, config, exp):
     """The experiment's phases in order: yields (phase, its part of the result) as each is done."""
     device, model_info = run["device"], next(m for m in run["models"] if m["name"] == exp["model"])
-    engine = ENGINES[METHODS[exp["method"]]["engine"]]
+    engine = ENGINES[engine_of(exp)]
     given, why = effective_settings(exp, model_info)
     checkpoint, settings = model_info["path"], given
     if METHODS[exp["method"]]["quantize"]:
@@ -175,8 +175,8 @@ def measure(run, config, exp):
             yield "perplexity", {"quality_info": {"perplexity": why, **({"long_context": why} if config.long_context else {})}}
         else:
             window = min(config.ppl_window, shapes["positions"])
-            ppl, info = quality.perplexity(engine, model, tokenizer, text, window=window, max_tokens=config.ppl_tokens,
-                                           batch_size=batch_size, dtype=dtype)
+            ppl, info = perplexity(engine, model, tokenizer, text, window=window, max_tokens=config.ppl_tokens,
+                                   batch_size=batch_size, dtype=dtype)
             yield "perplexity", {"quality": {"perplexity": ppl}, "quality_info": {
                 "perplexity": {"corpus": corpus, "protocol": "GPTQ/AWQ papers: non-overlapping windows", **info}}}
         if config.kld_tokens != 0:  # None is the whole corpus; 0 is off
@@ -194,7 +194,8 @@ def measure(run, config, exp):
                                prompt_lengths=config.prompt_lengths, decode_prompt_tokens=config.decode_prompt_tokens,
                                new_tokens=config.new_tokens, batch_sizes=config.batch_sizes, repeats=config.repeats,
                                decode_runs=config.decode_runs, weight_bytes=weights, rates=run.get("device_rates"),
-                               decode_modes=["eager"] if kv else decode_modes(config.decode_mode))
+                               decode_modes=["eager"] if kv else engine.DECODE_MODES if engine is vllm else
+                               decode_modes(config.decode_mode))
     if kv:  # (eager decode only: compiled decode needs a static cache, which has no quantized form)
         lengths = [n for n in config.prompt_lengths if n <= min(len(stream), shapes["positions"] - 1)]
         speed["kv_cache"] = {str(n): {"bytes": engine.quantized_cache_bytes(model, stream[None, :n].to(engine.input_device(model))),
@@ -223,9 +224,20 @@ def kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, sh
             reason = f"the baseline experiment {reference_id} has not written its reference (it failed or has not run)"
             fix = f"fix {reference_id}, then `quantbench run --resume {run['run_dir']}` (rerun both)"
         return {"quality_info": {"kld": {"status": "skipped", "reason": reason, "fix": fix}}}
-    stats, info = quality.compare_to_reference(engine, model, folder, dtype=dtype, batch_size=batch_size)
+    if engine is vllm:  # from the top k log-probabilities it returns: a lower bound (engines/vllm.py)
+        stats, info = vllm.kld(model, folder, dtype=dtype)
+    else:
+        stats, info = quality.compare_to_reference(engine, model, folder, dtype=dtype, batch_size=batch_size)
     return {"quality": {"kld": stats},
             "quality_info": {"kld": {"corpus": corpus, "protocol": "llama.cpp perplexity --kl-divergence", **info}}}
+
+
+def perplexity(engine, model, tokenizer, text, *, window, max_tokens, batch_size, dtype):
+    """quality.perplexity, or vLLM's own from the prompt tokens' log-probabilities (it returns no logits)."""
+    if engine is vllm:
+        return vllm.perplexity(model, tokenizer, text, window=window, max_tokens=max_tokens, dtype=dtype)
+    return quality.perplexity(engine, model, tokenizer, text, window=window, max_tokens=max_tokens,
+                              batch_size=batch_size, dtype=dtype)
 
 
 def long_context(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype):
@@ -241,8 +253,7 @@ def long_context(engine, model, tokenizer, text, corpus, run, config, exp, model
             continue
         tokens = config.ppl_tokens and max(config.ppl_tokens, 2 * n)
         try:
-            ppl, pinfo = quality.perplexity(engine, model, tokenizer, text, window=n, max_tokens=tokens, batch_size=1,
-                                            dtype=dtype)
+            ppl, pinfo = perplexity(engine, model, tokenizer, text, window=n, max_tokens=tokens, batch_size=1, dtype=dtype)
             values[str(n)], info[str(n)] = {"perplexity": ppl}, {"perplexity": {"corpus": corpus, **pinfo}}
             if config.kld_tokens != 0:
                 part = kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, 1, n_ctx=n)
@@ -302,7 +313,7 @@ def main(run_dir, exp_id, process="its own interpreter"):
     exp = next(e for e in run["experiments"] if e["id"] == exp_id)
     path = run_dir / f"{exp_id}.json"
     model_info = next(m for m in run["models"] if m["name"] == exp["model"])
-    result = {"schema": SCHEMA, "experiment": exp_id, "method": exp["method"], "engine": METHODS[exp["method"]]["engine"],
+    result = {"schema": SCHEMA, "experiment": exp_id, "method": exp["method"], "engine": engine_of(exp),
               "settings": exp["settings"], "model": model_info, "device": run["device"], "status": "running",
               "error": None, "pid": os.getpid(), "process": process, "started": now(), "quality": {},
               "quality_info": {}, "cost": {}, "phases_s": {}}

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from quantbench.methods import METHODS
+from quantbench.methods import engine_of
 from quantbench.sweep import status_of, measure_device_rates, record_unfinished
 
 # What every experiment imports before it measures anything, imported once in the forkserver. Not
@@ -87,7 +87,7 @@ def run_child(run_dir, exp, run, context, running=None):
         return child.exitcode  # the caller starts it again in a fresh interpreter
     if status_of(run_dir, exp["id"]) not in ("ok", "failed", "skipped"):
         fix = None
-        if child.exitcode == -signal.SIGSEGV and METHODS[exp["method"]]["engine"] == "llama.cpp":
+        if child.exitcode == -signal.SIGSEGV and engine_of(exp) == "llama.cpp":
             from quantbench.engines import llamacpp
 
             fix = llamacpp.crash_fix()

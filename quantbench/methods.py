@@ -602,6 +602,21 @@ METHODS = {
     "gguf-file": _method(load_gguf_file, "checkpoint", None, extra="gguf", modules=("llama_cpp",), engine="llama.cpp", about="a GGUF file (or a folder holding one) given by its path, run in llama.cpp"),
 }
 
+# The methods whose saved checkpoint vLLM serves (--engines vllm measures each again there): the float
+# checkpoint itself, and the formats vLLM has kernels for. bitsandbytes, quanto and HQQ quantize as they
+# load or save in their own library's format; GGUF files run in llama.cpp.
+VLLM_FAMILIES = ("baseline", "gptq", "awq", "torchao", "llm-compressor", "autoround", "checkpoint")
+
+
+def vllm_serves(name):
+    return METHODS[name]["engine"] == "transformers" and METHODS[name]["family"] in VLLM_FAMILIES
+
+
+def engine_of(exp):
+    """The engine an experiment runs in: its own where it has one (`<name>@vllm`), else its method's."""
+    return exp.get("engine") or METHODS[exp["method"]]["engine"]
+
+
 # Methods whose results are the reference: deltas and the KL divergence are measured against a
 # model's first experiment with one of these. `baseline` becomes one of them per model (BASELINE_OF).
 BASELINE_METHODS = ("fp16", "bf16", "fp32")

@@ -87,6 +87,19 @@ def sanity(engine, model, tokenizer, dtype):
 
 def perplexity(engine, model, tokenizer, text, *, window, max_tokens=None, batch_size=1, dtype):
     """(perplexity, how it was measured) on `text` in non-overlapping windows of `window` tokens."""
+    windows, corpus_tokens = perplexity_windows(tokenizer, text, window=window, max_tokens=max_tokens)
+    nll = 0.0
+    with finite_logits(engine, model, "perplexity", dtype):
+        batches = engine.logprobs(model, windows, first=0, batch_size=batch_size)
+        for start, logp in zip(tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", leave=False), batches):
+            targets = windows[start:start + batch_size, 1:].reshape(-1).to(logp.device)
+            nll += F.nll_loss(logp.reshape(-1, logp.size(-1)), targets, reduction="sum").item()
+    return perplexity_of(nll, windows, corpus_tokens, dtype)
+
+
+def perplexity_windows(tokenizer, text, *, window, max_tokens=None):
+    """(the corpus's first `max_tokens` tokens cut into non-overlapping windows [n, window] of token ids, how
+    many tokens the whole corpus has)."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     total_tokens = ids.numel()
     if max_tokens is not None:
@@ -94,16 +107,15 @@ def perplexity(engine, model, tokenizer, text, *, window, max_tokens=None, batch
     n_windows = ids.numel() // window
     if n_windows == 0:
         raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than one window of {window}")
-    windows = ids[: n_windows * window].view(n_windows, window)
-    nll = 0.0
-    with finite_logits(engine, model, "perplexity", dtype):
-        batches = engine.logprobs(model, windows, first=0, batch_size=batch_size)
-        for start, logp in zip(tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False), batches):
-            targets = windows[start:start + batch_size, 1:].reshape(-1).to(logp.device)
-            nll += F.nll_loss(logp.reshape(-1, logp.size(-1)), targets, reduction="sum").item()
+    return ids[: n_windows * window].view(n_windows, window), total_tokens
+
+
+def perplexity_of(nll, windows, corpus_tokens, dtype):
+    """(perplexity, how it was measured) from the negative log-likelihood summed over `windows`' tokens 2..window."""
+    n_windows, window = windows.shape
     scored = n_windows * (window - 1)
     info = {"nll_mean": nll / scored, "tokens_scored": scored, "windows": n_windows, "window": window,
-            "stride": window, "corpus_tokens": total_tokens}
+            "stride": window, "corpus_tokens": corpus_tokens}
     value = math.exp(nll / scored) if nll / scored < 700 else float("inf")  # exp overflows past about 709
     check_finite("perplexity", {"perplexity": value, **info}, dtype)
     return value, info

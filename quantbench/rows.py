@@ -155,6 +155,8 @@ def kernel_of(result):
         parts.append(f"fallback {b['backend_fallback']['backend']}")
     if b.get("hqq_backend"):
         parts.append(b["hqq_backend"].replace("HQQBackend.", "HQQ "))
+    if b.get("linear_methods"):  # what vLLM put on the linear layers (GPTQMarlinLinearMethod, ...)
+        parts.append("vLLM " + ", ".join(b["linear_methods"]))
     return ", ".join(parts) or ("torch Linear" if b else "-")
 
 
@@ -208,6 +210,12 @@ def rows_of(label, run_dir, run, results):
         if compared and row["perplexity"] and base["quality"].get("perplexity"):
             row["ppl_delta"] = row["perplexity"] / base["quality"]["perplexity"] - 1
         row["against"] = against_baseline(docs[base["experiment"]], docs[r["experiment"]]) if compared else None
+        # The same method in transformers, for a vLLM experiment (`<id>@vllm`): the engines' parity.
+        twin = next((x for x in results if r.get("engine") == "vllm" and x["status"] == "ok"
+                     and x["experiment"] == r["experiment"].removesuffix("@vllm")), None)
+        row["twin"] = twin and {"experiment": twin["experiment"], "perplexity": twin["quality"].get("perplexity"),
+                                "kld": twin["quality"].get("kld")}
+        row["parity"] = twin and against_baseline(docs[twin["experiment"]], docs[r["experiment"]])
         row["recovery"] = row["against"] and row["against"].get("recovery_mean")
         # A float format against the baseline (bf16 against fp16, f16 in llama.cpp): the KLD of rounding alone.
         row["is_floor"] = compared and r["status"] == "ok" and bool(row["kld"]) and (row["bits"] or 0) >= 16 \
@@ -300,7 +308,8 @@ def comparison_tables(rows, several_runs):
         k = r["kld"]
         cells = ([r["run"]] if several_runs else []) + [r["experiment"] + (" (baseline)" if r["is_baseline"] else
                                                                            " (noise floor)" if r["is_floor"] else "")]
-        q = cells + ([cell("KLD mean", kld(r), pm(k["kld_mean"], k["kld_mean_stderr"], "{:.5f}")),
+        bound = "≥ " if k and k.get("kld_is_lower_bound") else ""  # vLLM's, from its top k (engines/vllm.py)
+        q = cells + ([cell("KLD mean", kld(r), bound + pm(k["kld_mean"], k["kld_mean_stderr"], "{:.5f}")),
                       cell("KLD p99", kld(r, "kld_p99"), f"{k['kld_p99']:.4f}"),
                       cell("same top %", kld(r, "same_top_p"), pm(100 * k["same_top_p"], k["same_top_p_stderr"] and
                                                                   100 * k["same_top_p_stderr"], "{:.2f}")),
@@ -322,7 +331,8 @@ def comparison_tables(rows, several_runs):
         cost_lines.append("| " + " | ".join(c) + " |")
     has_quality = any(r["kld"] or r["perplexity"] or r["tasks"] for r in ok)
     return ([("Quality", quality_head, quality_lines)] if has_quality else []) + against_table(ok, several_runs) + \
-        long_table(ok, several_runs) + kv_table(ok, several_runs) + [("Cost", cost_head, cost_lines)]
+        parity_table(ok, several_runs) + long_table(ok, several_runs) + kv_table(ok, several_runs) + \
+        [("Cost", cost_head, cost_lines)]
 
 
 def kv_table(ok, several_runs):
@@ -427,6 +437,39 @@ def against_table(ok, several_runs):
         cells += [task_text(r["against"]["tasks"][t]) if t in r["against"]["tasks"] else "-" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     return [("Against the baseline", head, lines)]
+
+
+def parity_table(ok, several_runs):
+    """Each method in vLLM against the same method in transformers, on the same tokens and documents: the
+    perplexity ratio, both KLDs from the baseline (vLLM's a lower bound), and each task's primary metric's
+    paired difference, flips and test: [(title, header, lines)], or [] where no method ran in both."""
+    pairs = [r for r in ok if r["twin"]]
+    if not pairs:
+        return []
+    tasks = sorted({t for r in pairs for t in r["parity"]["tasks"]})
+    head = (["run"] if several_runs else []) + ["vLLM experiment", "PPL vLLM / transformers", "KLD mean vLLM / transformers"]
+    head += [f"{t} Δ" for t in tasks]
+
+    def kld_text(r):
+        mine, theirs = r["kld"], r["twin"]["kld"]
+        if not mine:
+            return "-"
+        return f"≥ {mine['kld_mean']:.5f} / " + (f"{theirs['kld_mean']:.5f}" if theirs else "-")
+
+    def task_text(t):
+        c = t["metrics"][t["primary"]]
+        f = c["flips"]
+        return (f"{t['primary']} {c['delta']:+.4f}" + (f" ± {c['stderr']:.4f}" if c["stderr"] is not None else "")
+                + (f", {p_text(c['p_value'])}" if c["p_value"] is not None else "")
+                + (f"; lost {100 * f['lost_p']:.1f}%, gained {100 * f['gained_p']:.1f}%" if f else ""))
+
+    lines = []
+    for r in pairs:
+        ratio = r["perplexity"] / r["twin"]["perplexity"] if r["perplexity"] and r["twin"]["perplexity"] else None
+        cells = ([r["run"]] if several_runs else []) + [r["experiment"], "-" if ratio is None else f"{ratio:.4f}", kld_text(r)]
+        cells += [task_text(r["parity"]["tasks"][t]) if t in r["parity"]["tasks"] else "-" for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [("vLLM against transformers, the same method", head, lines)]
 
 
 def table(title, head, lines):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from quantbench import rows
 from quantbench.config import SUITES, ConfigError, from_args, from_run, make_experiment
-from quantbench.methods import (BASELINE_METHODS, BASELINE_OF, METHODS, checkpoint_dtype, group_size_problem,
-                                why_not_runnable)
+from quantbench.methods import (BASELINE_METHODS, BASELINE_OF, METHODS, checkpoint_dtype, engine_of, group_size_problem,
+                                vllm_serves, why_not_runnable)
 from quantbench.models import ModelError, cache_folder, model_slug, resolve_model
 from quantbench.results import (SCHEMA, ResultsError, documents, environment, load_run, read_json, read_run_file,
                                 write_files, write_json)
@@ -87,7 +87,7 @@ def new_run(config, *, sweep_file=None, device=None):
         here = config.backend == "local"  # elsewhere, a missing library is found (and recorded as skipped) on the worker
         config.experiments += [make_experiment(n) for n in METHODS  # the baselines by name, not `baseline`
                                if n not in have and n != "baseline" and METHODS[n]["family"] != "checkpoint"
-                               and why_not_runnable(n, device, libraries=here) is None]
+                               and METHODS[n]["engine"] in config.engines and why_not_runnable(n, device, libraries=here) is None]
     hub = hub_reachable()
     check_tasks(config.tasks, include_path=config.include_path, hub=hub)
     cache_dir = cache_folder(config.cache_dir)
@@ -133,8 +133,13 @@ def create_run(config, cache_dir, device=None, hub=None):
                          next((e for e in mine if e["method"] in BASELINE_METHODS), None))
         m["reference_experiment"] = reference and reference["id"]
         # Each quantized KV cache beside each transformers experiment (llama.cpp keeps its own cache).
+        own = list(mine)
         mine += [{**e, "id": f"{e['id']}-kv-{kv}", "name": f"{e['name']}-kv-{kv}", "kv_cache": kv, "kv_of": e["id"]}
-                 for kv in config.kv_cache if kv != "fp16" for e in list(mine) if METHODS[e["method"]]["engine"] == "transformers"]
+                 for kv in config.kv_cache if kv != "fp16" for e in own if engine_of(e) == "transformers"]
+        # Each method vLLM serves again in vLLM, on the checkpoint its transformers experiment made.
+        if "vllm" in config.engines:
+            mine += [{**e, "id": f"{e['id']}@vllm", "name": f"{e['name']}@vllm", "engine": "vllm"}
+                     for e in own if vllm_serves(e["method"])]
         experiments += sorted(mine, key=lambda e: e is not reference)
     run = {"schema": SCHEMA, "run_dir": str(run_dir.resolve()), "started": now(), "finished": None, "status": "running",
            "device": device, "hub_reachable": hub, "cache_dir": str(cache_dir), "config": dataclasses.asdict(config),
@@ -193,7 +198,7 @@ def status_of(run_dir, exp_id):
 def empty_result(run, exp):
     """The result of an experiment that measured nothing (skipped, or ended before it wrote one)."""
     model = next(m for m in run["models"] if m["name"] == exp["model"])
-    return {"schema": SCHEMA, "experiment": exp["id"], "method": exp["method"], "engine": METHODS[exp["method"]]["engine"],
+    return {"schema": SCHEMA, "experiment": exp["id"], "method": exp["method"], "engine": engine_of(exp),
             "settings": exp["settings"], "model": model, "device": run["device"], "quality": {}, "quality_info": {},
             "cost": {}, "phases_s": {}}
 
@@ -215,11 +220,14 @@ def skip_unrunnable(run_dir, exp, run, libraries=True):
     """Record `exp` as skipped, before its process starts, when it cannot run here: a group size that does
     not tile the model (first: installing a library would not help), a GPU it needs, a missing library
     (`libraries`: looked for on this machine; a worker elsewhere finds its own)."""
+    from quantbench.engines import vllm
+
     model = next(m for m in run["models"] if m["name"] == exp["model"])
     group = exp["settings"].get("group_size", METHODS[exp["method"]]["group_size"])
     shape = group_size_problem(model["path"], exp["method"], group)
     problems = [p for p in [shape and (shape, "pick another method for this model"),
-                            why_not_runnable(exp["method"], run["device"], libraries=libraries)] if p]
+                            why_not_runnable(exp["method"], run["device"], libraries=libraries),
+                            engine_of(exp) == "vllm" and vllm.why_not_runnable(run["device"])] if p]
     if not problems:
         return False
     write_json(Path(run_dir) / f"{exp['id']}.json", {**empty_result(run, exp), "status": "skipped",

@@ -119,7 +119,7 @@ def test_vllm_scores_the_tokens_transformers_scores(tmp_path):
 
     path = build_tiny_model(tmp_path / "m", hidden=256, intermediate=512)  # head size 64, as vLLM's kernels take
     windows = np.random.default_rng(0).integers(3, 200, size=(4, 64)).tolist()
-    lm, info = vllm.load(path, dtype="float16", max_model_len=128, k=20, gpu_memory_utilization=0.2)
+    lm, info = vllm.open_llm(path, dtype="float16", max_model_len=128, k=20, gpu_memory_utilization=0.2)
     assert info["quantization"] is None and info["linear_methods"] == ["UnquantizedLinearMethod"]
     got = vllm.prompt_logprobs(lm.model, windows, 20)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16).cuda()
@@ -168,3 +168,64 @@ def test_the_kld_summary_from_vllms_top_k_against_the_exact_one(tiny_model_dir, 
         assert got["kld_mean"] == pytest.approx(exact, rel=1e-5)
     else:
         assert got["method_outside_mean"] > 0 and got["kld_mean"] < 0.999 * exact
+
+
+def test_engines_vllm_adds_each_method_vllm_serves_after_its_own_and_on_a_cpu_skips_them(tiny_model_dir, tmp_path):
+    """--engines transformers,vllm: `<name>@vllm` for the float and saved-checkpoint methods (not bitsandbytes,
+    which quantizes as it loads), after the transformers experiments, the baseline still the KLD reference;
+    on the CPU each is skipped with vLLM's reason and the fix. vLLM alone, or a GGUF type left without llama.cpp,
+    is refused before anything runs."""
+    import dataclasses
+    import json
+
+    from quantbench import sweep
+    from quantbench.config import ConfigError, RunConfig, make_experiment, validate
+
+    config = dataclasses.replace(RunConfig(), models=[str(tiny_model_dir)], tasks=[], out=str(tmp_path), device="cpu",
+                                 engines=["transformers", "vllm"],
+                                 experiments=[make_experiment(m) for m in ["gptq-w4g128", "fp16", "nf4"]])
+    validate(config)
+    run_dir = sweep.create_run(config, tmp_path / "cache", hub=False)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [e["id"] for e in run["experiments"]] == ["fp16", "gptq-w4g128", "nf4", "gptq-w4g128@vllm", "fp16@vllm"]
+    assert run["models"][0]["reference_experiment"] == "fp16"
+    exp = next(e for e in run["experiments"] if e["id"] == "fp16@vllm")
+    assert exp["engine"] == "vllm" and exp["method"] == "fp16"
+    assert sweep.skip_unrunnable(run_dir, exp, run)
+    skipped = json.loads((run_dir / "fp16@vllm.json").read_text())
+    assert skipped["status"] == "skipped" and skipped["engine"] == "vllm"
+    assert "vLLM runs on a CUDA GPU" in skipped["error"] and "NVIDIA GPU" in skipped["fix"]
+    with pytest.raises(ConfigError, match="needs transformers too"):
+        validate(dataclasses.replace(config, engines=["vllm"]))
+    with pytest.raises(ConfigError, match="gguf-q8_0 runs in llama.cpp"):
+        validate(dataclasses.replace(config, experiments=[make_experiment("gguf-q8_0")]))
+
+
+@pytest.mark.gpu
+def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_data, tmp_path, tiny_wide_model_dir):
+    """fp16 in transformers and fp16@vllm in one run: vLLM's perplexity within 1% of transformers' on the
+    same windows, its KLD bound from the top 256 near the precision floor with the top token mostly agreeing,
+    the task's documents scored in both, vLLM's compiled decode and TTFT timed."""
+    pytest.importorskip("vllm")
+    import json
+
+    from quantbench import cli
+
+    code = cli.main(["run", "--model", str(tiny_wide_model_dir), "--methods", "fp16", "--engines", "transformers,vllm",
+                     "--tasks", "lambada_openai", "--limit", "16", "--data-dir", str(shared_data), "--out", str(tmp_path / "r"),
+                     "--cache-dir", str(tmp_path / "cache"), "--ppl-window", "256", "--ppl-tokens", "2048", "--kld-ctx", "128",
+                     "--kld-tokens", "1024", "--prompt-lengths", "32,128", "--batch-sizes", "1,4", "--new-tokens", "16",
+                     "--repeats", "2"])
+    assert code == 0
+    run_dir = tmp_path / "r" / "run001"
+    base, mine = (json.loads((run_dir / f"{e}.json").read_text()) for e in ("fp16", "fp16@vllm"))
+    assert mine["status"] == "ok", (mine.get("error"), mine.get("traceback_tail"))
+    assert mine["engine"] == "vllm" and mine["backend"]["linear_methods"] == ["UnquantizedLinearMethod"]
+    assert mine["quality"]["perplexity"] == pytest.approx(base["quality"]["perplexity"], rel=0.01)
+    kld = mine["quality"]["kld"]
+    assert kld["kld_is_lower_bound"] and 0 <= kld["kld_mean"] < 1e-3 and kld["same_top_p"] > 0.95
+    assert kld["ppl_ratio"] == pytest.approx(1, abs=0.01)
+    assert mine["quality"]["lambada_openai"]["n"] == base["quality"]["lambada_openai"]["n"] == 16
+    decode = mine["cost"]["decode"]
+    assert decode["compiled"]["1"]["tok_s"] > 0 and decode["compiled"]["4"]["tok_s"] > 0 and "eager" not in decode
+    assert mine["cost"]["prefill"]["128"]["ttft_ms"] > 0 and mine["cost"]["weight_bytes"] > 0

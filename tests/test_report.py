@@ -266,3 +266,27 @@ def test_summary_lists_what_the_quantizers_reported_and_leaves_failed_rows_out_o
             "Hessian remained non positive-definite; WARNING Damp recovery failed (x3); 2 of 14 linear layers left "
             "unquantized (model.layers.0.mlp.down_proj, x).") in summary
     assert "- Compute dtype: bf16 bfloat16 (the checkpoint's dtype)." in summary
+
+
+def test_a_method_in_vllm_is_compared_with_itself_in_transformers_document_by_document(tmp_path):
+    """int8@vllm beside int8 (fixture results): its KLD shown as the lower bound it is, its kernel as vLLM's
+    linear method, and the parity table: the perplexity ratio, both KLDs, and the task's paired difference
+    with the documents it flips against the same method in transformers."""
+    folder = _run(tmp_path / "run001", methods=("fp16", "int8"))
+    int8 = read_json(folder / "int8.json")
+    acc = read_json(folder / "int8.docs.json")["arc_easy"]["acc"]
+    mine = acc[:]
+    mine[0], mine[70] = 0.0, 1.0  # one document lost, one gained against transformers' int8
+    _write(folder / "int8@vllm.docs.json", {"arc_easy": {"doc_ids": list(range(100)), "acc": mine}})
+    quality = {**int8["quality"], "perplexity": int8["quality"]["perplexity"] * 1.002,
+               "kld": {**int8["quality"]["kld"], "kld_mean": 0.0039, "kld_is_lower_bound": True, "top_k": 256}}
+    _write(folder / "int8@vllm.json", {**int8, "experiment": "int8@vllm", "engine": "vllm", "quality": quality, "shared_host_with": [],
+                                        "backend": {"engine": "vllm", "linear_methods": ["UnquantizedLinearMethod"]}})
+    run = read_json(folder / "run.json")
+    write_json(folder / "run.json", {**run, "experiments": run["experiments"] + [{"id": "int8@vllm"}]})
+    text = report.build([folder])[0].read_text()
+    assert "**vLLM against transformers, the same method**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| int8@vllm | 1.0020 |"))
+    assert "≥ 0.00390 / 0.00400" in row and "acc +0.0000" in row and "lost 1.0%, gained 1.0%" in row and "p 1" in row
+    assert any(line.startswith("| int8@vllm |") and "≥ 0.00390 ± " in line for line in text.splitlines())
+    assert any(line.startswith("| int8@vllm |") and "vLLM UnquantizedLinearMethod" in line for line in text.splitlines())

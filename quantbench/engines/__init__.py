@@ -4,8 +4,8 @@ An experiment is (model, method, engine); each method names the engine that runs
 engine module gives the same functions (see engines/transformers.py): load, logprobs, forwards, lm,
 generate, time_prefill, time_decode, compile_step, compiled_settings, compiled_state, graph_breaks,
 weight_bytes, reset_peak, peak_bytes, resident_bytes, release, input_device, device_name, shapes, standard_bench;
-and DECODE_MODES, EAGER_ATTENTION.
+and DECODE_MODES, EAGER_ATTENTION. vLLM returns no logits: it gives its own perplexity and kld for logprobs.
 """
-from quantbench.engines import llamacpp, transformers
+from quantbench.engines import llamacpp, transformers, vllm
 
-ENGINES = {"transformers": transformers, "llama.cpp": llamacpp}
+ENGINES = {"transformers": transformers, "llama.cpp": llamacpp, "vllm": vllm}

@@ -1,11 +1,17 @@
-"""The vLLM engine's scoring, the part of it that needs no GPU (the engine's load and its measurements,
-issue 24, run on the GPU machine only).
+"""The vLLM engine: a method's saved checkpoint served by vLLM's `LLM` (through lm-eval's own vLLM model,
+so tasks, scoring and timing share one engine), measured on the same token ids as the other engines.
 
-vLLM returns log-probabilities of a prompt's tokens, not logits: per position the prompt's own next
-token and the `k` most likely ones (`SamplingParams(prompt_logprobs=k, flat_logprobs=True)`). The whole
+    model, tokenizer, info = load("gptq-w4g128", checkpoint, model_path=path, device="cuda", settings={})
+    ppl, how = perplexity(model, tokenizer, text, window=2048, max_tokens=16384, dtype="float16")
+    summary, used = kld(model, reference_folder, dtype="float16")
+
+It gives the functions every engine gives (engines/transformers.py names them) but `logprobs`: vLLM
+returns log-probabilities of a prompt's tokens, not logits, per position the prompt's own next token
+and the `k` most likely ones (`SamplingParams(prompt_logprobs=k, flat_logprobs=True)`). The whole
 vocabulary (`prompt_logprobs=-1`) comes back as Python floats, vocabulary x positions of them, which is
-what makes it slow. So the KL divergence from the run's reference (the baseline's full log-probabilities,
-quality.py) is computed from the method's top `k`, with the bound the missing mass puts on it:
+what makes it slow. So perplexity is computed from the prompt tokens' own log-probabilities (exact), and
+the KL divergence from the run's reference (the baseline's full log-probabilities, quality.py) from the
+method's top `k`, with the bound the missing mass puts on it:
 
     KL(p || q) = sum over S of p log(p / q)  +  sum outside S of p log(p / q)
               >= sum over S of p log(p / q)  +  P log(P / Q)
@@ -21,32 +27,99 @@ upper bound, since q may put almost nothing on a token p likes.
 Everything else of the KLD summary (the top token's agreement, the change in the next token's
 probability, the perplexity ratio) is exact: vLLM returns the prompt token's own log-probability and
 the most likely token's (compare_to_reference).
+
+vLLM decodes as it serves, with the model torch.compile'd and the decode batches in CUDA graphs (its
+defaults): its speed is recorded as the "compiled" mode, timed by `vllm bench latency`'s protocol.
 """
+import contextlib
+import importlib.metadata
 import os
+import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
 from quantbench import quality
+from quantbench.engines import llamacpp
 
 # float32 log-probabilities sum to 1 within about this much: a missing mass below it is rounding
 MASS_RESOLUTION = 1e-6
+# The tokens a position returns for the KLD's bound: their mass covers all but a small tail of a 4-bit
+# model's next-token distribution, at about a megabyte of floats per 4080 scored tokens.
+KLD_TOP_K = 256
+# Positions vLLM is opened with (the model's, where fewer): the longest of the default perplexity window,
+# prompt lengths and --long-context 8192; its KV cache pool must hold one sequence of it.
+MAX_MODEL_LEN = 8192
+EAGER_ATTENTION = "vLLM's attention backend (its choice for the card)"
+DECODE_MODES = ("compiled",)  # vLLM's own: torch.compile and CUDA graphs, as it serves
+shapes = llamacpp.shapes  # from the Hugging Face config, with a 16-bit KV cache as vLLM's default is
 
 
-def load(checkpoint, *, dtype, max_model_len, k, gpu_memory_utilization=0.4, enforce_eager=False):
+def about(device):
+    """What this engine is on this machine, for `quantbench methods`."""
+    problem = why_not_runnable(device)
+    if problem:
+        return f"not usable here: {problem[0]} ({problem[1]}); --engines vllm runs {', '.join(SERVED)} again in it"
+    return f"vLLM {importlib.metadata.version('vllm')}; --engines vllm runs {', '.join(SERVED)} again in it"
+
+
+SERVED = ("float", "GPTQ", "AWQ", "torchao", "llm-compressor", "AutoRound", "checkpoint folders")
+
+
+def why_not_runnable(device):
+    """None where vLLM can run on `device`, else (reason, fix)."""
+    if device != "cuda":
+        return ("vLLM runs on a CUDA GPU and this run is on the CPU", "run it on a machine with an NVIDIA GPU")
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return ("the Python package vllm is not installed", "pip install vllm==0.26.0 (its own environment: docs/gpu.md)")
+    return None
+
+
+def open_llm(checkpoint, *, dtype, max_model_len, k, tokenizer=None, gpu_memory_utilization=0.9, enforce_eager=False):
     """(lm-eval's vLLM model on a checkpoint folder, what vLLM chose): its `.model` is the vLLM `LLM`, opened
-    as `vllm serve` opens the folder (the format from its config, the kernels vLLM's choice), so tasks,
-    scoring and timing share one engine. Prefix caching off, so every window is computed; `k`: the top
-    log-probabilities a prompt position may return."""
+    as `vllm serve` opens the folder (the format from its config, the kernels vLLM's choice, its default
+    share of the GPU's memory), so tasks, scoring and timing share one engine. Prefix caching off, so every
+    window is computed; `k`: the top log-probabilities a prompt position may return."""
     # apply_model sends a function to vLLM's worker process, which vLLM refuses to unpickle unless allowed
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from lm_eval.models.vllm_causallms import VLLM
 
-    lm = VLLM(pretrained=str(checkpoint), dtype=dtype, max_model_len=max_model_len, max_logprobs=k, seed=0,
-              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, enable_prefix_caching=False)
+    lm = VLLM(pretrained=str(checkpoint), tokenizer=tokenizer and str(tokenizer), dtype=dtype, max_model_len=max_model_len,
+              max_logprobs=k, seed=0, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+              enable_prefix_caching=False)
     llm = lm.model
     return lm, {"quantization": llm.llm_engine.model_config.quantization, "linear_methods": llm.apply_model(_linear_methods)[0]}
+
+
+def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=False):
+    """(model, tokenizer, info): the method's checkpoint folder (the run's model for a float method, the
+    quantized one from the cache, or the folder a checkpoint method names) served by vLLM, in the dtype
+    the method says (a quantized checkpoint's own: "auto"), with the Hugging Face tokenizer of the model at
+    `model_path`; what vLLM chose (its quantization method and the classes of its linear layers' methods)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from quantbench.methods import METHODS, checkpoint_folder
+
+    folder = checkpoint_folder(settings["source"]) if METHODS[method]["family"] == "checkpoint" else checkpoint
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    max_len = min(getattr(config, "max_position_embeddings", None) or MAX_MODEL_LEN, MAX_MODEL_LEN)
+    _USED_BEFORE[:] = [_device_used()]
+    lm, chose = open_llm(folder, dtype=settings.get("dtype", "auto"), max_model_len=max_len, k=KLD_TOP_K,
+                         tokenizer=model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    engine_config = lm.model.llm_engine.vllm_config
+    info = {"engine": "vllm", "device": device, "vllm": importlib.metadata.version("vllm"), **chose,
+            "compute_dtype": str(engine_config.model_config.dtype).removeprefix("torch."), "checkpoint": str(folder),
+            "max_model_len": max_len, "top_k_logprobs": KLD_TOP_K,
+            "gpu_memory_utilization": engine_config.cache_config.gpu_memory_utilization,
+            "enforce_eager": engine_config.model_config.enforce_eager, "prefix_caching": False}
+    return {"lm": lm, "llm": lm.model, "config": config, "seen": None}, tokenizer, info
 
 
 def _linear_methods(model):
@@ -122,12 +195,15 @@ def kld_lower_bound(reference, ids, logprobs):
 # vLLM's own benchmarks, run as its users run them (`vllm bench latency|throughput|serve`, a process each),
 # and what their JSON files say in quantbench's units: the reference quantbench's vLLM speed is checked
 # against (docs/protocols.md, "vLLM's own benchmarks"). Field names: vllm/benchmarks/*.py of vLLM 0.26.0.
+# VLLM_CLI is what the `vllm` console script runs, started by this interpreter, which finds the vLLM it
+# imports also where the script is not on PATH (a package installed with --target).
+VLLM_CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 def latency_command(model, out_json, *, batch_size, input_len, output_len, dtype, warmup=5, iters=15):
     """`vllm bench latency`: `iters` timed generations of `batch_size` random prompts of `input_len`
     tokens, `output_len` new tokens each (EOS ignored), after `warmup` untimed ones; prefix caching off,
     its default there, so every prompt is computed."""
-    return ["vllm", "bench", "latency", "--model", str(model), "--dtype", dtype, "--batch-size", str(batch_size),
+    return [*VLLM_CLI, "bench", "latency", "--model", str(model), "--dtype", dtype, "--batch-size", str(batch_size),
             "--input-len", str(input_len), "--output-len", str(output_len), "--num-iters-warmup", str(warmup),
             "--num-iters", str(iters), "--max-model-len", str(input_len + output_len), "--disable-detokenize",
             "--output-json", str(out_json)]
@@ -135,7 +211,7 @@ def latency_command(model, out_json, *, batch_size, input_len, output_len, dtype
 
 def throughput_command(model, out_json, *, batch_size, input_len, output_len, dtype, num_prompts):
     """`vllm bench throughput` on random prompts with at most `batch_size` sequences in flight."""
-    return ["vllm", "bench", "throughput", "--model", str(model), "--dtype", dtype, "--dataset-name", "random",
+    return [*VLLM_CLI, "bench", "throughput", "--model", str(model), "--dtype", dtype, "--dataset-name", "random",
             "--input-len", str(input_len), "--output-len", str(output_len), "--num-prompts", str(num_prompts),
             "--max-num-seqs", str(batch_size), "--max-model-len", str(input_len + output_len),
             "--output-json", str(out_json)]
@@ -144,7 +220,7 @@ def throughput_command(model, out_json, *, batch_size, input_len, output_len, dt
 def serve_command(model, result_dir, result_name, *, request_rate, input_len, output_len, num_prompts, port):
     """`vllm bench serve` against a `vllm serve` of `model` on localhost:`port`: random prompts arriving
     as a Poisson process of `request_rate` a second; TTFT and TPOT at the 50th, 90th and 99th percentiles."""
-    return ["vllm", "bench", "serve", "--backend", "vllm", "--model", str(model), "--port", str(port),
+    return [*VLLM_CLI, "bench", "serve", "--backend", "vllm", "--model", str(model), "--port", str(port),
             "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
             "--num-prompts", str(num_prompts), "--request-rate", str(request_rate), "--ignore-eos",
             "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,90,99",
@@ -204,3 +280,177 @@ def compare_to_reference(scored, folder):
                   "method_outside_mean": float(kld["method_outside"].mean()),
                   "method_outside_max": float(kld["method_outside"].max())})
     return stats, quality.reference_used(info)
+
+
+# ---- the engine's functions (engines/transformers.py names them) ----
+
+def perplexity(model, tokenizer, text, *, window, max_tokens=None, dtype):
+    """quality.perplexity's protocol on the same windows, from vLLM's log-probability of each prompt token."""
+    windows, corpus_tokens = quality.perplexity_windows(tokenizer, text, window=window, max_tokens=max_tokens)
+    with quality.finite_logits(sys.modules[__name__], model, "perplexity", dtype):
+        scored = _scored(model, windows.tolist(), 0)
+    nll = -sum(float(top["target"].sum()) for top in scored)
+    return quality.perplexity_of(nll, windows, corpus_tokens, dtype)
+
+
+def kld(model, folder, *, dtype):
+    """compare_to_reference of the method's top KLD_TOP_K log-probabilities on the chunks of the reference in
+    `folder`: (the KLD summary, its mean a lower bound; how it was measured)."""
+    _, _, saved = quality.read_reference(folder)
+    with quality.finite_logits(sys.modules[__name__], model, "kld", dtype):
+        scored = _scored(model, saved["chunks"].tolist(), KLD_TOP_K)
+    stats, used = compare_to_reference(scored, folder)
+    quality.check_finite("kld", stats, dtype)
+    return stats, {**used, "how": f"vLLM's prompt log-probabilities: the KLD a lower bound from the top {KLD_TOP_K} a "
+                   "position (log-sum inequality), the other statistics exact"}
+
+
+def _scored(model, windows, k):
+    """prompt_logprobs of `windows`, their non-finite log-probabilities counted as forwards' logits are."""
+    scored = prompt_logprobs(model["llm"], windows, k)
+    if model["seen"] is not None:
+        for top in scored:
+            model["seen"]["positions"] += len(top["target"])
+            model["seen"]["nonfinite"] += int((~np.isfinite(top["logprobs"])).any(-1).sum())
+    return scored
+
+
+@contextlib.contextmanager
+def forwards(model, *, varying_shapes=False):
+    """Yields {'positions', 'nonfinite'}: the positions scored in the block whose returned log-probabilities
+    hold a NaN or an infinity (vLLM returns no logits)."""
+    model["seen"] = {"positions": 0, "nonfinite": 0}
+    try:
+        yield model["seen"]
+    finally:
+        model["seen"] = None
+
+
+def generate(model, tokenizer, prompt, new_tokens):
+    """Greedy continuation of `prompt`: (new token ids, text)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logprobs=0, detokenize=False)
+    out = model["llm"].generate([TokensPrompt(prompt_token_ids=tokenizer(prompt).input_ids)], params, use_tqdm=False)[0]
+    new = list(out.outputs[0].token_ids)
+    if model["seen"] is not None:  # the chosen token's log-probability at each step
+        values = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs or [], new)]
+        model["seen"]["positions"] += len(values)
+        model["seen"]["nonfinite"] += sum(not np.isfinite(v) for v in values)
+    return new, tokenizer.decode(new, skip_special_tokens=True)
+
+
+def lm(model, tokenizer, *, batch_size, max_length, max_batch_size):
+    """lm-eval's VLLM opened at load: vLLM schedules the requests itself (lm-eval's batch size "auto"); its
+    contexts are cut at the run's `max_length`, as the transformers engine's are."""
+    model["lm"]._max_length = max_length  # VLLM keeps the length it truncates to here (max_model_len by default)
+    return model["lm"]
+
+
+# ---- memory ----
+
+def weight_bytes(model):
+    """The bytes of the parameters and buffers of the model vLLM runs (its worker's module: the quantized
+    weights as its kernels take them, after any repacking)."""
+    held = model["llm"].apply_model(_held_bytes)[0]
+    return {"weight_bytes": held["parameters"] + held["buffers"], "parameter_bytes": held["parameters"],
+            "buffer_bytes": held["buffers"]}
+
+
+def _held_bytes(module):
+    return {"parameters": sum(p.numel() * p.element_size() for p in module.parameters()),
+            "buffers": sum(b.numel() * b.element_size() for b in module.buffers())}
+
+
+def reset_peak(device):
+    """vLLM allocates its share of the GPU when it starts (weights, activations and a KV cache pool filling
+    the rest of gpu_memory_utilization): there is no peak to reset."""
+
+
+def release(device):
+    """Nothing to give back between phases."""
+
+
+_USED_BEFORE = []  # the device memory in use before vLLM started (each experiment is a process of its own)
+
+
+def _device_used():
+    """The whole device's memory in use, as NVML counts it (vLLM's worker is another process), read without
+    initialising CUDA here: vLLM starts its worker by fork only from a process that has not."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    index = int(visible) if visible.isdigit() else 0
+    return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used
+
+
+def resident_bytes(device):
+    """None: what vLLM holds is its whole share of the GPU (peak_bytes), its KV cache pool included."""
+    return None
+
+
+def peak_bytes(device):
+    """The device memory in use beyond what was before vLLM started: its share of the GPU, set when it starts."""
+    return {"peak_bytes": _device_used() - _USED_BEFORE[0],
+            "peak_kind": "device memory in use less that before vLLM started (NVML): vLLM's whole share of the GPU"}
+
+
+def input_device(model):
+    """Token ids stay on the host: vLLM takes them as lists."""
+    return "cpu"
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None
+
+
+# ---- timed prefill and decode: `vllm bench latency`'s protocol (time_generate) ----
+
+def _latencies(model, input_ids, output_len, runs):
+    """Seconds of `runs` generations from `input_ids` ([batch, prompt] token ids) to `output_len` tokens each,
+    after one untimed (sampling at temperature 1, EOS ignored, no detokenizing, as vllm bench latency)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=row) for row in input_ids.tolist()]
+    params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len, detokenize=False)
+    times = []
+    for _ in range(runs + 1):
+        t = time.perf_counter()
+        model["llm"].generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def time_prefill(model, input_ids, *, repeats, pad_token_id, attention=None):
+    """Seconds of prefill plus the first token from `input_ids` (one sequence), `repeats` times after a warm-up."""
+    return _latencies(model, input_ids, 1, repeats)
+
+
+def time_decode(model, input_ids, new_tokens, *, mode, runs, pad_token_id, step=None, attention=None):
+    """Seconds per decode step after the first token, one sample per run: (the run's time to `new_tokens`
+    tokens less the median time to one) / (new_tokens - 1), as read_latency reads vllm bench latency's two
+    runs; vLLM returns a batch when every sequence is done, so a step's own time is not seen."""
+    first = statistics.median(_latencies(model, input_ids, 1, max(runs, 3)))
+    return [(t - first) / (new_tokens - 1) for t in _latencies(model, input_ids, new_tokens, runs)]
+
+
+def compile_step(model, device):
+    return None  # vLLM compiled the model when it started
+
+
+def compiled_settings(device):
+    return {"vllm": "torch.compile of the model and CUDA graphs of the decode batches, vLLM's defaults"}
+
+
+def graph_breaks(since=None):
+    return None
+
+
+def compiled_state(model, device, breaks):
+    config = model["llm"].llm_engine.vllm_config.compilation_config
+    return {"compiled": True, "how": "vLLM's own (its defaults)", "cudagraph_mode": str(config.cudagraph_mode)}
+
+
+def standard_bench(model):
+    return None  # vLLM's own benchmark runs as a process of its own: benchmarks/vllm_cross_check.py
