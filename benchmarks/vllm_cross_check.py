@@ -1,15 +1,19 @@
 """quantbench's vLLM timing against vLLM's own `vllm bench latency`, on the same checkpoint and settings.
 
-For each batch size: `vllm bench latency` (its own process) with one new token and with --output-len
-new tokens, then the same two measurements in this process through engines.vllm.time_generate (the
-same protocol: random prompts of --input-len ids below 10000, EOS ignored, no detokenizing, warm-up
-then timed iterations). engines.vllm.read_latency turns each pair into TTFT and decode tokens/s, and
-the check is quantbench's figure over vLLM's, within 5% (ratios from one run on one card).
+quantbench's side is one vLLM opened in this process (engines.vllm.open_llm); vLLM's side is `vllm bench
+latency`, a process each, opened with the same positions (--input-len + --output-len) and share of the
+GPU, so both fit on the card at once. For each of --rounds rounds and each batch size, the two sides run
+back to back, in turn first: each times generations of one new token and of --output-len new tokens
+(random prompts of --input-len ids below 10000, EOS ignored, no detokenizing, warm-up then timed
+iterations: engines.vllm.time_generate is that protocol in this process), and engines.vllm.read_latency
+turns each pair into TTFT and decode tokens/s. Each round gives one ratio per figure (quantbench's over
+vLLM's); the check is their median, within 5%, with every round's printed (ratios from one run on one card).
 
-    python benchmarks/vllm_cross_check.py CHECKPOINT --batch-sizes 1,8,32 --dtype float16
+    python benchmarks/vllm_cross_check.py CHECKPOINT --batch-sizes 1,8 --rounds 3 --dtype float16
 """
 import argparse
 import json
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,40 +21,58 @@ from pathlib import Path
 from quantbench.engines import vllm
 
 
-def theirs(checkpoint, folder, batch_size, output_len, args):
-    out = Path(folder) / f"latency-b{batch_size}-n{output_len}.json"
-    command = vllm.latency_command(checkpoint, out, batch_size=batch_size, input_len=args.input_len,
-                                   output_len=output_len, dtype=args.dtype, warmup=args.warmup, iters=args.iters)
-    subprocess.run(command + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)], check=True)
-    return json.loads(out.read_text())
+def theirs(checkpoint, folder, batch_size, args):
+    """`vllm bench latency` with one new token and with --output-len: its two results."""
+    out = []
+    for n in (1, args.output_len):
+        path = Path(folder) / f"latency-b{batch_size}-n{n}.json"
+        command = vllm.latency_command(checkpoint, path, batch_size=batch_size, input_len=args.input_len, output_len=n,
+                                       dtype=args.dtype, warmup=args.warmup, iters=args.iters,
+                                       max_model_len=args.input_len + args.output_len)
+        subprocess.run(command + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)], check=True)
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def ours(llm, batch_size, args):
+    return [vllm.time_generate(llm, batch_size=batch_size, input_len=args.input_len, output_len=n, warmup=args.warmup,
+                               iters=args.iters) for n in (1, args.output_len)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=15)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    with tempfile.TemporaryDirectory() as folder:  # vLLM's side first: its processes end before ours loads
-        reference = {b: [theirs(args.checkpoint, folder, b, n, args) for n in (1, args.output_len)] for b in sizes}
     lm, info = vllm.open_llm(args.checkpoint, dtype=args.dtype, max_model_len=args.input_len + args.output_len, k=1,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
-    print(f"# {args.checkpoint}: quantization {info['quantization']}, {', '.join(info['linear_methods'])}")
-    print("| batch | TTFT ms quantbench / vllm bench | ratio | decode tok/s quantbench / vllm bench | ratio |")
-    print("|---|---|---|---|---|")
+                             gpu_memory_utilization=args.gpu_memory_utilization)
+    print(f"# {args.checkpoint}: quantization {info['quantization']}, {', '.join(info['quant_methods'])}")
+    ratios = {b: {"ttft": [], "decode": []} for b in sizes}
+    with tempfile.TemporaryDirectory() as folder:
+        for r in range(args.rounds):
+            for b in sizes:
+                sides = [lambda: ours(lm.model, b, args), lambda: theirs(args.checkpoint, folder, b, args)]
+                got = [side() for side in (sides if r % 2 == 0 else sides[::-1])]
+                mine, ref = (vllm.read_latency(*pair, batch_size=b, output_len=args.output_len)
+                             for pair in (got if r % 2 == 0 else got[::-1]))
+                ratios[b]["ttft"].append(mine["ttft_ms"] / ref["ttft_ms"])
+                ratios[b]["decode"].append(mine["decode_tokens_per_s"] / ref["decode_tokens_per_s"])
+                print(f"round {r + 1}, batch {b}: TTFT ms {mine['ttft_ms']:.2f} / {ref['ttft_ms']:.2f}, decode tok/s "
+                      f"{mine['decode_tokens_per_s']:.1f} / {ref['decode_tokens_per_s']:.1f} (quantbench / vllm bench)",
+                      flush=True)
+    print("| batch | TTFT ratio, median [rounds] | decode tok/s ratio, median [rounds] |")
+    print("|---|---|---|")
     for b in sizes:
-        mine = [vllm.time_generate(lm.model, batch_size=b, input_len=args.input_len, output_len=n, warmup=args.warmup,
-                                   iters=args.iters) for n in (1, args.output_len)]
-        ours, ref = (vllm.read_latency(*pair, batch_size=b, output_len=args.output_len) for pair in (mine, reference[b]))
-        print(f"| {b} | {ours['ttft_ms']:.2f} / {ref['ttft_ms']:.2f} | {ours['ttft_ms'] / ref['ttft_ms']:.3f} | "
-              f"{ours['decode_tokens_per_s']:.1f} / {ref['decode_tokens_per_s']:.1f} | "
-              f"{ours['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.3f} |")
+        cells = [f"{statistics.median(v):.3f} [{', '.join(f'{x:.3f}' for x in v)}]" for v in ratios[b].values()]
+        print(f"| {b} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -576,7 +576,8 @@ METHODS = {
     "torchao-int8wo": _method(load_saved, "torchao", 8, None, extra="torchao", modules=("torchao",), about="int8 weight-only, per row", quantize=partial(quantize_torchao, scheme="int8wo")),
     # bfloat16 always: the tinygemm kernel behind this packing takes bfloat16 only.
     "torchao-int4wo": _method(load_saved, "torchao", 4, 128, gpu=True, extra="torchao", modules=("torchao",), about="int4 weight-only, tile_packed_to_4d (tinygemm), bf16 compute", quantize=partial(quantize_torchao, scheme="int4wo", dtype="bfloat16")),
-    "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8")),
+    # bfloat16 always: torchao 0.18 quantizes float8 per row from bfloat16 weights only (it asserts so).
+    "torchao-fp8": _method(load_saved, "torchao", 8, None, gpu=True, extra="torchao", modules=("torchao",), about="float8 dynamic activation + weight, per row, bf16 compute; CC >= 8.9", quantize=partial(quantize_torchao, scheme="fp8", dtype="bfloat16")),
     "llmc-w4a16": _method(load_saved, "llm-compressor", 4, 128, calibration=True, extra="llmc", modules=LLMC, about="llm-compressor GPTQ: int4 weights, group 128, float activations (W4A16), compressed-tensors", quantize=partial(quantize_llmc, scheme="W4A16", group_size=128)),
     "llmc-w8a8": _method(load_saved, "llm-compressor", 8, calibration=True, extra="llmc", modules=LLMC, about="llm-compressor SmoothQuant 0.8 then GPTQ: int8 weights per channel, int8 activations per token (W8A8)", quantize=partial(quantize_llmc, scheme="W8A8")),
     "llmc-fp8": _method(load_saved, "llm-compressor", 8, extra="llmc", modules=LLMC, about="llm-compressor FP8 weights per channel, FP8 activations per token, no calibration (FP8_DYNAMIC)", quantize=partial(quantize_llmc, scheme="FP8_DYNAMIC")),

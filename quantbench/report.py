@@ -166,7 +166,8 @@ def protocol_lines(run, results):
                    "averages each task's primary metric (the first of " + ", ".join(PRIMARY_METRICS) + " it has), "
                    "its interval from theirs.")
     c = run["config"]
-    timed = next((r["cost"] for r in results if "decode_runs" in r.get("cost", {}) and r.get("engine") != "llama.cpp"), None)
+    timed = next((r["cost"] for r in results if "decode_runs" in r.get("cost", {}) and r.get("engine") in (None, "transformers")),
+                 None)
     if timed:
         compiled = "compiled" in timed["decode_modes"]
         kernels = timed["attention_kernels"]["eager"]
@@ -178,7 +179,7 @@ def protocol_lines(run, results):
                    f"tok/s = prompt / TTFT); decode tok/s = batch / median step time over the {timed['new_tokens']} - 1 "
                    f"steps after the first token of {timed['decode_runs']} run(s), from {timed['decode_prompt_tokens']}-token "
                    f"prompts; eager attention kernels: {', '.join(kernels) if isinstance(kernels, list) else kernels}.")
-    out += _llama_cpp_lines(results)
+    out += _llama_cpp_lines(results) + _vllm_lines(results)
     rates = run.get("device_rates") or {}
     if rates.get("copy_bytes_s"):
         out.append(f"- Roofline: measured copy bandwidth {rates['copy_bytes_s'] / 1e9:.0f} GB/s and matmul rate "
@@ -229,6 +230,29 @@ def _llama_cpp_lines(results):
         out.append(f"- Engine check: {f16['experiment']} in llama.cpp against {base['experiment']} in transformers, on the same "
                    f"tokens: mean KLD {k['kld_mean']:.2e} ± {k['kld_mean_stderr'] or 0:.1e}, the same top token "
                    f"{100 * k['same_top_p']:.2f}% of the time (llama.cpp's own floor for BF16 against FP16 on Llama-3-8B: 2.5e-5).")
+    return out
+
+
+def _vllm_lines(results):
+    """How vLLM's experiments ran (docs/protocols.md, "vLLM"), and its engine check where fp16@vllm scored."""
+    mine = [r for r in results if r.get("engine") == "vllm" and r.get("backend")]
+    if not mine:
+        return []
+    b, names = mine[0]["backend"], ", ".join(r["experiment"] for r in mine)
+    out = [f"- vLLM ({names}): vLLM {b.get('vllm')} serving each checkpoint as `vllm serve` opens it (its share of the GPU "
+           f"{b.get('gpu_memory_utilization')}, prefix caching off), fed the Hugging Face tokenizer's ids; speed in its own "
+           "compiled mode (torch.compile, CUDA graphs) by `vllm bench latency`'s protocol: TTFT = a generation of 1 token, a "
+           "decode step = (a run's time to the new tokens - the median time to 1) / (new tokens - 1); weights = the "
+           "parameters of the module it runs; peak = its whole share of the GPU (NVML), the KV cache pool "
+           f"included. Perplexity exact from each prompt token's log-probability; KLD a lower bound (≥) from the top "
+           f"{b.get('top_k_logprobs')} log-probabilities a position (log-sum inequality), the rest of the KLD summary exact."]
+    f16 = next((r for r in mine if r["method"] in ("fp16", "bf16") and r["status"] == "ok" and r["quality"].get("kld")), None)
+    base = f16 and baseline(results, f16["model"]["name"])
+    if base:
+        k = f16["quality"]["kld"]
+        out.append(f"- Engine check: {f16['experiment']} in vLLM against {base['experiment']} in transformers, on the same "
+                   f"tokens: mean KLD ≥ {k['kld_mean']:.2e}, the same top token {100 * k['same_top_p']:.2f}% of the time, "
+                   f"perplexity ratio {k['ppl_ratio']:.4f}.")
     return out
 
 

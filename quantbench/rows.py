@@ -155,8 +155,8 @@ def kernel_of(result):
         parts.append(f"fallback {b['backend_fallback']['backend']}")
     if b.get("hqq_backend"):
         parts.append(b["hqq_backend"].replace("HQQBackend.", "HQQ "))
-    if b.get("linear_methods"):  # what vLLM put on the linear layers (GPTQMarlinLinearMethod, ...)
-        parts.append("vLLM " + ", ".join(b["linear_methods"]))
+    if b.get("quant_methods"):  # what vLLM put on the layers (GPTQMarlinLinearMethod, UnquantizedEmbeddingMethod, ...)
+        parts.append("vLLM " + ", ".join(b["quant_methods"]))
     return ", ".join(parts) or ("torch Linear" if b else "-")
 
 
@@ -443,7 +443,7 @@ def parity_table(ok, several_runs):
     """Each method in vLLM against the same method in transformers, on the same tokens and documents: the
     perplexity ratio, both KLDs from the baseline (vLLM's a lower bound), and each task's primary metric's
     paired difference, flips and test: [(title, header, lines)], or [] where no method ran in both."""
-    pairs = [r for r in ok if r["twin"]]
+    pairs = [r for r in ok if r["twin"] and (r["perplexity"] or r["kld"] or r["parity"]["tasks"])]
     if not pairs:
         return []
     tasks = sorted({t for r in pairs for t in r["parity"]["tasks"]})

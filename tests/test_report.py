@@ -281,7 +281,7 @@ def test_a_method_in_vllm_is_compared_with_itself_in_transformers_document_by_do
     quality = {**int8["quality"], "perplexity": int8["quality"]["perplexity"] * 1.002,
                "kld": {**int8["quality"]["kld"], "kld_mean": 0.0039, "kld_is_lower_bound": True, "top_k": 256}}
     _write(folder / "int8@vllm.json", {**int8, "experiment": "int8@vllm", "engine": "vllm", "quality": quality, "shared_host_with": [],
-                                        "backend": {"engine": "vllm", "linear_methods": ["UnquantizedLinearMethod"]}})
+                                        "backend": {"engine": "vllm", "quant_methods": ["UnquantizedLinearMethod"]}})
     run = read_json(folder / "run.json")
     write_json(folder / "run.json", {**run, "experiments": run["experiments"] + [{"id": "int8@vllm"}]})
     text = report.build([folder])[0].read_text()

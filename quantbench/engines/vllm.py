@@ -92,14 +92,14 @@ def open_llm(checkpoint, *, dtype, max_model_len, k, tokenizer=None, gpu_memory_
               max_logprobs=k, seed=0, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
               enable_prefix_caching=False)
     llm = lm.model
-    return lm, {"quantization": llm.llm_engine.model_config.quantization, "linear_methods": llm.apply_model(_linear_methods)[0]}
+    return lm, {"quantization": llm.llm_engine.model_config.quantization, "quant_methods": llm.apply_model(_quant_methods)[0]}
 
 
 def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=False):
     """(model, tokenizer, info): the method's checkpoint folder (the run's model for a float method, the
     quantized one from the cache, or the folder a checkpoint method names) served by vLLM, in the dtype
     the method says (a quantized checkpoint's own: "auto"), with the Hugging Face tokenizer of the model at
-    `model_path`; what vLLM chose (its quantization method and the classes of its linear layers' methods)."""
+    `model_path`; what vLLM chose (its quantization method and the classes of its layers' quantization methods)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from quantbench.methods import METHODS, checkpoint_folder
@@ -122,7 +122,7 @@ def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=
     return {"lm": lm, "llm": lm.model, "config": config, "seen": None}, tokenizer, info
 
 
-def _linear_methods(model):
+def _quant_methods(model):
     """The classes of the quantization methods vLLM put on the model's layers (e.g. GPTQMarlinLinearMethod)."""
     return sorted({type(m.quant_method).__name__ for m in model.modules() if getattr(m, "quant_method", None) is not None})
 
@@ -199,14 +199,15 @@ def kld_lower_bound(reference, ids, logprobs):
 # imports also where the script is not on PATH (a package installed with --target).
 VLLM_CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
-def latency_command(model, out_json, *, batch_size, input_len, output_len, dtype, warmup=5, iters=15):
+def latency_command(model, out_json, *, batch_size, input_len, output_len, dtype, warmup=5, iters=15, max_model_len=None):
     """`vllm bench latency`: `iters` timed generations of `batch_size` random prompts of `input_len`
     tokens, `output_len` new tokens each (EOS ignored), after `warmup` untimed ones; prefix caching off,
-    its default there, so every prompt is computed."""
+    its default there, so every prompt is computed. `max_model_len`: the positions vLLM is opened with
+    (default input_len + output_len)."""
     return [*VLLM_CLI, "bench", "latency", "--model", str(model), "--dtype", dtype, "--batch-size", str(batch_size),
             "--input-len", str(input_len), "--output-len", str(output_len), "--num-iters-warmup", str(warmup),
-            "--num-iters", str(iters), "--max-model-len", str(input_len + output_len), "--disable-detokenize",
-            "--output-json", str(out_json)]
+            "--num-iters", str(iters), "--max-model-len", str(max_model_len or input_len + output_len),
+            "--disable-detokenize", "--output-json", str(out_json)]
 
 
 def throughput_command(model, out_json, *, batch_size, input_len, output_len, dtype, num_prompts):
@@ -350,11 +351,12 @@ def lm(model, tokenizer, *, batch_size, max_length, max_batch_size):
 # ---- memory ----
 
 def weight_bytes(model):
-    """The bytes of the parameters and buffers of the model vLLM runs (its worker's module: the quantized
-    weights as its kernels take them, after any repacking)."""
+    """The bytes of the parameters of the model vLLM runs (its worker's module: the weights as its kernels take
+    them after any repacking, quantization scales included, which vLLM keeps as parameters); its buffers apart:
+    mostly the rotary cos/sin cache it precomputes for every position the config allows (transformers keeps
+    only the 1/2 head-size frequencies and computes the rest per step)."""
     held = model["llm"].apply_model(_held_bytes)[0]
-    return {"weight_bytes": held["parameters"] + held["buffers"], "parameter_bytes": held["parameters"],
-            "buffer_bytes": held["buffers"]}
+    return {"weight_bytes": held["parameters"], "buffer_bytes": held["buffers"]}
 
 
 def _held_bytes(module):
