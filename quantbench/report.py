@@ -223,14 +223,23 @@ def _llama_cpp_lines(results):
                    f"{check['text']}" + ("." if check["agrees"] else f" up to position {check['first_difference']} only: "
                                          "a llama.cpp user's prompts are tokenized differently" +
                                          (f" ({check['error']})." if check.get("error") else ".")))
-    f16 = next((r for r in mine if r["method"] == "gguf-f16" and r["status"] == "ok" and r["quality"].get("kld")), None)
+    return out + _engine_check(results, mine, ("gguf-f16",), "llama.cpp", "llama.cpp's own floor for BF16 against FP16 on "
+                                                                          "Llama-3-8B: 2.5e-5")
+
+
+def _engine_check(results, mine, methods, engine, note):
+    """The engine check: a float method of `methods` in `engine` against the float baseline in transformers, on the
+    same tokens (the KLD of the engines' arithmetic alone), as a line of the protocol; [] where none scored."""
+    f16 = next((r for r in mine if r["method"] in methods and r["status"] == "ok" and r["quality"].get("kld")), None)
     base = f16 and baseline(results, f16["model"]["name"])
-    if base:
-        k = f16["quality"]["kld"]
-        out.append(f"- Engine check: {f16['experiment']} in llama.cpp against {base['experiment']} in transformers, on the same "
-                   f"tokens: mean KLD {k['kld_mean']:.2e} ± {k['kld_mean_stderr'] or 0:.1e}, the same top token "
-                   f"{100 * k['same_top_p']:.2f}% of the time (llama.cpp's own floor for BF16 against FP16 on Llama-3-8B: 2.5e-5).")
-    return out
+    if not base:
+        return []
+    k = f16["quality"]["kld"]
+    bound = "≥ " if k.get("kld_is_lower_bound") else ""
+    return [f"- Engine check: {f16['experiment']} in {engine} against {base['experiment']} in transformers, on the same "
+            f"tokens: mean KLD {bound}{k['kld_mean']:.2e}" + (f" ± {k['kld_mean_stderr']:.1e}" if k.get("kld_mean_stderr") else "")
+            + f", the same top token "
+            f"{100 * k['same_top_p']:.2f}% of the time, perplexity ratio {k['ppl_ratio']:.4f} ({note})."]
 
 
 def _vllm_lines(results):
@@ -246,14 +255,7 @@ def _vllm_lines(results):
            "parameters of the module it runs; peak = its whole share of the GPU (NVML), the KV cache pool "
            f"included. Perplexity exact from each prompt token's log-probability; KLD a lower bound (≥) from the top "
            f"{b.get('top_k_logprobs')} log-probabilities a position (log-sum inequality), the rest of the KLD summary exact."]
-    f16 = next((r for r in mine if r["method"] in ("fp16", "bf16") and r["status"] == "ok" and r["quality"].get("kld")), None)
-    base = f16 and baseline(results, f16["model"]["name"])
-    if base:
-        k = f16["quality"]["kld"]
-        out.append(f"- Engine check: {f16['experiment']} in vLLM against {base['experiment']} in transformers, on the same "
-                   f"tokens: mean KLD ≥ {k['kld_mean']:.2e}, the same top token {100 * k['same_top_p']:.2f}% of the time, "
-                   f"perplexity ratio {k['ppl_ratio']:.4f}.")
-    return out
+    return out + _engine_check(results, mine, ("fp16", "bf16"), "vLLM", "its KLD from vLLM's top log-probabilities")
 
 
 def bench_lines(rows):

@@ -215,6 +215,7 @@ def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_dat
     import json
 
     from quantbench import cli
+    from tests.test_sweep import _documented
 
     code = cli.main(["run", "--model", str(tiny_wide_model_dir), "--methods", "fp16", "--engines", "transformers,vllm",
                      "--tasks", "lambada_openai", "--limit", "16", "--data-dir", str(shared_data), "--out", str(tmp_path / "r"),
@@ -234,3 +235,5 @@ def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_dat
     decode = mine["cost"]["decode"]
     assert decode["compiled"]["1"]["tok_s"] > 0 and decode["compiled"]["4"]["tok_s"] > 0 and "eager" not in decode
     assert mine["cost"]["prefill"]["128"]["ttft_ms"] > 0 and mine["cost"]["weight_bytes"] > 0
+    assert "**vLLM against transformers, the same method**" in (run_dir / "summary.md").read_text()
+    _documented(run_dir)

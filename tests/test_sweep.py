@@ -116,7 +116,8 @@ def _documented(run_dir):
         if path.name.endswith(".docs.json") or path.name == "run.json":
             continue
         r = load(path)
-        keys |= set(r) | set(r["cost"]) | set(r["backend"]) | {k for p in r["cost"]["decode"]["eager"].values() for k in p}
+        keys |= set(r) | set(r["cost"]) | set(r["backend"]) | {k for points in r["cost"]["decode"].values()
+                                                                for p in points.values() for k in p}
         keys |= {k for p in r["cost"]["prefill"].values() for k in p} | {k for i in r["quality_info"].values() for k in i}
     keys = {k for k in keys if not k.isdigit()}  # lengths and batch sizes: <length>, <batch> in the docs
     assert keys <= named, f"not in docs/results.md: {sorted(keys - named)}"
