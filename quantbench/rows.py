@@ -138,7 +138,7 @@ def against_baseline(base_docs, docs):
 def baseline(results, model_name):
     """The model's first finished float result (its KLD reference runs first): what deltas are measured against."""
     return next((r for r in results if r["model"]["name"] == model_name and r["method"] in BASELINE_METHODS
-                 and r["status"] == "ok"), None)
+                 and r["status"] == "ok" and r.get("engine") != "vllm"), None)  # fp16@vllm scores against it
 
 
 def kernel_of(result):
