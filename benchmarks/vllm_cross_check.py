@@ -59,10 +59,11 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             for b in sizes:
-                sides = [lambda: ours(lm.model, b, args), lambda: theirs(args.checkpoint, folder, b, args)]
-                got = [side() for side in (sides if r % 2 == 0 else sides[::-1])]
-                mine, ref = (vllm.read_latency(*pair, batch_size=b, output_len=args.output_len)
-                             for pair in (got if r % 2 == 0 else got[::-1]))
+                got = {}
+                for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):  # in turn first
+                    got[side] = ours(lm.model, b, args) if side == "ours" else theirs(args.checkpoint, folder, b, args)
+                mine, ref = (vllm.read_latency(*got[side], batch_size=b, output_len=args.output_len)
+                             for side in ("ours", "theirs"))
                 ratios[b]["ttft"].append(mine["ttft_ms"] / ref["ttft_ms"])
                 ratios[b]["decode"].append(mine["decode_tokens_per_s"] / ref["decode_tokens_per_s"])
                 print(f"round {r + 1}, batch {b}: TTFT ms {mine['ttft_ms']:.2f} / {ref['ttft_ms']:.2f}, decode tok/s "

@@ -190,12 +190,14 @@ def measure(run, config, exp):
     engine.reset_peak(device)
     stream = tokenizer(text[:200_000], return_tensors="pt").input_ids[0]
     weights = part["cost"]["weight_bytes"]
+    modes = ["eager"] if kv else decode_modes(config.decode_mode)  # a quantized cache has no static form to compile
+    if engine is vllm:  # vLLM decodes only as it serves: its compiled graphs
+        modes = list(vllm.DECODE_MODES)
     speed = cost.measure_speed(engine, model, stream, device=device, pad_token_id=tokenizer.pad_token_id,
                                prompt_lengths=config.prompt_lengths, decode_prompt_tokens=config.decode_prompt_tokens,
                                new_tokens=config.new_tokens, batch_sizes=config.batch_sizes, repeats=config.repeats,
                                decode_runs=config.decode_runs, weight_bytes=weights, rates=run.get("device_rates"),
-                               decode_modes=["eager"] if kv else engine.DECODE_MODES if engine is vllm else
-                               decode_modes(config.decode_mode))
+                               decode_modes=modes)
     if kv:  # (eager decode only: compiled decode needs a static cache, which has no quantized form)
         lengths = [n for n in config.prompt_lengths if n <= min(len(stream), shapes["positions"] - 1)]
         speed["kv_cache"] = {str(n): {"bytes": engine.quantized_cache_bytes(model, stream[None, :n].to(engine.input_device(model))),

@@ -211,10 +211,9 @@ def rows_of(label, run_dir, run, results):
             row["ppl_delta"] = row["perplexity"] / base["quality"]["perplexity"] - 1
         row["against"] = against_baseline(docs[base["experiment"]], docs[r["experiment"]]) if compared else None
         # The same method in transformers, for a vLLM experiment (`<id>@vllm`): the engines' parity.
-        twin = next((x for x in results if r.get("engine") == "vllm" and x["status"] == "ok"
-                     and x["experiment"] == r["experiment"].removesuffix("@vllm")), None)
-        row["twin"] = twin and {"experiment": twin["experiment"], "perplexity": twin["quality"].get("perplexity"),
-                                "kld": twin["quality"].get("kld")}
+        twin = r.get("engine") == "vllm" and next((x for x in results if x["status"] == "ok" and
+                                                   x["experiment"] == r["experiment"].removesuffix("@vllm")), None)
+        row["twin"] = twin or None
         row["parity"] = twin and against_baseline(docs[twin["experiment"]], docs[r["experiment"]])
         row["recovery"] = row["against"] and row["against"].get("recovery_mean")
         # A float format against the baseline (bf16 against fp16, f16 in llama.cpp): the KLD of rounding alone.
@@ -451,7 +450,7 @@ def parity_table(ok, several_runs):
     head += [f"{t} Δ" for t in tasks]
 
     def kld_text(r):
-        mine, theirs = r["kld"], r["twin"]["kld"]
+        mine, theirs = r["kld"], r["twin"]["quality"].get("kld")
         if not mine:
             return "-"
         return f"≥ {mine['kld_mean']:.5f} / " + (f"{theirs['kld_mean']:.5f}" if theirs else "-")
@@ -465,7 +464,8 @@ def parity_table(ok, several_runs):
 
     lines = []
     for r in pairs:
-        ratio = r["perplexity"] / r["twin"]["perplexity"] if r["perplexity"] and r["twin"]["perplexity"] else None
+        theirs = r["twin"]["quality"].get("perplexity")
+        ratio = r["perplexity"] / theirs if r["perplexity"] and theirs else None
         cells = ([r["run"]] if several_runs else []) + [r["experiment"], "-" if ratio is None else f"{ratio:.4f}", kld_text(r)]
         cells += [task_text(r["parity"]["tasks"][t]) if t in r["parity"]["tasks"] else "-" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")

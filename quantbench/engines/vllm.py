@@ -59,13 +59,11 @@ shapes = llamacpp.shapes  # from the Hugging Face config, with a 16-bit KV cache
 
 def about(device):
     """What this engine is on this machine, for `quantbench methods`."""
+    from quantbench.methods import VLLM_FAMILIES
+
     problem = why_not_runnable(device)
-    if problem:
-        return f"not usable here: {problem[0]} ({problem[1]}); --engines vllm runs {', '.join(SERVED)} again in it"
-    return f"vLLM {importlib.metadata.version('vllm')}; --engines vllm runs {', '.join(SERVED)} again in it"
-
-
-SERVED = ("float", "GPTQ", "AWQ", "torchao", "llm-compressor", "AutoRound", "checkpoint folders")
+    here = f"not usable here: {problem[0]} ({problem[1]})" if problem else f"vLLM {importlib.metadata.version('vllm')}"
+    return f"{here}; --engines vllm runs the methods of these families again in it: {', '.join(VLLM_FAMILIES)}"
 
 
 def why_not_runnable(device):
@@ -137,13 +135,19 @@ def prompt_logprobs(llm, windows, k):
 
 
 def time_generate(llm, *, batch_size, input_len, output_len, warmup=5, iters=15, seed=0):
-    """Seconds of each of `iters` generations of `batch_size` random prompts of `input_len` tokens to
-    `output_len` new tokens each, after `warmup` untimed: `vllm bench latency`'s protocol in this process
-    (its random ids below 10000, EOS ignored, no detokenizing), so read_latency reads both alike. `generate`
-    returns when every sequence is done, so the clock needs no device synchronisation of its own."""
+    """timed_generations of `batch_size` random prompts of `input_len` tokens (ids below 10000, as `vllm bench
+    latency` draws them), so read_latency reads both alike: {'latencies': seconds of each timed one}."""
+    ids = np.random.default_rng(seed).integers(10000, size=(batch_size, input_len)).tolist()
+    return {"latencies": timed_generations(llm, ids, output_len, warmup=warmup, iters=iters)}
+
+
+def timed_generations(llm, ids, output_len, *, warmup, iters):
+    """Seconds of each of `iters` generations from the prompts `ids` (lists of token ids) to `output_len` new
+    tokens each, after `warmup` untimed: `vllm bench latency`'s protocol in this process (sampling at
+    temperature 1, EOS ignored, no detokenizing). `generate` returns when every sequence is done, so the
+    clock needs no device synchronisation of its own."""
     from vllm import SamplingParams, TokensPrompt
 
-    ids = np.random.default_rng(seed).integers(10000, size=(batch_size, input_len)).tolist()
     prompts = [TokensPrompt(prompt_token_ids=row) for row in ids]
     params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len, detokenize=False)
     times = []
@@ -151,7 +155,7 @@ def time_generate(llm, *, batch_size, input_len, output_len, warmup=5, iters=15,
         t = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - t)
-    return {"latencies": times[warmup:]}
+    return times[warmup:]
 
 
 def flat_arrays(prompt_logprobs, k):
@@ -355,13 +359,12 @@ def weight_bytes(model):
     them after any repacking, quantization scales included, which vLLM keeps as parameters); its buffers apart:
     mostly the rotary cos/sin cache it precomputes for every position the config allows (transformers keeps
     only the 1/2 head-size frequencies and computes the rest per step)."""
-    held = model["llm"].apply_model(_held_bytes)[0]
-    return {"weight_bytes": held["parameters"], "buffer_bytes": held["buffers"]}
+    return model["llm"].apply_model(_held_bytes)[0]
 
 
 def _held_bytes(module):
-    return {"parameters": sum(p.numel() * p.element_size() for p in module.parameters()),
-            "buffers": sum(b.numel() * b.element_size() for b in module.buffers())}
+    return {"weight_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in module.buffers())}
 
 
 def reset_peak(device):
@@ -407,34 +410,20 @@ def device_name(device):
     return torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None
 
 
-# ---- timed prefill and decode: `vllm bench latency`'s protocol (time_generate) ----
-
-def _latencies(model, input_ids, output_len, runs):
-    """Seconds of `runs` generations from `input_ids` ([batch, prompt] token ids) to `output_len` tokens each,
-    after one untimed (sampling at temperature 1, EOS ignored, no detokenizing, as vllm bench latency)."""
-    from vllm import SamplingParams, TokensPrompt
-
-    prompts = [TokensPrompt(prompt_token_ids=row) for row in input_ids.tolist()]
-    params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len, detokenize=False)
-    times = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
-        model["llm"].generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - t)
-    return times[1:]
-
+# ---- timed prefill and decode: `vllm bench latency`'s protocol (timed_generations) ----
 
 def time_prefill(model, input_ids, *, repeats, pad_token_id, attention=None):
     """Seconds of prefill plus the first token from `input_ids` (one sequence), `repeats` times after a warm-up."""
-    return _latencies(model, input_ids, 1, repeats)
+    return timed_generations(model["llm"], input_ids.tolist(), 1, warmup=1, iters=repeats)
 
 
 def time_decode(model, input_ids, new_tokens, *, mode, runs, pad_token_id, step=None, attention=None):
     """Seconds per decode step after the first token, one sample per run: (the run's time to `new_tokens`
     tokens less the median time to one) / (new_tokens - 1), as read_latency reads vllm bench latency's two
     runs; vLLM returns a batch when every sequence is done, so a step's own time is not seen."""
-    first = statistics.median(_latencies(model, input_ids, 1, max(runs, 3)))
-    return [(t - first) / (new_tokens - 1) for t in _latencies(model, input_ids, new_tokens, runs)]
+    ids = input_ids.tolist()
+    first = statistics.median(timed_generations(model["llm"], ids, 1, warmup=1, iters=max(runs, 3)))
+    return [(t - first) / (new_tokens - 1) for t in timed_generations(model["llm"], ids, new_tokens, warmup=1, iters=runs)]
 
 
 def compile_step(model, device):
