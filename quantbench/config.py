@@ -41,6 +41,7 @@ BACKEND_CHOICES = ["local", "ray", "modal"]
 COMPUTE_DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 KV_CACHE_CHOICES = ["fp16", "int8", "int4", "int2"]
 ENGINE_CHOICES = ["transformers", "llama.cpp", "vllm"]
+VLLM_BENCH_CHOICES = ["latency", "throughput"]
 KV_CACHE_BITS = {"int8": 8, "int4": 4, "int2": 2}
 GROUPS = {"compare": "what to compare", "quality": "quality budget", "speed": "speed sweep",
           "decide": "the pick (the report's first paragraph; `quantbench report` takes these too)", "where": "where to run"}
@@ -91,7 +92,7 @@ def _names(text):
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def parse_tasks(text):
+def parse_names(text):
     """'coqa,lambada_openai' -> ['coqa', 'lambada_openai']; 'none' -> []."""
     names = _names(text)
     return [] if names in ([], ["none"]) else names
@@ -149,7 +150,7 @@ class RunConfig:
                             "experiment <name>@vllm (default transformers,llama.cpp)", parse=_names,
                             check=lambda v: None if v and all(x in ENGINE_CHOICES for x in v) and len(set(v)) == len(v)
                             else f"must be distinct names among {', '.join(ENGINE_CHOICES)}")
-    tasks: list = setting(["coqa"], "compare", "comma-separated lm-eval tasks, or 'none' (default coqa)", parse=parse_tasks)
+    tasks: list = setting(["coqa"], "compare", "comma-separated lm-eval tasks, or 'none' (default coqa)", parse=parse_names)
     include_path: str | None = setting(None, "compare", "a folder of lm-eval task YAMLs, as lm-eval's --include_path: "
                                        "name its tasks in --tasks like any other (their data: dataset_path json, csv, "
                                        "... with dataset_kwargs.data_files)")
@@ -225,6 +226,16 @@ class RunConfig:
                            check=_is_positive)
     decode_runs: int = setting(1, "speed", "timed decode runs per batch size, after a warm-up run; every step of each is "
                                "a sample, the median step is reported (default 1)", parse=_whole, check=_is_positive)
+    vllm_bench: list = setting(["latency", "throughput"], "speed", "vLLM's own benchmarks after each vLLM experiment, each "
+                               "a process that starts vLLM again: latency (`vllm bench latency` at batch 1, beside "
+                               "quantbench's own figures: the check), throughput (`vllm bench throughput` at each "
+                               "--batch-sizes), or none (default latency,throughput)", parse=parse_names,
+                               check=lambda v: None if all(x in VLLM_BENCH_CHOICES for x in v) and len(set(v)) == len(v)
+                               else f"must be distinct names among {', '.join(VLLM_BENCH_CHOICES)}, or none")
+    serve_rates: list = setting([], "speed", "request rates a second at which each vLLM experiment is also served "
+                                "(`vllm serve`) and measured by `vllm bench serve`: TTFT and TPOT percentiles, e.g. "
+                                "4,16,64 (default none)", parse=_whole_list, check=lambda v: None if all(_positive(n) for n in v)
+                                else "must be positive whole numbers")
     max_weight_mib: float | None = setting(None, "decide", "pick only methods whose weights take at most this many MiB",
                                            parse=_number, check=_is_number(0, above=True))
     min_recovery: float | None = setting(None, "decide", "pick only methods whose mean recovery over the tasks (score / "
@@ -511,9 +522,9 @@ def load_sweep_file(path):
             items = value if isinstance(value, list) else [value]
             out[name] = [make_experiment(v, f"{path}:{entry_lines.get(i, lines.get(key, '?'))}: ")
                          for i, v in enumerate(items)]
-        elif name == "tasks":
-            out[name] = parse_tasks(value if isinstance(value, str) else ",".join(map(str, value)))
-        elif name in ("models", "batch_sizes", "prompt_lengths", "long_context", "engines"):
+        elif name in ("tasks", "vllm_bench"):
+            out[name] = parse_names(value if isinstance(value, str) else ",".join(map(str, value)))
+        elif name in ("models", "batch_sizes", "prompt_lengths", "long_context", "engines", "serve_rates"):
             out[name] = value if isinstance(value, list) else [value]
         elif name in ("ppl_tokens", "kld_tokens") and value == "all":
             out[name] = None  # the whole corpus

@@ -203,6 +203,10 @@ def measure(run, config, exp):
         speed["kv_cache"] = {str(n): {"bytes": engine.quantized_cache_bytes(model, stream[None, :n].to(engine.input_device(model))),
                                       "model_cache_bytes": cost.kv_cache_bytes(shapes, 1, n + 1)} for n in lengths}
     yield "speed", {"cost": {"peak_eval_bytes": eval_peak, **engine.peak_bytes(device), **speed}}  # a GPU's peak: the sweep's
+    if engine is vllm and (config.vllm_bench or config.serve_rates):  # last: they shut this process's vLLM down
+        yield "vllm_bench", {"cost": {"vllm_bench": vllm.own_benchmarks(
+            model, which=config.vllm_bench, prompt_length=min(config.prompt_lengths), prompt_tokens=config.decode_prompt_tokens,
+            new_tokens=config.new_tokens, batch_sizes=config.batch_sizes, serve_rates=config.serve_rates, dtype=dtype)}}
 
 
 def kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, batch_size, n_ctx=None):

@@ -269,6 +269,52 @@ def bench_lines(rows):
             "|---|---|---|---|---|", *lines, ""]
 
 
+def vllm_bench_lines(rows):
+    """vLLM's own benchmarks (`vllm bench`) of each vLLM experiment, its latency beside quantbench's own figures
+    of the same experiment (their ratio: the check), its offline throughput and its serving percentiles."""
+    latency, serving, sizes = [], [], []
+    for r in rows:
+        cost = r["result"].get("cost", {})
+        b = cost.get("vllm_bench")
+        if not b:
+            continue
+        if b["status"] != "ok":
+            latency.append(f"| {r['experiment']} | failed: {b['error'][:200]} | | |")
+            continue
+        lat, through = b["latency"], b["throughput"]
+        sizes = list(through) or sizes
+        cells = ["failed: " + lat["error"].splitlines()[-1][:120], "-"] if lat.get("status") == "failed" else \
+            ["not run", "-"] if not lat else []
+        if not cells:
+            (p, theirs), = lat["prefill"].items()
+            pairs = [(cost.get("prefill", {}).get(p, {}).get("ttft_ms"), theirs["ttft_ms"], 2),
+                     (cost.get("decode", {}).get("compiled", {}).get("1", {}).get("tok_s"), lat["decode"]["decode_tokens_per_s"], 1)]
+            cells = [f"{ours:.{d}f} / {ref:.{d}f} ({ours / ref:.3f})" if ours else f"- / {ref:.{d}f}" for ours, ref, d in pairs]
+            cells[0] = f"{p}: " + cells[0]
+        cells.append(" / ".join(f"{t['output_tokens_per_s']:.0f}" if t.get("status") == "ok" else "failed"
+                                for t in through.values()) or "not run")
+        latency.append(f"| {r['experiment']} | " + " | ".join(cells) + " |")
+        for rate, s in b["serve"].items():
+            if s.get("status") != "ok":
+                serving.append(f"| {r['experiment']} | {rate} | failed: {s['error'].splitlines()[-1][:120]} | | | |")
+                continue
+            pct = {m: " / ".join(f"{s[m].get(q, float('nan')):.1f}" for q in ("p50", "p90", "p99")) for m in ("ttft_ms", "tpot_ms")}
+            serving.append(f"| {r['experiment']} | {rate} | {s['completed']} of {s['num_prompts']} | {pct['ttft_ms']} | "
+                           f"{pct['tpot_ms']} | {s['output_tokens_per_s']:.0f} |")
+    if not latency:
+        return []
+    out = ["## vLLM's own benchmarks", "", "`vllm bench latency` at batch 1 against quantbench's own figures of the same "
+           "experiment (quantbench / vllm bench, their ratio), and `vllm bench throughput`'s output tokens/s with at most "
+           "b sequences in flight (prompt and decode lengths of the decode sweep).", "",
+           f"| experiment | TTFT ms at prompt tokens | decode tok/s, batch 1 | offline output tok/s at b = {' / '.join(sizes) or '-'} |",
+           "|---|---|---|---|", *latency, ""]
+    if serving:
+        out += ["`vllm bench serve` against `vllm serve`: Poisson arrivals at each rate, random prompts.", "",
+                "| experiment | requests/s | completed | TTFT ms p50 / p90 / p99 | TPOT ms p50 / p90 / p99 | output tok/s |",
+                "|---|---|---|---|---|---|", *serving, ""]
+    return out
+
+
 def summary_markdown(run_dir):
     """summary.md: the comparison, the sweep point by point, the protocol, what failed and what the
     quantizers reported, from the run folder's files."""
@@ -285,7 +331,7 @@ def summary_markdown(run_dir):
     lines += (["## The answer", "", first, ""] if first else []) + [READING, ""]
     for title, head, body in comparison_tables(rows, False):
         lines += table(title, head, body)
-    lines += notes(rows, False) + sweep_lines(rows) + bench_lines(rows) + protocol_lines(run, results) + failures(rows, False)
+    lines += notes(rows, False) + sweep_lines(rows) + bench_lines(rows) + vllm_bench_lines(rows) + protocol_lines(run, results) + failures(rows, False)
     lines += quantizer_lines(rows)
     skipped_tasks = {(t, i["reason"], i.get("fix")) for r in results
                      for t, i in r.get("quality_info", {}).items() if i.get("status") == "skipped"}

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from quantbench.config import (FIELDS, FILE_KEYS, ConfigError, RunConfig, from_args, from_run, load_sweep_file,
-                               make_experiment, parse_tasks, run_parser, validate)
+                               make_experiment, parse_names, run_parser, validate)
 
 
 def test_yaml_sweep_file_with_method_settings(tmp_path):
@@ -74,8 +74,24 @@ def test_validate_rejects_duplicates_and_bad_values():
         validate(dataclasses.replace(RunConfig(), new_tokens=1))
 
 
-def test_parse_tasks():
-    assert parse_tasks("none") == [] and parse_tasks("coqa, piqa") == ["coqa", "piqa"]
+def test_parse_names():
+    assert parse_names("none") == [] and parse_names("coqa, piqa") == ["coqa", "piqa"]
+
+
+def test_vllms_own_benchmarks_are_chosen_by_name_or_none(tmp_path):
+    def config(*argv):
+        return from_args(run_parser().parse_args(argv))
+
+    assert config().vllm_bench == ["latency", "throughput"] and config().serve_rates == []
+    assert config("--vllm-bench", "none").vllm_bench == [] and config("--vllm-bench", "latency").vllm_bench == ["latency"]
+    assert config("--serve-rates", "4,16").serve_rates == [4, 16]
+    f = tmp_path / "s.yaml"
+    f.write_text("vllm_bench: none\nserve_rates: [2, 8]\n")
+    assert config("--config", str(f)).vllm_bench == [] and config("--config", str(f)).serve_rates == [2, 8]
+    with pytest.raises(ConfigError, match="--vllm-bench must be distinct names among latency, throughput, or none"):
+        config("--vllm-bench", "latency,serve")
+    with pytest.raises(ConfigError, match="--serve-rates must be positive whole numbers"):
+        config("--serve-rates", "0")
 
 
 def test_suites_set_tasks_and_limit_unless_flags_do(tmp_path):

@@ -3,6 +3,7 @@ position) read into arrays, and the KL divergence's lower bound from them agains
 in float64."""
 import copy
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,69 @@ def test_vllm_bench_results_read_in_quantbench_units():
                              "mean_e2el_ms": 300.0, "p99_e2el_ms": 420.0})
     assert serve["ttft_ms"] == {"mean": 20.1, "median": 19.0, "p50": 19.0, "p90": 25.0, "p99": 41.0}
     assert serve["tpot_ms"]["p99"] == 3.3 and "std" not in serve["tpot_ms"] and serve["output_tokens_per_s"] == 480.5
+
+
+def test_vllm_bench_commands_name_the_settings_they_are_compared_on():
+    """The `vllm bench` and `vllm serve` command lines own_benchmarks runs: the experiment's positions and dtype,
+    the sweep's lengths, warm-ups, and percentiles (flags as vLLM 0.26.0's argument parsers name them)."""
+    latency = vllm.latency_command("/ck", "/t/l.json", batch_size=1, input_len=32, output_len=64, dtype="bfloat16",
+                                   warmup=3, iters=10, max_model_len=8192)
+    assert latency[:5] == [*vllm.VLLM_CLI, "bench", "latency"]
+    assert " ".join(latency[5:]) == ("--model /ck --dtype bfloat16 --batch-size 1 --input-len 32 --output-len 64 "
+                                     "--num-iters-warmup 3 --num-iters 10 --max-model-len 8192 --disable-detokenize "
+                                     "--output-json /t/l.json")
+    through = vllm.throughput_command("/ck", "/t/t.json", batch_size=8, input_len=32, output_len=64, dtype="float16",
+                                      num_prompts=32, max_model_len=8192)
+    assert " ".join(through[3:]) == ("bench throughput --model /ck --dtype float16 --dataset-name random --input-len 32 "
+                                     "--output-len 64 --num-prompts 32 --max-num-seqs 8 --num-warmups 8 "
+                                     "--max-model-len 8192 --output-json /t/t.json")
+    server = vllm.server_command("/ck", port=8123, dtype="float16", max_model_len=8192)
+    assert " ".join(server[3:]) == "serve /ck --host 127.0.0.1 --port 8123 --dtype float16 --max-model-len 8192"
+    serve = " ".join(vllm.serve_command("/ck", "/t", "s.json", request_rate=4, input_len=32, output_len=64,
+                                        num_prompts=40, port=8123)[3:])
+    assert serve.startswith("bench serve --backend vllm --model /ck --host 127.0.0.1 --port 8123 --dataset-name random")
+    assert ("--request-rate 4 --ignore-eos --percentile-metrics ttft,tpot --metric-percentiles 50,90,99 --save-result "
+            "--result-dir /t --result-filename s.json") in serve
+
+
+def test_a_benchmark_process_that_fails_or_hangs_is_recorded_and_leaves_nothing_running(tmp_path):
+    """_bench on real processes: a failing command is a failure with the end of its output; one that outlives
+    BENCH_TIMEOUT_S is ended with the child it started (vLLM's engine process); a server that exits before it is
+    ready is said so; a server that answers /health is ready."""
+    import subprocess
+    import sys
+    import time
+
+    failing = [sys.executable, "-c", "import sys; print('line 1'); print('CUDA error: out of memory'); sys.exit(3)"]
+    got = vllm._recorded(lambda: vllm._bench(failing, tmp_path))
+    assert got["status"] == "failed" and "failed (3)" in got["error"] and got["error"].endswith("CUDA error: out of memory")
+    pid_file = tmp_path / "child.pid"
+    hangs = [sys.executable, "-c", "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+             "'import time; time.sleep(600)']); open(sys.argv[1], 'w').write(str(c.pid)); time.sleep(600)", str(pid_file)]
+    old, vllm.BENCH_TIMEOUT_S = vllm.BENCH_TIMEOUT_S, 3
+    try:
+        with pytest.raises(RuntimeError, match="no end after 3 s"):
+            vllm._bench(hangs, tmp_path)
+    finally:
+        vllm.BENCH_TIMEOUT_S = old
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    log = tmp_path / "serve.log"
+    log.write_text("ValueError: no such model\n")
+    exits = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"], start_new_session=True)
+    with pytest.raises(RuntimeError, match="did not become ready \\(exit code 1\\): ValueError: no such model"):
+        vllm._wait_ready(exits, vllm._free_port(), log, timeout=30)
+    port = vllm._free_port()
+    health = ("import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n    def do_GET(self):\n"
+              "        self.send_response(200 if self.path == '/health' else 404); self.end_headers()\n"
+              f"h.HTTPServer(('127.0.0.1', {port}), H).serve_forever()")
+    server = subprocess.Popen([sys.executable, "-c", health], start_new_session=True)
+    try:
+        assert vllm._wait_ready(server, port, log, timeout=30)["start_s"] >= 0
+    finally:
+        vllm._stop(server)
+    assert server.poll() is not None
 
 
 @pytest.mark.gpu
@@ -210,7 +274,8 @@ def test_engines_vllm_adds_each_method_vllm_serves_after_its_own_and_on_a_cpu_sk
 def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_data, tmp_path, tiny_wide_model_dir):
     """fp16 in transformers and fp16@vllm in one run: vLLM's perplexity within 1% of transformers' on the
     same windows, its KLD bound from the top 256 near the precision floor with the top token mostly agreeing,
-    the task's documents scored in both, vLLM's compiled decode and TTFT timed."""
+    the task's documents scored in both, vLLM's compiled decode and TTFT timed, and vLLM's own benchmarks of
+    it (throughput at each batch size, serving at 8 requests a second) in the result and summary."""
     pytest.importorskip("vllm")
     import json
 
@@ -221,7 +286,7 @@ def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_dat
                      "--tasks", "lambada_openai", "--limit", "16", "--data-dir", str(shared_data), "--out", str(tmp_path / "r"),
                      "--cache-dir", str(tmp_path / "cache"), "--ppl-window", "256", "--ppl-tokens", "2048", "--kld-ctx", "128",
                      "--kld-tokens", "1024", "--prompt-lengths", "32,128", "--batch-sizes", "1,4", "--new-tokens", "16",
-                     "--repeats", "2"])
+                     "--repeats", "2", "--vllm-bench", "throughput", "--serve-rates", "8"])
     assert code == 0
     run_dir = tmp_path / "r" / "run001"
     base, mine = (json.loads((run_dir / f"{e}.json").read_text()) for e in ("fp16", "fp16@vllm"))
@@ -235,5 +300,13 @@ def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_dat
     decode = mine["cost"]["decode"]
     assert decode["compiled"]["1"]["tok_s"] > 0 and decode["compiled"]["4"]["tok_s"] > 0 and "eager" not in decode
     assert mine["cost"]["prefill"]["128"]["ttft_ms"] > 0 and mine["cost"]["weight_bytes"] > 0
-    assert "**vLLM against transformers, the same method**" in (run_dir / "summary.md").read_text()
+    bench = mine["cost"]["vllm_bench"]  # vLLM's own, a process each (latency: issue 24's command runs it)
+    assert bench["status"] == "ok" and bench["latency"] == {}, bench
+    assert all(bench["throughput"][b]["status"] == "ok" and bench["throughput"][b]["output_tokens_per_s"] > 0
+               for b in ("1", "4")), bench["throughput"]
+    serve = bench["serve"]["8"]
+    assert serve["status"] == "ok" and serve["completed"] == serve["num_prompts"] == 80, serve
+    assert 0 < serve["ttft_ms"]["p50"] <= serve["ttft_ms"]["p99"] and serve["tpot_ms"]["p50"] > 0
+    summary = (run_dir / "summary.md").read_text()
+    assert "**vLLM against transformers, the same method**" in summary and "## vLLM's own benchmarks" in summary
     _documented(run_dir)

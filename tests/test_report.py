@@ -290,3 +290,29 @@ def test_a_method_in_vllm_is_compared_with_itself_in_transformers_document_by_do
     assert "≥ 0.00390 / 0.00400" in row and "acc +0.0000" in row and "lost 1.0%, gained 1.0%" in row and "p 1" in row
     assert any(line.startswith("| int8@vllm |") and "≥ 0.00390 ± " in line for line in text.splitlines())
     assert any(line.startswith("| int8@vllm |") and "vLLM UnquantizedLinearMethod" in line for line in text.splitlines())
+
+
+def test_vllms_own_benchmarks_are_shown_beside_quantbenchs_figures_of_the_same_experiment():
+    """A vLLM experiment's `vllm bench` results (fixture values in engines.vllm's units): its batch-1 latency
+    beside quantbench's own TTFT and decode of that experiment with their ratio, its offline throughput at each
+    batch size, its serving percentiles at each rate, and a benchmark that failed as such."""
+    cost = {"prefill": {"128": {"status": "ok", "ttft_ms": 7.2}},
+            "decode": {"compiled": {"1": {"status": "ok", "tok_s": 600.0}, "8": {"status": "ok", "tok_s": 3600.0}}},
+            "vllm_bench": {"status": "ok", "latency": {"status": "ok", "batch_size": 1, "prefill": {"128": {"ttft_ms": 7.5}},
+                                       "decode": {"decode_tokens_per_s": 625.0}},
+                           "throughput": {"1": {"status": "ok", "output_tokens_per_s": 540.4},
+                                          "8": {"status": "failed", "error": "bench throughput failed (1): CUDA error"}},
+                           "serve": {"4": {"status": "ok", "completed": 40, "num_prompts": 40, "output_tokens_per_s": 250.0,
+                                           "ttft_ms": {"p50": 9.0, "p90": 12.5, "p99": 20.25},
+                                           "tpot_ms": {"p50": 1.6, "p90": 1.8, "p99": 2.0}},
+                                     "16": {"status": "failed", "error": "vllm serve did not become ready (exit code 1)"}}}}
+    stuck = {"vllm_bench": {"status": "failed", "error": "this experiment's vLLM did not shut down: TimeoutError: "}}
+    lines = report.vllm_bench_lines([{"experiment": "fp16", "result": {"cost": {}}},
+                                     {"experiment": "int8@vllm", "result": {"cost": cost}},
+                                     {"experiment": "fp16@vllm", "result": {"cost": stuck}}])
+    assert lines[0] == "## vLLM's own benchmarks"
+    assert lines[4] == "| experiment | TTFT ms at prompt tokens | decode tok/s, batch 1 | offline output tok/s at b = 1 / 8 |"
+    assert lines[6] == "| int8@vllm | 128: 7.20 / 7.50 (0.960) | 600.0 / 625.0 (0.960) | 540 / failed |"
+    assert "| int8@vllm | 4 | 40 of 40 | 9.0 / 12.5 / 20.2 | 1.6 / 1.8 / 2.0 | 250 |" in lines
+    assert "| int8@vllm | 16 | failed: vllm serve did not become ready (exit code 1) | | | |" in lines
+    assert "| fp16@vllm | failed: this experiment's vLLM did not shut down: TimeoutError:  | | |" in lines

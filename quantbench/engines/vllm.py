@@ -33,10 +33,17 @@ defaults): its speed is recorded as the "compiled" mode, timed by `vllm bench la
 """
 import contextlib
 import importlib.metadata
+import json
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -117,7 +124,8 @@ def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=
             "max_model_len": max_len, "top_k_logprobs": KLD_TOP_K,
             "gpu_memory_utilization": engine_config.cache_config.gpu_memory_utilization,
             "enforce_eager": engine_config.model_config.enforce_eager, "prefix_caching": False}
-    return {"lm": lm, "llm": lm.model, "config": config, "seen": None}, tokenizer, info
+    return {"lm": lm, "llm": lm.model, "config": config, "seen": None, "checkpoint": folder, "max_model_len": max_len}, \
+        tokenizer, info
 
 
 def _quant_methods(model):
@@ -214,21 +222,28 @@ def latency_command(model, out_json, *, batch_size, input_len, output_len, dtype
             "--disable-detokenize", "--output-json", str(out_json)]
 
 
-def throughput_command(model, out_json, *, batch_size, input_len, output_len, dtype, num_prompts):
-    """`vllm bench throughput` on random prompts with at most `batch_size` sequences in flight."""
+def throughput_command(model, out_json, *, batch_size, input_len, output_len, dtype, num_prompts, max_model_len=None):
+    """`vllm bench throughput` on random prompts with at most `batch_size` sequences in flight, after
+    `batch_size` warm-up requests."""
     return [*VLLM_CLI, "bench", "throughput", "--model", str(model), "--dtype", dtype, "--dataset-name", "random",
             "--input-len", str(input_len), "--output-len", str(output_len), "--num-prompts", str(num_prompts),
-            "--max-num-seqs", str(batch_size), "--max-model-len", str(input_len + output_len),
-            "--output-json", str(out_json)]
+            "--max-num-seqs", str(batch_size), "--num-warmups", str(batch_size),
+            "--max-model-len", str(max_model_len or input_len + output_len), "--output-json", str(out_json)]
+
+
+def server_command(model, *, port, dtype, max_model_len):
+    """`vllm serve` of `model` on localhost:`port`, as its users start it (vLLM's defaults otherwise)."""
+    return [*VLLM_CLI, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+            "--max-model-len", str(max_model_len)]
 
 
 def serve_command(model, result_dir, result_name, *, request_rate, input_len, output_len, num_prompts, port):
     """`vllm bench serve` against a `vllm serve` of `model` on localhost:`port`: random prompts arriving
     as a Poisson process of `request_rate` a second; TTFT and TPOT at the 50th, 90th and 99th percentiles."""
-    return [*VLLM_CLI, "bench", "serve", "--backend", "vllm", "--model", str(model), "--port", str(port),
-            "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-            "--num-prompts", str(num_prompts), "--request-rate", str(request_rate), "--ignore-eos",
-            "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,90,99",
+    return [*VLLM_CLI, "bench", "serve", "--backend", "vllm", "--model", str(model), "--host", "127.0.0.1",
+            "--port", str(port), "--dataset-name", "random", "--random-input-len", str(input_len),
+            "--random-output-len", str(output_len), "--num-prompts", str(num_prompts), "--request-rate",
+            str(request_rate), "--ignore-eos", "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,90,99",
             "--save-result", "--result-dir", str(result_dir), "--result-filename", result_name]
 
 
@@ -258,6 +273,156 @@ def read_serve(result):
                for m in ("ttft", "tpot")}
     return {"request_rate": result["request_rate"], "completed": result["completed"], "failed": result.get("failed", 0),
             "output_tokens_per_s": result["output_throughput"], "ttft_ms": metrics["ttft"], "tpot_ms": metrics["tpot"]}
+
+
+# In each vLLM experiment, vLLM's own benchmarks on the sweep's settings: `vllm bench latency`'s warm-up and timed
+# generations (its defaults are 10 and 30; fewer, as each figure starts vLLM afresh), which quantbench's own vLLM
+# points also take at the least; requests of each `vllm bench throughput` per sequence in flight; the seconds of
+# arrivals a serving rate is measured over (at least SERVE_MIN_PROMPTS requests); seconds one benchmark may take.
+BENCH_WARMUP, BENCH_ITERS = 3, 10
+THROUGHPUT_REQUESTS_PER_SEQ = 4
+SERVE_SECONDS, SERVE_MIN_PROMPTS = 10, 20
+BENCH_TIMEOUT_S = 600
+
+
+def own_benchmarks(model, *, which, prompt_length, prompt_tokens, new_tokens, batch_sizes, serve_rates, dtype):
+    """vLLM's own figures for the experiment's checkpoint, each `vllm bench` a process of its own as its users
+    run it, after this process's vLLM is shut down (each wants the same share of the GPU), with the positions
+    this experiment's vLLM had (`which`: those of the first two to run):
+    - latency at batch 1 (`vllm bench latency`): TTFT at `prompt_length` tokens (the sweep's first prefill
+      point), and decode from `prompt_tokens`-token prompts to `new_tokens` (read_latency): what quantbench
+      measured itself in this process, as its check;
+    - throughput at each of `batch_sizes` (`vllm bench throughput`, offline, at most b sequences in flight);
+    - serving at each of `serve_rates` requests a second (`vllm bench serve` against one `vllm serve`).
+    A benchmark that fails is recorded with the end of its output; the others still run."""
+    try:
+        model["llm"].llm_engine.engine_core.shutdown()
+    except Exception as e:  # noqa: BLE001 - the experiment's own figures stand; vLLM's cannot follow
+        return {"status": "failed", "error": f"this experiment's vLLM did not shut down: {type(e).__name__}: {e}"}
+    model["llm"] = model["lm"] = None
+    folder, positions = model["checkpoint"], model["max_model_len"]
+    out = {"status": "ok", "vllm": importlib.metadata.version("vllm"), "checkpoint": str(folder), "dtype": dtype,
+           "max_model_len": positions, "warmup": BENCH_WARMUP, "iters": BENCH_ITERS,
+           "latency": {}, "throughput": {}, "serve": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+
+        def latency(input_len, output_len):
+            path = tmp / f"latency-{input_len}-{output_len}.json"
+            _bench(latency_command(folder, path, batch_size=1, input_len=input_len, output_len=output_len, dtype=dtype,
+                                   warmup=BENCH_WARMUP, iters=BENCH_ITERS, max_model_len=positions), tmp)
+            return json.loads(path.read_text())
+
+        def latency_point():
+            ttft = float(np.median(latency(prompt_length, 1)["latencies"])) * 1e3
+            decode = read_latency(latency(prompt_tokens, 1), latency(prompt_tokens, new_tokens), batch_size=1,
+                                  output_len=new_tokens)
+            return {"batch_size": 1, "prefill": {str(prompt_length): {"ttft_ms": ttft}},
+                    "decode": {"input_len": prompt_tokens, "output_len": new_tokens, **decode}}
+
+        if "latency" in which:
+            out["latency"] = _recorded(latency_point)
+        for b in batch_sizes if "throughput" in which else []:
+            def throughput(b=b):
+                path, requests = tmp / f"throughput-{b}.json", THROUGHPUT_REQUESTS_PER_SEQ * b
+                _bench(throughput_command(folder, path, batch_size=b, input_len=prompt_tokens, output_len=new_tokens,
+                                          dtype=dtype, num_prompts=requests, max_model_len=positions), tmp)
+                return {"num_prompts": requests, "input_len": prompt_tokens, "output_len": new_tokens,
+                        **read_throughput(json.loads(path.read_text()), output_len=new_tokens)}
+            out["throughput"][str(b)] = _recorded(throughput)
+        if serve_rates:
+            out["serve"] = _serving(folder, tmp, rates=serve_rates, input_len=prompt_tokens, output_len=new_tokens,
+                                    dtype=dtype, max_model_len=positions)
+    return out
+
+
+def _serving(folder, tmp, *, rates, input_len, output_len, dtype, max_model_len):
+    """{rate: read_serve of `vllm bench serve` at it}, against one `vllm serve` started here and stopped after."""
+    port = _free_port()
+    log = tmp / "serve.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen(server_command(folder, port=port, dtype=dtype, max_model_len=max_model_len),
+                                  stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ready = _recorded(lambda: _wait_ready(server, port, log))
+        if ready["status"] != "ok":
+            return {str(r): ready for r in rates}
+        out = {}
+        for rate in rates:
+            def serve(rate=rate):
+                name, prompts = f"serve-{rate}.json", max(SERVE_MIN_PROMPTS, rate * SERVE_SECONDS)
+                _bench(serve_command(folder, tmp, name, request_rate=rate, input_len=input_len, output_len=output_len,
+                                     num_prompts=prompts, port=port), tmp)
+                return {"num_prompts": prompts, "input_len": input_len, "output_len": output_len,
+                        **read_serve(json.loads((tmp / name).read_text()))}
+            out[str(rate)] = _recorded(serve)
+        return out
+    finally:
+        _stop(server)
+
+
+def _recorded(measure):
+    """{'status': 'ok', ...what `measure` returned}, or 'failed' with the error: one benchmark's failure is its own."""
+    try:
+        return {"status": "ok", **measure()}
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        return {"status": "failed", "error": str(e)[-2000:]}
+
+
+def _bench(command, tmp):
+    """Run one `vllm bench` command (a process group of its own: vLLM starts its engine as a child) to its end;
+    a non-zero exit or BENCH_TIMEOUT_S is a RuntimeError with the end of its output."""
+    log = tmp / "bench.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = process.wait(timeout=BENCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = f"no end after {BENCH_TIMEOUT_S} s"
+    finally:
+        _stop(process)
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(command[3:6])} failed ({code}): {tail}")
+
+
+def _wait_ready(server, port, log, timeout=BENCH_TIMEOUT_S):
+    """{'start_s'}: once `vllm serve` answers /health; a RuntimeError with its log's end if it exits or times out."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if server.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return {"start_s": round(time.perf_counter() - start, 1)}
+        except OSError:  # not listening yet
+            time.sleep(1)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    raise RuntimeError(f"vllm serve did not become ready (exit code {server.poll()}): {tail}")
+
+
+def _stop(process):
+    """End a process and its group (vLLM's engine process with it), politely first."""
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; its group may not be
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def compare_to_reference(scored, folder):
@@ -413,17 +578,20 @@ def device_name(device):
 # ---- timed prefill and decode: `vllm bench latency`'s protocol (timed_generations) ----
 
 def time_prefill(model, input_ids, *, repeats, pad_token_id, attention=None):
-    """Seconds of prefill plus the first token from `input_ids` (one sequence), `repeats` times after a warm-up."""
-    return timed_generations(model["llm"], input_ids.tolist(), 1, warmup=1, iters=repeats)
+    """Seconds of prefill plus the first token from `input_ids` (one sequence): `repeats` times, at least
+    BENCH_ITERS (a TTFT is milliseconds), after BENCH_WARMUP, as own_benchmarks' `vllm bench latency`."""
+    return timed_generations(model["llm"], input_ids.tolist(), 1, warmup=BENCH_WARMUP, iters=max(repeats, BENCH_ITERS))
 
 
 def time_decode(model, input_ids, new_tokens, *, mode, runs, pad_token_id, step=None, attention=None):
     """Seconds per decode step after the first token, one sample per run: (the run's time to `new_tokens`
     tokens less the median time to one) / (new_tokens - 1), as read_latency reads vllm bench latency's two
-    runs; vLLM returns a batch when every sequence is done, so a step's own time is not seen."""
-    ids = input_ids.tolist()
-    first = statistics.median(timed_generations(model["llm"], ids, 1, warmup=1, iters=max(runs, 3)))
-    return [(t - first) / (new_tokens - 1) for t in timed_generations(model["llm"], ids, new_tokens, warmup=1, iters=runs)]
+    runs; vLLM returns a batch when every sequence is done, so a step's own time is not seen, and a run
+    gives one sample where transformers' gives one per step: `runs`, at least BENCH_ITERS, after BENCH_WARMUP."""
+    ids, iters = input_ids.tolist(), max(runs, BENCH_ITERS)
+    first = statistics.median(timed_generations(model["llm"], ids, 1, warmup=BENCH_WARMUP, iters=iters))
+    return [(t - first) / (new_tokens - 1)
+            for t in timed_generations(model["llm"], ids, new_tokens, warmup=BENCH_WARMUP, iters=iters)]
 
 
 def compile_step(model, device):
@@ -444,4 +612,4 @@ def compiled_state(model, device, breaks):
 
 
 def standard_bench(model):
-    return None  # vLLM's own benchmark runs as a process of its own: benchmarks/vllm_cross_check.py
+    return None  # vLLM's own benchmarks run as processes of their own, after the sweep: own_benchmarks
