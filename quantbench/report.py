@@ -283,7 +283,7 @@ def vllm_bench_lines(rows):
             continue
         lat, through = b["latency"], b["throughput"]
         sizes = list(through) or sizes
-        cells = ["failed: " + lat["error"].splitlines()[-1][:120], "-"] if lat.get("status") == "failed" else \
+        cells = ["failed: " + _last_line(lat["error"]), "-"] if lat.get("status") == "failed" else \
             ["not run", "-"] if not lat else []
         if not cells:
             (p, theirs), = lat["prefill"].items()
@@ -296,7 +296,7 @@ def vllm_bench_lines(rows):
         latency.append(f"| {r['experiment']} | " + " | ".join(cells) + " |")
         for rate, s in b["serve"].items():
             if s.get("status") != "ok":
-                serving.append(f"| {r['experiment']} | {rate} | failed: {s['error'].splitlines()[-1][:120]} | | | |")
+                serving.append(f"| {r['experiment']} | {rate} | failed: {_last_line(s['error'])} | | | |")
                 continue
             pct = {m: " / ".join(f"{s[m].get(q, float('nan')):.1f}" for q in ("p50", "p90", "p99")) for m in ("ttft_ms", "tpot_ms")}
             serving.append(f"| {r['experiment']} | {rate} | {s['completed']} of {s['num_prompts']} | {pct['ttft_ms']} | "
@@ -313,6 +313,11 @@ def vllm_bench_lines(rows):
                 "| experiment | requests/s | completed | TTFT ms p50 / p90 / p99 | TPOT ms p50 / p90 / p99 | output tok/s |",
                 "|---|---|---|---|---|---|", *serving, ""]
     return out
+
+
+def _last_line(error):
+    """The end of a benchmark's error, which ends with its output's last lines, for a table cell."""
+    return (error.strip().splitlines() or ["(no output)"])[-1][:120]
 
 
 def summary_markdown(run_dir):
