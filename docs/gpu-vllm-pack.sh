@@ -3,7 +3,7 @@
 # folder for Python 3.12, xz-compressed and split into parts of 52 MiB, one a call (docs/gpu.md, "vLLM").
 # Run from the repository root, here (PY312: a Python 3.12 for the install, default python3.12; about 5 minutes
 # on 2 cores):
-#   bash docs/gpu-vllm-pack.sh            # then .vsite/part1, part2, part3 and .dev/unpack.sh
+#   bash docs/gpu-vllm-pack.sh            # then .vsite/part1, part2, part3, .dev/unpack.sh and .dev/whl
 set -euo pipefail
 PY312=${PY312:-python3.12}
 W=$(mktemp -d)
@@ -60,4 +60,21 @@ if [ ! -f /tmp/site/.unpacked ]; then
 fi
 EOF
 du -sh .vsite/part*
+
+# 5. GPTQModel (GPTQ and AWQ), optimum and torchao with the packages of theirs the site folder lacks, as wheels in
+#    .dev/whl (gpu-vllm-queue.sh installs them); the sdists built into wheels here (GPTQModel compiles its CUDA
+#    kernels there, at first use).
+rm -rf .dev/whl && mkdir -p .dev/whl
+../shared/device/bundle "$W/gq" 'gptqmodel==7.6.0' 'optimum==2.3.0' 'torchao==0.18.0' 'transformers==5.17.0' \
+    'torch==2.11.0' > /dev/null
+for f in "$W"/gq/part*/*; do
+  case "$(basename "$f")" in
+    gptqmodel-*|optimum-*|defuser-*|device_smi-*|logbar-*|tokenicer-*|pypcre-*|tzdata-*|torchao-*)
+      case "$f" in
+        *.whl) cp "$f" .dev/whl/ ;;
+        *.tar.gz) BUILD_CUDA_EXT=0 $PY312 -m pip wheel -q --no-deps -w .dev/whl "$f" ;;
+      esac ;;
+  esac
+done
+du -sh .dev/whl
 rm -rf "$W"
