@@ -12,9 +12,7 @@ vLLM's); the check is their median, within 5%, with every round's printed (ratio
     python benchmarks/vllm_cross_check.py CHECKPOINT --batch-sizes 1,8 --rounds 3 --dtype float16
 """
 import argparse
-import json
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -29,8 +27,7 @@ def theirs(checkpoint, folder, batch_size, args):
         command = vllm.latency_command(checkpoint, path, batch_size=batch_size, input_len=args.input_len, output_len=n,
                                        dtype=args.dtype, warmup=args.warmup, iters=args.iters,
                                        max_model_len=args.input_len + args.output_len)
-        subprocess.run(command + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)], check=True)
-        out.append(json.loads(path.read_text()))
+        out.append(vllm.run_bench(command + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)], path))
     return out
 
 

@@ -119,6 +119,12 @@ def _are_positive(values):
     return None if values and all(_positive(v) for v in values) else "must be positive whole numbers"
 
 
+def _distinct_among(choices, none=False):
+    """The check of a list of names from `choices`, each at most once; empty only where `none` allows it."""
+    return lambda v: None if (v or none) and all(x in choices for x in v) and len(set(v)) == len(v) \
+        else f"must be distinct names among {', '.join(choices)}" + (", or none" if none else "")
+
+
 def _one_of(choices):
     return lambda value: None if value is None or value in choices else f"must be one of {', '.join(choices)}"
 
@@ -148,8 +154,7 @@ class RunConfig:
                             "(transformers, or llama.cpp for GGUF types), and with vllm again in vLLM where vLLM serves its "
                             "checkpoint (float, GPTQ, AWQ, torchao, llm-compressor, AutoRound, a checkpoint folder), as "
                             "experiment <name>@vllm (default transformers,llama.cpp)", parse=_names,
-                            check=lambda v: None if v and all(x in ENGINE_CHOICES for x in v) and len(set(v)) == len(v)
-                            else f"must be distinct names among {', '.join(ENGINE_CHOICES)}")
+                            check=_distinct_among(ENGINE_CHOICES))
     tasks: list = setting(["coqa"], "compare", "comma-separated lm-eval tasks, or 'none' (default coqa)", parse=parse_names)
     include_path: str | None = setting(None, "compare", "a folder of lm-eval task YAMLs, as lm-eval's --include_path: "
                                        "name its tasks in --tasks like any other (their data: dataset_path json, csv, "
@@ -165,8 +170,7 @@ class RunConfig:
                              "(the model's own cache, in its compute dtype), int8, int4, int2 (transformers' quantized "
                              "cache: keys and values per channel in groups of 64, the last 128 tokens unquantized); "
                              "e.g. fp16,int4 (default fp16)", parse=_names,
-                             check=lambda v: None if v and all(x in KV_CACHE_CHOICES for x in v) and len(set(v)) == len(v)
-                             else f"must be distinct names among {', '.join(KV_CACHE_CHOICES)}")
+                             check=_distinct_among(KV_CACHE_CHOICES))
     kv_cache_backend: str = setting("hqq", "compare", "the quantized KV cache's library: hqq (default; 8, 4 or 2 bits) or "
                                     "quanto (optimum-quanto; 4 or 2 bits)", choices=["hqq", "quanto"])
     limit: int | None = setting(None, "quality", "documents per task (default all)", parse=_whole, check=_is_positive)
@@ -230,8 +234,7 @@ class RunConfig:
                                "a process that starts vLLM again: latency (`vllm bench latency` at batch 1, beside "
                                "quantbench's own figures: the check), throughput (`vllm bench throughput` at each "
                                "--batch-sizes), or none (default latency,throughput)", parse=parse_names,
-                               check=lambda v: None if all(x in VLLM_BENCH_CHOICES for x in v) and len(set(v)) == len(v)
-                               else f"must be distinct names among {', '.join(VLLM_BENCH_CHOICES)}, or none")
+                               check=_distinct_among(VLLM_BENCH_CHOICES, none=True))
     serve_rates: list = setting([], "speed", "request rates a second at which each vLLM experiment is also served "
                                 "(`vllm serve`) and measured by `vllm bench serve`: TTFT and TPOT percentiles, e.g. "
                                 "4,16,64 (default none)", parse=_whole_list, check=lambda v: None if all(_positive(n) for n in v)

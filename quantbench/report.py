@@ -281,18 +281,10 @@ def vllm_bench_lines(rows):
         if b["status"] != "ok":
             latency.append(f"| {r['experiment']} | failed: {b['error'][:200]} | | |")
             continue
-        lat, through = b["latency"], b["throughput"]
+        through = b["throughput"]
         sizes = list(through) or sizes
-        cells = ["failed: " + _last_line(lat["error"]), "-"] if lat.get("status") == "failed" else \
-            ["not run", "-"] if not lat else []
-        if not cells:
-            (p, theirs), = lat["prefill"].items()
-            pairs = [(cost.get("prefill", {}).get(p, {}).get("ttft_ms"), theirs["ttft_ms"], 2),
-                     (cost.get("decode", {}).get("compiled", {}).get("1", {}).get("tok_s"), lat["decode"]["decode_tokens_per_s"], 1)]
-            cells = [f"{ours:.{d}f} / {ref:.{d}f} ({ours / ref:.3f})" if ours else f"- / {ref:.{d}f}" for ours, ref, d in pairs]
-            cells[0] = f"{p}: " + cells[0]
-        cells.append(" / ".join(f"{t['output_tokens_per_s']:.0f}" if t.get("status") == "ok" else "failed"
-                                for t in through.values()) or "not run")
+        cells = _latency_cells(cost, b["latency"]) + [" / ".join(
+            f"{t['output_tokens_per_s']:.0f}" if t.get("status") == "ok" else "failed" for t in through.values()) or "not run"]
         latency.append(f"| {r['experiment']} | " + " | ".join(cells) + " |")
         for rate, s in b["serve"].items():
             if s.get("status") != "ok":
@@ -313,6 +305,19 @@ def vllm_bench_lines(rows):
                 "| experiment | requests/s | completed | TTFT ms p50 / p90 / p99 | TPOT ms p50 / p90 / p99 | output tok/s |",
                 "|---|---|---|---|---|---|", *serving, ""]
     return out
+
+
+def _latency_cells(cost, lat):
+    """The TTFT and batch-1 decode cells of a vLLM experiment: quantbench's own / `vllm bench latency`'s (ratio)."""
+    if not lat:
+        return ["not run", "-"]
+    if lat["status"] == "failed":
+        return ["failed: " + _last_line(lat["error"]), "-"]
+    (p, theirs), = lat["prefill"].items()
+    pairs = [(cost.get("prefill", {}).get(p, {}).get("ttft_ms"), theirs["ttft_ms"], 2),
+             (cost.get("decode", {}).get("compiled", {}).get("1", {}).get("tok_s"), lat["decode"]["decode_tokens_per_s"], 1)]
+    ttft, decode = (f"{ours:.{d}f} / {ref:.{d}f} ({ours / ref:.3f})" if ours else f"- / {ref:.{d}f}" for ours, ref, d in pairs)
+    return [f"{p}: {ttft}", decode]
 
 
 def _last_line(error):

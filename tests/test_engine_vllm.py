@@ -132,7 +132,7 @@ def test_vllm_bench_commands_name_the_settings_they_are_compared_on():
 
 
 def test_a_benchmark_process_that_fails_or_hangs_is_recorded_and_leaves_nothing_running(tmp_path):
-    """_bench on real processes: a failing command is a failure with the end of its output; one that outlives
+    """run_bench on real processes: a failing command is a failure with the end of its output; one that outlives
     BENCH_TIMEOUT_S is ended with the child it started (vLLM's engine process); a server that exits before it is
     ready is said so; a server that answers /health is ready."""
     import subprocess
@@ -140,7 +140,7 @@ def test_a_benchmark_process_that_fails_or_hangs_is_recorded_and_leaves_nothing_
     import time
 
     failing = [sys.executable, "-c", "import sys; print('line 1'); print('CUDA error: out of memory'); sys.exit(3)"]
-    got = vllm._recorded(lambda: vllm._bench(failing, tmp_path))
+    got = vllm._recorded(lambda: vllm.run_bench(failing, tmp_path / "failing.json"))
     assert got["status"] == "failed" and "failed (3)" in got["error"] and got["error"].endswith("CUDA error: out of memory")
     pid_file = tmp_path / "child.pid"
     hangs = [sys.executable, "-c", "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
@@ -148,7 +148,7 @@ def test_a_benchmark_process_that_fails_or_hangs_is_recorded_and_leaves_nothing_
     old, vllm.BENCH_TIMEOUT_S = vllm.BENCH_TIMEOUT_S, 3
     try:
         with pytest.raises(RuntimeError, match="no end after 3 s"):
-            vllm._bench(hangs, tmp_path)
+            vllm.run_bench(hangs, tmp_path / "hangs.json")
     finally:
         vllm.BENCH_TIMEOUT_S = old
     child = int(pid_file.read_text())

@@ -309,9 +309,8 @@ def own_benchmarks(model, *, which, prompt_length, prompt_tokens, new_tokens, ba
 
         def latency(input_len, output_len):
             path = tmp / f"latency-{input_len}-{output_len}.json"
-            _bench(latency_command(folder, path, batch_size=1, input_len=input_len, output_len=output_len, dtype=dtype,
-                                   warmup=BENCH_WARMUP, iters=BENCH_ITERS, max_model_len=positions), tmp)
-            return json.loads(path.read_text())
+            return run_bench(latency_command(folder, path, batch_size=1, input_len=input_len, output_len=output_len,
+                                             dtype=dtype, warmup=BENCH_WARMUP, iters=BENCH_ITERS, max_model_len=positions), path)
 
         def latency_point():
             ttft = float(np.median(latency(prompt_length, 1)["latencies"])) * 1e3
@@ -325,10 +324,11 @@ def own_benchmarks(model, *, which, prompt_length, prompt_tokens, new_tokens, ba
         for b in batch_sizes if "throughput" in which else []:
             def throughput(b=b):
                 path, requests = tmp / f"throughput-{b}.json", THROUGHPUT_REQUESTS_PER_SEQ * b
-                _bench(throughput_command(folder, path, batch_size=b, input_len=prompt_tokens, output_len=new_tokens,
-                                          dtype=dtype, num_prompts=requests, max_model_len=positions), tmp)
+                result = run_bench(throughput_command(folder, path, batch_size=b, input_len=prompt_tokens,
+                                                      output_len=new_tokens, dtype=dtype, num_prompts=requests,
+                                                      max_model_len=positions), path)
                 return {"num_prompts": requests, "input_len": prompt_tokens, "output_len": new_tokens,
-                        **read_throughput(json.loads(path.read_text()), output_len=new_tokens)}
+                        **read_throughput(result, output_len=new_tokens)}
             out["throughput"][str(b)] = _recorded(throughput)
         if serve_rates:
             out["serve"] = _serving(folder, tmp, rates=serve_rates, input_len=prompt_tokens, output_len=new_tokens,
@@ -351,10 +351,9 @@ def _serving(folder, tmp, *, rates, input_len, output_len, dtype, max_model_len)
         for rate in rates:
             def serve(rate=rate):
                 name, prompts = f"serve-{rate}.json", max(SERVE_MIN_PROMPTS, rate * SERVE_SECONDS)
-                _bench(serve_command(folder, tmp, name, request_rate=rate, input_len=input_len, output_len=output_len,
-                                     num_prompts=prompts, port=port), tmp)
-                return {"num_prompts": prompts, "input_len": input_len, "output_len": output_len,
-                        **read_serve(json.loads((tmp / name).read_text()))}
+                result = run_bench(serve_command(folder, tmp, name, request_rate=rate, input_len=input_len,
+                                                 output_len=output_len, num_prompts=prompts, port=port), tmp / name)
+                return {"num_prompts": prompts, "input_len": input_len, "output_len": output_len, **read_serve(result)}
             out[str(rate)] = _recorded(serve)
         return out
     finally:
@@ -369,10 +368,11 @@ def _recorded(measure):
         return {"status": "failed", "error": str(e)[-2000:]}
 
 
-def _bench(command, tmp):
-    """Run one `vllm bench` command (a process group of its own: vLLM starts its engine as a child) to its end;
-    a non-zero exit or BENCH_TIMEOUT_S is a RuntimeError with the end of its output."""
-    log = tmp / "bench.log"
+def run_bench(command, out_json):
+    """Run one `vllm bench` command that writes `out_json` (a process group of its own: vLLM starts its engine
+    as a child) to its end, and read that file; a non-zero exit or BENCH_TIMEOUT_S is a RuntimeError with the
+    end of its output (kept beside `out_json`)."""
+    log = Path(out_json).with_suffix(".log")
     with open(log, "w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -382,8 +382,8 @@ def _bench(command, tmp):
     finally:
         _stop(process)
     if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"{' '.join(command[3:6])} failed ({code}): {tail}")
+        raise RuntimeError(f"{' '.join(command[3:6])} failed ({code}): {_tail(log)}")
+    return json.loads(Path(out_json).read_text())
 
 
 def _wait_ready(server, port, log, timeout=BENCH_TIMEOUT_S):
@@ -398,25 +398,22 @@ def _wait_ready(server, port, log, timeout=BENCH_TIMEOUT_S):
                     return {"start_s": round(time.perf_counter() - start, 1)}
         except OSError:  # not listening yet
             time.sleep(1)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-    raise RuntimeError(f"vllm serve did not become ready (exit code {server.poll()}): {tail}")
+    raise RuntimeError(f"vllm serve did not become ready (exit code {server.poll()}): {_tail(log)}")
+
+
+def _tail(log):
+    return "\n".join(log.read_text(errors="replace").splitlines()[-15:])
 
 
 def _stop(process):
-    """End a process and its group (vLLM's engine process with it), politely first."""
+    """End a process and its group (vLLM's engine process with it): SIGINT, then SIGKILL to what is left."""
     for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
+        except ProcessLookupError:  # the group is gone
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; its group may not be
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
 
 
 def _free_port():
