@@ -48,7 +48,7 @@ rm -f "$W"/site/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so "$W"/site/vllm/_moe_C_s
 
 # 4. Compressed and split; the machine joins and unpacks the parts with .dev/unpack.sh.
 tar -C "$W/site" -cf - . | xz -T2 -7 > "$W/site.tar.xz"
-rm -rf .vsite && mkdir -p .vsite .dev
+rm -rf .vsite/part* && mkdir -p .vsite .dev  # .vsite/cache, the caches a session brought back, stays
 split -b 52M -d "$W/site.tar.xz" .vsite/site.tar.xz.
 for f in .vsite/site.tar.xz.*; do d=.vsite/part$(( 10#${f##*.} + 1 )); mkdir -p $d && mv $f $d/; done
 cat > .dev/unpack.sh <<'EOF'

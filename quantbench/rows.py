@@ -155,8 +155,10 @@ def kernel_of(result):
         parts.append(f"fallback {b['backend_fallback']['backend']}")
     if b.get("hqq_backend"):
         parts.append(b["hqq_backend"].replace("HQQBackend.", "HQQ "))
-    if b.get("quant_methods"):  # what vLLM put on the layers (GPTQMarlinLinearMethod, UnquantizedEmbeddingMethod, ...)
+    if b.get("quant_methods"):  # what vLLM put on the layers (AutoGPTQLinearMethod, UnquantizedEmbeddingMethod, ...)
         parts.append("vLLM " + ", ".join(b["quant_methods"]))
+    if b.get("kernels"):  # and the kernels those chose (MacheteLinearKernel, ...)
+        parts.append(", ".join(b["kernels"]))
     return ", ".join(parts) or ("torch Linear" if b else "-")
 
 

@@ -292,6 +292,7 @@ def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_dat
     base, mine = (json.loads((run_dir / f"{e}.json").read_text()) for e in ("fp16", "fp16@vllm"))
     assert mine["status"] == "ok", (mine.get("error"), mine.get("traceback_tail"))
     assert mine["engine"] == "vllm" and "UnquantizedLinearMethod" in mine["backend"]["quant_methods"]
+    assert mine["backend"]["kernels"] == []  # vLLM's unquantized linear method keeps no kernel object of its own
     assert mine["quality"]["perplexity"] == pytest.approx(base["quality"]["perplexity"], rel=0.01)
     kld = mine["quality"]["kld"]
     assert kld["kld_is_lower_bound"] and 0 <= kld["kld_mean"] < 1e-3 and kld["same_top_p"] > 0.95

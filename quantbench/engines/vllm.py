@@ -97,14 +97,15 @@ def open_llm(checkpoint, *, dtype, max_model_len, k, tokenizer=None, gpu_memory_
               max_logprobs=k, seed=0, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
               enable_prefix_caching=False)
     llm = lm.model
-    return lm, {"quantization": llm.llm_engine.model_config.quantization, "quant_methods": llm.apply_model(_quant_methods)[0]}
+    return lm, {"quantization": llm.llm_engine.model_config.quantization, **llm.apply_model(_quant_methods)[0]}
 
 
 def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=False):
     """(model, tokenizer, info): the method's checkpoint folder (the run's model for a float method, the
     quantized one from the cache, or the folder a checkpoint method names) served by vLLM, in the dtype
     the method says (a quantized checkpoint's own: "auto"), with the Hugging Face tokenizer of the model at
-    `model_path`; what vLLM chose (its quantization method and the classes of its layers' quantization methods)."""
+    `model_path`; what vLLM chose (its quantization method, the classes of its layers' quantization methods and
+    of the kernels they run)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from quantbench.methods import METHODS, checkpoint_folder
@@ -128,9 +129,24 @@ def load(method, checkpoint, *, model_path, device, settings, trust_remote_code=
         tokenizer, info
 
 
+# Where vLLM 0.26's linear methods, and the compressed-tensors schemes its method hands a layer to, keep the
+# kernel they chose: one method (AutoGPTQLinearMethod) runs Machete on Hopper and Marlin elsewhere.
+KERNEL_ATTRIBUTES = ("kernel", "fp8_linear", "linear_kernel")
+
+
 def _quant_methods(model):
-    """The classes of the quantization methods vLLM put on the model's layers (e.g. GPTQMarlinLinearMethod)."""
-    return sorted({type(m.quant_method).__name__ for m in model.modules() if getattr(m, "quant_method", None) is not None})
+    """The classes of the quantization methods vLLM put on the model's layers (e.g. AutoGPTQLinearMethod), and
+    of the kernels they chose (e.g. MacheteLinearKernel; for torchao, the weights' tensor class)."""
+    methods, kernels = set(), set()
+    for m in model.modules():
+        if getattr(m, "quant_method", None) is None:
+            continue
+        methods.add(type(m.quant_method).__name__)
+        for holder in (m.quant_method, getattr(m, "scheme", None)):
+            kernels.update(type(k).__name__ for k in (getattr(holder, a, None) for a in KERNEL_ATTRIBUTES) if k is not None)
+        if type(getattr(m, "weight", None)).__module__.startswith("torchao"):
+            kernels.add(type(m.weight).__name__)
+    return {"quant_methods": sorted(methods), "kernels": sorted(kernels)}
 
 
 def prompt_logprobs(llm, windows, k):
