@@ -307,6 +307,8 @@ def test_a_run_measures_the_baseline_again_in_vllm_on_the_same_tokens(shared_dat
                for b in ("1", "4")), bench["throughput"]
     serve = bench["serve"]["8"]
     assert serve["status"] == "ok" and serve["completed"] == serve["num_prompts"] == 80, serve
+    kept = run_dir / bench["files"]  # vLLM's own JSON and output of each benchmark, and the server's log
+    assert {p.name for p in kept.iterdir()} >= {"throughput-1.json", "throughput-1.log", "serve-8.json", "serve.log"}
     assert 0 < serve["ttft_ms"]["p50"] <= serve["ttft_ms"]["p99"] and serve["tpot_ms"]["p50"] > 0
     summary = (run_dir / "summary.md").read_text()
     assert "**vLLM against transformers, the same method**" in summary and "## vLLM's own benchmarks" in summary

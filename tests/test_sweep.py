@@ -155,8 +155,10 @@ def test_killed_experiment_keeps_the_others_and_resume_finishes_it(tiny_model_di
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_what_finished(tiny_model_dir, tmp_path):
+    # SIGINT as a terminal's job has it, also where the tests themselves run in the background (which ignores it)
     p = start("run", "--model", str(tiny_model_dir), "--methods", "fp16,nf4,fp4", "--tasks", "none",
-              "--out", str(tmp_path), *TINY_RUN_FLAGS, start_new_session=True)
+              "--out", str(tmp_path), *TINY_RUN_FLAGS, start_new_session=True,
+              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = tmp_path / "run001"
     wait_for(lambda: (r := status(run_dir / "nf4.json")) and r.get("status") == "running")
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group

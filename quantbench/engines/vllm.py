@@ -40,7 +40,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -301,7 +300,7 @@ SERVE_SECONDS, SERVE_MIN_PROMPTS = 10, 20
 BENCH_TIMEOUT_S = 600
 
 
-def own_benchmarks(model, *, which, prompt_length, prompt_tokens, new_tokens, batch_sizes, serve_rates, dtype):
+def own_benchmarks(model, keep, *, which, prompt_length, prompt_tokens, new_tokens, batch_sizes, serve_rates, dtype):
     """vLLM's own figures for the experiment's checkpoint, each `vllm bench` a process of its own as its users
     run it, after this process's vLLM is shut down (each wants the same share of the GPU), with the positions
     this experiment's vLLM had (`which`: those of the first two to run):
@@ -310,7 +309,8 @@ def own_benchmarks(model, *, which, prompt_length, prompt_tokens, new_tokens, ba
       measured itself in this process, as its check;
     - throughput at each of `batch_sizes` (`vllm bench throughput`, offline, at most b sequences in flight);
     - serving at each of `serve_rates` requests a second (`vllm bench serve` against one `vllm serve`).
-    A benchmark that fails is recorded with the end of its output; the others still run."""
+    A benchmark that fails is recorded with the end of its output; the others still run. Each one's JSON and
+    log are kept in the folder `keep` (vLLM's own record: its settings, every iteration's latency)."""
     try:
         model["llm"].llm_engine.engine_core.shutdown()
     except Exception as e:  # noqa: BLE001 - the experiment's own figures stand; vLLM's cannot follow
@@ -319,43 +319,43 @@ def own_benchmarks(model, *, which, prompt_length, prompt_tokens, new_tokens, ba
     folder, positions = model["checkpoint"], model["max_model_len"]
     out = {"status": "ok", "vllm": importlib.metadata.version("vllm"), "checkpoint": str(folder), "dtype": dtype,
            "max_model_len": positions, "warmup": BENCH_WARMUP, "iters": BENCH_ITERS,
-           "latency": {}, "throughput": {}, "serve": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+           "files": Path(keep).name, "latency": {}, "throughput": {}, "serve": {}}
+    keep = Path(keep)
+    keep.mkdir(parents=True, exist_ok=True)
 
-        def latency(input_len, output_len):
-            path = tmp / f"latency-{input_len}-{output_len}.json"
-            return run_bench(latency_command(folder, path, batch_size=1, input_len=input_len, output_len=output_len,
-                                             dtype=dtype, warmup=BENCH_WARMUP, iters=BENCH_ITERS, max_model_len=positions), path)
+    def latency(input_len, output_len):
+        path = keep / f"latency-{input_len}-{output_len}.json"
+        return run_bench(latency_command(folder, path, batch_size=1, input_len=input_len, output_len=output_len,
+                                         dtype=dtype, warmup=BENCH_WARMUP, iters=BENCH_ITERS, max_model_len=positions), path)
 
-        def latency_point():
-            ttft = float(np.median(latency(prompt_length, 1)["latencies"])) * 1e3
-            decode = read_latency(latency(prompt_tokens, 1), latency(prompt_tokens, new_tokens), batch_size=1,
-                                  output_len=new_tokens)
-            return {"batch_size": 1, "prefill": {str(prompt_length): {"ttft_ms": ttft}},
-                    "decode": {"input_len": prompt_tokens, "output_len": new_tokens, **decode}}
+    def latency_point():
+        ttft = float(np.median(latency(prompt_length, 1)["latencies"])) * 1e3
+        decode = read_latency(latency(prompt_tokens, 1), latency(prompt_tokens, new_tokens), batch_size=1,
+                              output_len=new_tokens)
+        return {"batch_size": 1, "prefill": {str(prompt_length): {"ttft_ms": ttft}},
+                "decode": {"input_len": prompt_tokens, "output_len": new_tokens, **decode}}
 
-        if "latency" in which:
-            out["latency"] = _recorded(latency_point)
-        for b in batch_sizes if "throughput" in which else []:
-            def throughput(b=b):
-                path, requests = tmp / f"throughput-{b}.json", THROUGHPUT_REQUESTS_PER_SEQ * b
-                result = run_bench(throughput_command(folder, path, batch_size=b, input_len=prompt_tokens,
-                                                      output_len=new_tokens, dtype=dtype, num_prompts=requests,
-                                                      max_model_len=positions), path)
-                return {"num_prompts": requests, "input_len": prompt_tokens, "output_len": new_tokens,
-                        **read_throughput(result, output_len=new_tokens)}
-            out["throughput"][str(b)] = _recorded(throughput)
-        if serve_rates:
-            out["serve"] = _serving(folder, tmp, rates=serve_rates, input_len=prompt_tokens, output_len=new_tokens,
-                                    dtype=dtype, max_model_len=positions)
+    if "latency" in which:
+        out["latency"] = _recorded(latency_point)
+    for b in batch_sizes if "throughput" in which else []:
+        def throughput(b=b):
+            path, requests = keep / f"throughput-{b}.json", THROUGHPUT_REQUESTS_PER_SEQ * b
+            result = run_bench(throughput_command(folder, path, batch_size=b, input_len=prompt_tokens,
+                                                  output_len=new_tokens, dtype=dtype, num_prompts=requests,
+                                                  max_model_len=positions), path)
+            return {"num_prompts": requests, "input_len": prompt_tokens, "output_len": new_tokens,
+                    **read_throughput(result, output_len=new_tokens)}
+        out["throughput"][str(b)] = _recorded(throughput)
+    if serve_rates:
+        out["serve"] = _serving(folder, keep, rates=serve_rates, input_len=prompt_tokens, output_len=new_tokens,
+                                dtype=dtype, max_model_len=positions)
     return out
 
 
-def _serving(folder, tmp, *, rates, input_len, output_len, dtype, max_model_len):
+def _serving(folder, keep, *, rates, input_len, output_len, dtype, max_model_len):
     """{rate: read_serve of `vllm bench serve` at it}, against one `vllm serve` started here and stopped after."""
     port = _free_port()
-    log = tmp / "serve.log"
+    log = keep / "serve.log"
     with open(log, "w") as sink:
         server = subprocess.Popen(server_command(folder, port=port, dtype=dtype, max_model_len=max_model_len),
                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -367,8 +367,8 @@ def _serving(folder, tmp, *, rates, input_len, output_len, dtype, max_model_len)
         for rate in rates:
             def serve(rate=rate):
                 name, prompts = f"serve-{rate}.json", max(SERVE_MIN_PROMPTS, rate * SERVE_SECONDS)
-                result = run_bench(serve_command(folder, tmp, name, request_rate=rate, input_len=input_len,
-                                                 output_len=output_len, num_prompts=prompts, port=port), tmp / name)
+                result = run_bench(serve_command(folder, keep, name, request_rate=rate, input_len=input_len,
+                                                 output_len=output_len, num_prompts=prompts, port=port), keep / name)
                 return {"num_prompts": prompts, "input_len": input_len, "output_len": output_len, **read_serve(result)}
             out[str(rate)] = _recorded(serve)
         return out
