@@ -205,8 +205,9 @@ def measure(run, config, exp):
     yield "speed", {"cost": {"peak_eval_bytes": eval_peak, **engine.peak_bytes(device), **speed}}  # a GPU's peak: the sweep's
     if engine is vllm and (config.vllm_bench or config.serve_rates):  # last: they shut this process's vLLM down
         yield "vllm_bench", {"cost": {"vllm_bench": vllm.own_benchmarks(
-            model, Path(run["run_dir"]) / f"{exp['id']}.vllm_bench", which=config.vllm_bench, prompt_length=min(config.prompt_lengths), prompt_tokens=config.decode_prompt_tokens,
-            new_tokens=config.new_tokens, batch_sizes=config.batch_sizes, serve_rates=config.serve_rates, dtype=dtype)}}
+            model, Path(run["run_dir"]) / f"{exp['id']}.vllm_bench", which=config.vllm_bench,
+            prompt_length=min(config.prompt_lengths), prompt_tokens=config.decode_prompt_tokens, new_tokens=config.new_tokens,
+            batch_sizes=config.batch_sizes, serve_rates=config.serve_rates, dtype=dtype)}}
 
 
 def kld(engine, model, tokenizer, text, corpus, run, config, exp, model_info, shapes, dtype, batch_size, n_ctx=None):

@@ -141,8 +141,8 @@ def _quant_methods(model):
         if getattr(m, "quant_method", None) is None:
             continue
         methods.add(type(m.quant_method).__name__)
-        for holder in (m.quant_method, getattr(m, "scheme", None)):
-            kernels.update(type(k).__name__ for k in (getattr(holder, a, None) for a in KERNEL_ATTRIBUTES) if k is not None)
+        held = [getattr(h, a, None) for h in (m.quant_method, getattr(m, "scheme", None)) for a in KERNEL_ATTRIBUTES]
+        kernels.update(type(k).__name__ for k in held if k is not None)
         if type(getattr(m, "weight", None)).__module__.startswith("torchao"):
             kernels.add(type(m.weight).__name__)
     return {"quant_methods": sorted(methods), "kernels": sorted(kernels)}
@@ -316,12 +316,11 @@ def own_benchmarks(model, keep, *, which, prompt_length, prompt_tokens, new_toke
     except Exception as e:  # noqa: BLE001 - the experiment's own figures stand; vLLM's cannot follow
         return {"status": "failed", "error": f"this experiment's vLLM did not shut down: {type(e).__name__}: {e}"}
     model["llm"] = model["lm"] = None
-    folder, positions = model["checkpoint"], model["max_model_len"]
+    folder, positions, keep = model["checkpoint"], model["max_model_len"], Path(keep)
+    keep.mkdir(parents=True, exist_ok=True)
     out = {"status": "ok", "vllm": importlib.metadata.version("vllm"), "checkpoint": str(folder), "dtype": dtype,
            "max_model_len": positions, "warmup": BENCH_WARMUP, "iters": BENCH_ITERS,
-           "files": Path(keep).name, "latency": {}, "throughput": {}, "serve": {}}
-    keep = Path(keep)
-    keep.mkdir(parents=True, exist_ok=True)
+           "files": keep.name, "latency": {}, "throughput": {}, "serve": {}}
 
     def latency(input_len, output_len):
         path = keep / f"latency-{input_len}-{output_len}.json"
@@ -388,7 +387,8 @@ def run_bench(command, out_json):
     """Run one `vllm bench` command that writes `out_json` (a process group of its own: vLLM starts its engine
     as a child) to its end, and read that file; a non-zero exit or BENCH_TIMEOUT_S is a RuntimeError with the
     end of its output (kept beside `out_json`)."""
-    log = Path(out_json).with_suffix(".log")
+    out_json = Path(out_json)
+    log = out_json.with_suffix(".log")
     with open(log, "w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -399,7 +399,7 @@ def run_bench(command, out_json):
         _stop(process)
     if code != 0:
         raise RuntimeError(f"{' '.join(command[3:6])} failed ({code}): {_tail(log)}")
-    return json.loads(Path(out_json).read_text())
+    return json.loads(out_json.read_text())
 
 
 def _wait_ready(server, port, log, timeout=BENCH_TIMEOUT_S):
