@@ -11,6 +11,7 @@ measured; at the end the status becomes "ok", "failed" or "skipped".
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -393,7 +394,25 @@ def child(run_dir, exp_id, process, alive, nvml_check):
 
     if getattr(torch.cuda, "_is_in_bad_fork", lambda: False)():
         sys.exit(FORK_UNUSABLE)
-    sys.exit(main(run_dir, exp_id, process=process))
+    code = main(run_dir, exp_id, process=process)
+    end_child_processes()
+    sys.exit(code)
+
+
+def end_child_processes(grace_s=10):
+    """End the processes this one started that still run (vLLM's engine core, say), as vLLM's own shutdown
+    does: SIGTERM, then SIGKILL after `grace_s`. Why: multiprocessing joins a process's children before
+    it ends, and vLLM's engine core ends only when its LLM object is collected, which a reference cycle can
+    put off past the end of the experiment: the experiment's process would then never end, nor the sweep."""
+    children = multiprocessing.active_children()
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 FORK_UNUSABLE = 75

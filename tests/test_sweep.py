@@ -523,3 +523,33 @@ def test_lm_evals_own_task_runs_offline_from_the_datasets_cache(tiny_model_dir, 
     r = load(run_dir / "fp16.json")
     assert r["status"] == "ok" and r["quality"]["arc_easy"]["n"] == 4 and r["quality_info"]["arc_easy"]["source"] == source
     assert load(run_dir / "fp16.docs.json")["arc_easy"]["doc_ids"] == [0, 1, 2, 3]
+
+
+def _experiment_whose_engine_process_outlives_it(pids):
+    """An experiment's process whose engine started a process of its own and keeps it past the end of the
+    experiment (vLLM's engine core runs until its LLM object is collected; a reference cycle puts that off)."""
+    import multiprocessing
+
+    from quantbench import experiment
+
+    engine = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(3600,))
+    engine.start()
+    cycle = {"engine": engine}
+    cycle["self"] = cycle
+    pids.put(engine.pid)
+    experiment.end_child_processes(grace_s=5)
+
+
+def test_an_experiment_process_ends_though_its_engine_left_a_process_running():
+    """multiprocessing joins a process's children before it ends: without ending them first, the experiment's
+    process (and the sweep waiting on it) would wait for the engine's process forever."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    pids = context.Queue()
+    p = context.Process(target=_experiment_whose_engine_process_outlives_it, args=(pids,))
+    p.start()
+    engine = pids.get(timeout=120)
+    p.join(60)
+    assert p.exitcode == 0
+    assert not os.path.exists(f"/proc/{engine}")  # ended, and reaped by the experiment's process
