@@ -319,8 +319,10 @@ def execute(run_dir, launcher):
                     write_json(run_dir / "run.json", run)
                     done += 1
                     extra = f": {result['error']}" if result.get("error") else ""
+                    # its own time where it has one: since submission counts the wait behind the others too
+                    took = result.get("duration_s") or time.perf_counter() - started
                     print(f"[{done}/{total}] {exp['id']} ({exp['method']} on {exp['model']}): {result['status']} "
-                          f"in {time.perf_counter() - started:.1f} s{extra}", flush=True)
+                          f"in {took:.1f} s{extra}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
         # A second Ctrl-C (or the group's copy of the first) must not cut the record short: the stopped
