@@ -1,6 +1,7 @@
 """Whole runs of the tiny model through the command line: results, isolation, resume, Ctrl-C."""
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -526,16 +527,12 @@ def test_lm_evals_own_task_runs_offline_from_the_datasets_cache(tiny_model_dir, 
 
 
 def _experiment_whose_engine_process_outlives_it(pids):
-    """An experiment's process whose engine started a process of its own and keeps it past the end of the
-    experiment (vLLM's engine core runs until its LLM object is collected; a reference cycle puts that off)."""
-    import multiprocessing
-
+    """An experiment's process whose engine started a process of its own that nothing stops when the
+    experiment is done (vLLM's engine core, while a reference cycle keeps its LLM object from being collected)."""
     from quantbench import experiment
 
     engine = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(3600,))
     engine.start()
-    cycle = {"engine": engine}
-    cycle["self"] = cycle
     pids.put(engine.pid)
     experiment.end_child_processes(grace_s=5)
 
@@ -543,8 +540,6 @@ def _experiment_whose_engine_process_outlives_it(pids):
 def test_an_experiment_process_ends_though_its_engine_left_a_process_running():
     """multiprocessing joins a process's children before it ends: without ending them first, the experiment's
     process (and the sweep waiting on it) would wait for the engine's process forever."""
-    import multiprocessing
-
     context = multiprocessing.get_context("fork")
     pids = context.Queue()
     p = context.Process(target=_experiment_whose_engine_process_outlives_it, args=(pids,))
