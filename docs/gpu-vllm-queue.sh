@@ -6,8 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 for a in gq vc; do  # GPTQModel's compiled kernels; FlashInfer's, Triton's and vLLM's caches (gpu-vllm-cache.sh)
   ls .vsite/cache/$a.tar.xz.* > /dev/null 2>&1 && cat .vsite/cache/$a.tar.xz.* | xz -d | tar -x -C / && echo "restored $a"
 done
-G=/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf  # the demo's GGUF, staged in two parts where the demo runs
-mkdir -p /tmp/stage/files && [ -s $G ] || { ls /tmp/stage/*.gguf.split00* > /dev/null 2>&1 && cat /tmp/stage/*.gguf.split00* > $G; }
+G=/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf  # the demo's GGUF, staged in two parts while the queue runs
 rm -rf /tmp/qb && mkdir -p /tmp/qb /tmp/q && cp -r quantbench benchmarks tests pyproject.toml .gpudata /tmp/qb/
 cd /tmp/qb
 export PYTHONPATH=/tmp/qb:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 QUANTBENCH_CACHE=/tmp/qbcache MAX_JOBS=16 \
@@ -28,6 +27,7 @@ echo "xcheck rc=$? $(( $(date +%s)-t )) s"
 timeout 900 python -m pytest -q tests/test_engine_vllm.py -m gpu -p no:cacheprovider -rf > /tmp/q/gputest.log 2>&1
 echo "gputest rc=$? $(( $(date +%s)-t )) s"
 # the demo (SmolLM2-135M: a Q4_1 GGUF dequantized to float16) with the quick suite in both engines
+mkdir -p /tmp/stage/files && [ -s $G ] || { ls /tmp/stage/*.gguf.split00* > /dev/null 2>&1 && cat /tmp/stage/*.gguf.split00* > $G; }
 [ -s $G ] && timeout 1500 python -m quantbench run --methods fp16,gptq-w4g128,torchao-fp8,awq-w4g128 \
     --engines transformers,vllm --suite quick --vllm-bench none --out /tmp/qbout/demo > /tmp/q/demorun.log 2>&1
 echo "demorun rc=$? $(( $(date +%s)-t )) s"
